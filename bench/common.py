@@ -1,0 +1,111 @@
+"""Shared benchmark plumbing: GPU gate, do_bench wrapper, metric formulas, tidy CSV rows, plots."""
+
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+CSV_COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
+               "config_json", "gpu_name", "torch", "triton", "cuda", "nccl", "commit", "timestamp"]
+
+
+def require_gpu(n=1):
+    """Exit 0 with a clear line when the machine lacks the GPUs a benchmark needs."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < n:
+        print("benchmarks need a CUDA device" if n == 1 else f"this benchmark needs >= {n} CUDA devices")
+        sys.exit(0)
+
+
+def bench(fn, *, warmup=25, rep=100):
+    """(p50, p20, p80) milliseconds from triton.testing.do_bench."""
+    import triton.testing
+
+    return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
+
+
+def attention_tflops(batch, heads, q_len, kv_len, head_dim, ms, causal=True, q_start=None):
+    """4*B*H*Nq*Nk*D, counting only visible (query, key) pairs when causal."""
+    if causal:
+        q_start = kv_len - q_len if q_start is None else q_start
+        visible = sum(min(kv_len, q_start + i + 1) for i in range(q_len))
+    else:
+        visible = q_len * kv_len
+    return 4 * batch * heads * visible * head_dim / (ms * 1e-3) / 1e12
+
+
+def gemm_tflops(m, n, k, ms):
+    return 2 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def bus_bandwidth_gbps(nbytes, world_size, ms):
+    return 2 * (world_size - 1) / world_size * nbytes / (ms * 1e-3) / 1e9
+
+
+def environment():
+    """GPU name and versions stamped on every CSV row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda or "",
+        "nccl": nccl, "commit": commit,
+    }
+
+
+def append_rows(path, rows):
+    """Append tidy rows (dicts with CSV_COLUMNS keys; env and timestamp filled in) to a CSV file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    new_file = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            full = {**env, "timestamp": stamp, **row}
+            if isinstance(full.get("config_json"), dict):
+                full["config_json"] = json.dumps(full["config_json"], sort_keys=True)
+            writer.writerow({key: full.get(key, "") for key in CSV_COLUMNS})
+
+
+def plot_rows(csv_path, png_path, *, metric, title):
+    """One line per provider of ``metric`` against x_value, from a tidy CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == metric]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for provider in sorted({r["provider"] for r in rows}):
+        points = sorted((float(r["x_value"]), float(r["p50"])) for r in rows if r["provider"] == provider)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+    if rows:
+        ax.set_xlabel(rows[0]["x_name"])
+        ax.set_ylabel(f"{metric} ({rows[0]['unit']})")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    os.makedirs(Path(png_path).parent, exist_ok=True)

@@ -1,0 +1,42 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before anything imports triton_ops, so it is set here,
+at the top, whenever no CUDA device is present and the caller did not choose."""
+
+import os
+
+# --- interpreter mode, before any kernel module is imported ---
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_multi = pytest.mark.skip(reason="needs >= 2 GPUs")
+    for item in items:
+        if "gpu" in item.keywords and n_gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and n_gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests put their tensors: CUDA when present, else CPU under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the public ops onto their Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("ISO_KERNELS_BACKEND", "triton")

@@ -1,0 +1,5 @@
+"""Triton kernels of iso-kernels, one op per file (constants, ``@triton.jit`` kernels, launcher).
+
+Internal: users call ``iso_kernels.ops``. Set ``TRITON_INTERPRET=1`` before importing this package to run
+the kernels on CPU tensors.
+"""
