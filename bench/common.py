@@ -107,5 +107,5 @@ def plot_rows(csv_path, png_path, *, metric, title):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
     os.makedirs(Path(png_path).parent, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
