@@ -1,0 +1,154 @@
+"""iso_kernels.comm over gloo on loopback: exact sums, the emulated link's time and overlap, bad input,
+and the multi-rank harness's own failure handling."""
+
+import time
+
+import pytest
+import torch
+
+from iso_kernels import comm, launch
+from helpers import integer_valued
+
+WORLD_SIZES = [2, 4]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (17, 33), (3, 5, 64)]
+# A link slow enough that 30 ms collectives dominate scheduling noise on a loaded 2-core machine.
+SLOW_LINK = comm.LinkModel("test", latency_s=30e-3, bus_bandwidth=1e12)
+
+
+def _exact_sums(rank, world_size):
+    """Every backend, dtype and shape: each rank holds integer data; the result is the exact sum."""
+    torch.manual_seed(1234)  # same generator everywhere, so each rank can rebuild all ranks' inputs
+    inputs = {(dtype, shape): [integer_valued(shape, dtype) for _ in range(world_size)]
+              for dtype in DTYPES for shape in SHAPES}
+    checked = 0
+    for link in (None, comm.LinkModel("fast", latency_s=1e-4, bus_bandwidth=1e9)):
+        with comm.make_communicator("torch", world_size=world_size, link=link) as communicator:
+            for (dtype, shape), per_rank in inputs.items():
+                expected = torch.stack([t.double() for t in per_rank]).sum(0).to(dtype)
+                pending = [communicator.all_reduce_start(per_rank[rank].clone()) for _ in range(2)]
+                for result in pending:
+                    reduced = result.wait()
+                    assert torch.equal(reduced, expected), (communicator.name, dtype, shape)
+                    checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_all_reduce_is_exact_sum(world_size):
+    counts = launch.spawn_ranks(_exact_sums, world_size, timeout_s=120)
+    assert counts == [2 * 2 * len(DTYPES) * len(SHAPES)] * world_size
+
+
+def _busy_compute(seconds):
+    a = torch.randn(128, 128)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+    return a
+
+
+def _emulated_link_timing(rank, world_size):
+    communicator = comm.make_communicator("torch", link=SLOW_LINK)
+    x = torch.ones(1024)
+    modelled = communicator.modelled_seconds(x)
+
+    start = time.perf_counter()
+    communicator.all_reduce(x.clone())
+    alone = time.perf_counter() - start
+
+    # Two back-to-back collectives queue on the link like on a real comm stream.
+    start = time.perf_counter()
+    first, second = communicator.all_reduce_start(x.clone()), communicator.all_reduce_start(x.clone())
+    cpu_before = time.process_time()
+    first.wait(), second.wait()
+    queued = time.perf_counter() - start
+    cpu_waiting = time.process_time() - cpu_before
+
+    # Compute issued right after the start runs while the link is busy.
+    start = time.perf_counter()
+    pending = communicator.all_reduce_start(x.clone())
+    _busy_compute(modelled)
+    pending.wait()
+    overlapped = time.perf_counter() - start
+    return modelled, alone, queued, cpu_waiting, overlapped
+
+
+def test_emulated_link_takes_its_time_and_overlaps():
+    for modelled, alone, queued, cpu_waiting, overlapped in launch.spawn_ranks(_emulated_link_timing, 2):
+        assert alone >= 0.95 * modelled
+        assert queued >= 1.9 * modelled, "two collectives must share the link one after the other"
+        assert cpu_waiting < 0.5 * queued, "waiting on the emulated link must sleep, not spin"
+        # Serial would take >= 2x modelled; generous slack for a loaded 2-core machine.
+        assert overlapped < 1.6 * modelled
+
+
+def test_link_for_ratio_hits_the_ratio():
+    link = comm.link_for_ratio(0.5, compute_s=2.0, bytes_per_collective=1 << 20, collectives=10, world_size=2)
+    assert link.seconds(1 << 20, 2) * 10 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ratio"):
+        comm.link_for_ratio(-1, compute_s=1.0, bytes_per_collective=1, collectives=1, world_size=2)
+
+
+@pytest.mark.parametrize("spec, expected", [(None, None), ("none", None), ("ratio:0.5", 0.5),
+                                            ("pcie4", comm.LINK_PRESETS["pcie4"])])
+def test_parse_link(spec, expected):
+    assert comm.parse_link(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["ratio:x", "ratio:0", "warp-drive"])
+def test_parse_link_rejects(spec):
+    with pytest.raises(ValueError, match="link"):
+        comm.parse_link(spec)
+
+
+def _bad_inputs(rank, world_size):
+    communicator = comm.make_communicator("torch")
+    cases = {
+        "contiguous": torch.ones(4, 4).T[:, :2],
+        "dtype": torch.ones(4, dtype=torch.int64),
+        "is on meta": torch.ones(4, device="meta"),
+    }
+    for expected, tensor in cases.items():
+        with pytest.raises(ValueError, match=expected):
+            communicator.all_reduce_start(tensor)
+    with pytest.raises(TypeError, match="tensor"):
+        communicator.all_reduce_start([1.0, 2.0])
+    with pytest.raises(ValueError, match="world_size"):
+        comm.make_communicator("torch", world_size=world_size + 1)
+    with pytest.raises(ValueError, match="backend"):
+        comm.make_communicator("carrier-pigeon")
+    with pytest.raises(ValueError, match="link"):
+        comm.make_communicator("emulated")
+    return True
+
+
+def test_bad_inputs_raise_named_errors():
+    assert launch.spawn_ranks(_bad_inputs, 2) == [True, True]
+
+
+def _one_rank_raises(rank, world_size):
+    if rank == 1:
+        raise KeyError("rank one broke")
+    torch.distributed.barrier()  # rank 0 would wait here forever without the launcher's cleanup
+
+
+def _one_rank_hangs(rank, world_size):
+    if rank == 0:
+        time.sleep(3600)
+    return rank
+
+
+def test_failing_rank_does_not_hang_the_others():
+    start = time.perf_counter()
+    with pytest.raises(launch.RankError) as info:
+        launch.spawn_ranks(_one_rank_raises, 2, timeout_s=60)
+    assert "rank one broke" in info.value.failures[1]
+    assert time.perf_counter() - start < 30
+
+
+def test_hanging_rank_times_out():
+    with pytest.raises(launch.RankError) as info:
+        launch.spawn_ranks(_one_rank_hangs, 2, timeout_s=4)
+    assert "timed out" in info.value.failures[0]
+    assert 1 not in info.value.failures
