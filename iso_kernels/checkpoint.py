@@ -1,0 +1,184 @@
+"""Hugging Face safetensors checkpoints: each rank reads only its slices; random checkpoints for presets.
+
+A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Tensor names are those of transformers' Llama/Mistral/Qwen2 models.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import tp
+from .model import ModelArgs, Transformer
+
+# Small Llama-style models that are made locally with random weights (no downloads).
+PRESETS = {
+    # The CLI's default: big enough that compute dominates Python overhead on a 2-core CPU, small enough that
+    # a 2-rank prefill of 512 tokens takes a fraction of a second.
+    "llama-small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
+    # Tests: seconds for a whole TP=4 run.
+    "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
+}
+
+
+def preset_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or a checkpoint folder")
+    return dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **PRESETS[name])
+
+
+def _hf_layer_names(i):
+    prefix = f"model.layers.{i}."
+    return {
+        "q": prefix + "self_attn.q_proj", "k": prefix + "self_attn.k_proj", "v": prefix + "self_attn.v_proj",
+        "o": prefix + "self_attn.o_proj.weight", "gate": prefix + "mlp.gate_proj.weight",
+        "up": prefix + "mlp.up_proj.weight", "down": prefix + "mlp.down_proj.weight",
+        "attention_norm": prefix + "input_layernorm.weight", "ffn_norm": prefix + "post_attention_layernorm.weight",
+    }
+
+
+class _Reader:
+    """Name -> safetensors slice across one file or an index of shards, with shape checks."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{index}: not a safetensors index ({exc})") from None
+        elif single.exists():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        self.folder, self.weight_map, self._files = folder, weight_map, {}
+        if weight_map is None:
+            self._files["model.safetensors"] = self._open(single)
+
+    def _open(self, path):
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint shard {path} is missing")
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
+
+    def has(self, name):
+        if self.weight_map is not None:
+            return name in self.weight_map
+        return name in self._files["model.safetensors"].keys()
+
+    def slice(self, name, shape):
+        """The lazily-read tensor ``name``, after checking its full shape against the config's."""
+        file_name = self.weight_map.get(name) if self.weight_map is not None else "model.safetensors"
+        if file_name is None or not self.has(name):
+            raise ValueError(f"checkpoint {self.folder} lacks tensor {name!r}")
+        if file_name not in self._files:
+            self._files[file_name] = self._open(self.folder / file_name)
+        handle = self._files[file_name]
+        if name not in handle.keys():
+            raise ValueError(f"{file_name} lacks tensor {name!r} that the index assigns to it")
+        piece = handle.get_slice(name)
+        if list(piece.get_shape()) != list(shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {piece.get_shape()}, config implies {list(shape)}")
+        return piece
+
+
+def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.float32):
+    """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except OSError:
+        raise FileNotFoundError(f"{config_path} is missing or unreadable") from None
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
+    args = ModelArgs.from_hf_config(config)
+    tp.check_divisible(args, world_size)
+    reader = _Reader(folder)
+    dim, head_dim = args.dim, args.head_dim
+    q_out, kv_out = args.n_head * head_dim, args.n_local_heads * head_dim
+
+    def full(name, *shape):
+        return reader.slice(name, shape)[:]
+
+    state = {"tok_embeddings.weight": full("model.embed_tokens.weight", args.vocab_size, dim),
+             "norm.weight": full("model.norm.weight", dim)}
+    if not args.tie_embeddings:
+        state["output.weight"] = full("lm_head.weight", args.vocab_size, dim)
+    for i in range(args.n_layer):
+        names = _hf_layer_names(i)
+        ours = f"layers.{i}."
+        q, k, v = (reader.slice(names[p] + ".weight", (out, dim)) for p, out in (("q", q_out), ("k", kv_out),
+                                                                                 ("v", kv_out)))
+        state[ours + "attention.wqkv.weight"] = tp.qkv_piece(q, k, v, args, rank, world_size)
+        if args.qkv_bias:
+            qb, kb, vb = (reader.slice(names[p] + ".bias", (out,)) for p, out in (("q", q_out), ("k", kv_out),
+                                                                                  ("v", kv_out)))
+            state[ours + "attention.wqkv.bias"] = tp.qkv_piece(qb, kb, vb, args, rank, world_size)
+        state[ours + "attention.wo.weight"] = tp.row_piece(reader.slice(names["o"], (dim, q_out)), rank, world_size)
+        inter = args.intermediate_size
+        state[ours + "feed_forward.w1.weight"] = tp.column_piece(reader.slice(names["gate"], (inter, dim)), rank,
+                                                                 world_size)
+        state[ours + "feed_forward.w3.weight"] = tp.column_piece(reader.slice(names["up"], (inter, dim)), rank,
+                                                                 world_size)
+        state[ours + "feed_forward.w2.weight"] = tp.row_piece(reader.slice(names["down"], (dim, inter)), rank,
+                                                              world_size)
+        state[ours + "attention_norm.weight"] = full(names["attention_norm"], dim)
+        state[ours + "ffn_norm.weight"] = full(names["ffn_norm"], dim)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    tp.shard_model(model, rank, world_size)
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def to_hf_state_dict(model):
+    """The unsharded model's weights under transformers' names (for saving checkpoints)."""
+    args = model.args
+    q_out, kv_out = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    if not args.tie_embeddings:
+        state["lm_head.weight"] = model.output.weight
+    for i, layer in enumerate(model.layers):
+        names = _hf_layer_names(i)
+        for param_name in ("weight", "bias"):
+            fused = getattr(layer.attention.wqkv, param_name)
+            if fused is not None:
+                for part, piece in zip("qkv", fused.split([q_out, kv_out, kv_out], dim=0)):
+                    state[f"{names[part]}.{param_name}"] = piece
+        state[names["o"]] = layer.attention.wo.weight
+        state[names["gate"]] = layer.feed_forward.w1.weight
+        state[names["up"]] = layer.feed_forward.w3.weight
+        state[names["down"]] = layer.feed_forward.w2.weight
+        state[names["attention_norm"]] = layer.attention_norm.weight
+        state[names["ffn_norm"]] = layer.ffn_norm.weight
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}
+
+
+def save_random_checkpoint(config, folder, *, seed=0, std=0.02):
+    """Write ``config`` and normal(0, std) weights (norm weights around 1) as a HF checkpoint; returns folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    model = Transformer(ModelArgs.from_hf_config(config))
+    for name, param in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

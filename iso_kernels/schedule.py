@@ -1,0 +1,197 @@
+"""Prefill schedules: serial (compute, then all-reduce) and ISO (one chunk's all-reduce overlaps another's compute).
+
+Per layer both run, on the compute stream,
+
+    attention(c1), attention(c2), ..., mlp(c1), mlp(c2), ...
+
+and start each block's all-reduce as soon as its output exists. ``serial`` waits for every all-reduce at once;
+``iso`` waits only where a chunk needs the result: chunk c's MLP waits for its own attention all-reduce and its
+next attention block for its own MLP all-reduce. Chunk c's attention reads the K/V that earlier chunks wrote to
+the cache in the same layer. Both schedules run the same arithmetic in the same order, so with the same chunks
+their logits are bitwise equal; only the waiting differs.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+SCHEDULES = ("serial", "iso")
+
+
+def chunk_bounds(seq_len, split=None, chunks=2, *, start=0):
+    """Absolute (start, end) of each chunk of the positions [start, start + seq_len).
+
+    split: None (even), an int token index where chunk 2 begins (two chunks), a float fraction in (0, 1) of the
+    prompt given to chunk 1 (two chunks), or an explicit list of chunk ends (relative, the last == seq_len).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if isinstance(split, (list, tuple)):
+        ends = [int(e) for e in split]
+    elif isinstance(split, float):
+        if not 0.0 < split < 1.0:
+            raise ValueError(f"split fraction must be in (0, 1), got {split}")
+        ends = [round(split * seq_len), seq_len]
+    elif isinstance(split, int):
+        ends = [split, seq_len]
+    elif split is None:
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        if seq_len < chunks:
+            raise ValueError(f"a prompt of {seq_len} tokens cannot be cut into {chunks} chunks")
+        ends = [math.ceil(seq_len * (i + 1) / chunks) for i in range(chunks)]
+    else:
+        raise TypeError(f"split must be None, int, float or a list of ends, got {type(split).__name__}")
+    if ends[-1] != seq_len or any(b <= a for a, b in zip([0] + ends, ends)):
+        raise ValueError(f"split {split!r} must give increasing chunk ends inside (0, {seq_len}] ending at "
+                         f"{seq_len}; got ends {ends}")
+    return [(start + a, start + b) for a, b in zip([0] + ends[:-1], ends)]
+
+
+@dataclass
+class RowSignal:
+    """Counters that ``gemm_signal`` raises per group of ``rows_per_signal`` output rows."""
+
+    counters: torch.Tensor
+    rows_per_signal: int
+
+
+class _Chunk:
+    """One chunk's residual stream and the all-reduce it still has to wait for."""
+
+    def __init__(self, start, end, hidden):
+        self.start, self.end = start, end
+        self.residual = hidden
+        self.pending = None
+
+
+def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=None, all_logits=True,
+            row_signal_rows=None):
+    """Run ``tokens`` (batch, n) through ``model`` at the positions ``bounds`` cover; return fp32 logits.
+
+    bounds: chunk (start, end) pairs, contiguous, covering ``n`` positions (default: one chunk from 0).
+    comm: an ``iso_kernels.comm`` communicator of the tensor-parallel group, or None at TP=1.
+    schedule: "serial" or "iso". all_logits: logits for every position (batch, n, vocab), else the last
+    position's (batch, vocab). row_signal_rows: with a communicator that starts collectives from device flags,
+    row-parallel GEMMs announce finished row groups of this many rows and each group's all-reduce starts
+    as soon as it is stored (GPU only).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    batch, n = tokens.shape
+    bounds = bounds or [(0, n)]
+    if bounds[-1][1] - bounds[0][0] != n:
+        raise ValueError(f"bounds {bounds} cover {bounds[-1][1] - bounds[0][0]} positions, tokens have {n}")
+    span = timeline.span if timeline is not None else _no_span
+    reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
+    offset = bounds[0][0]
+    embedded = model.tok_embeddings(tokens)
+    chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset]) for s, e in bounds]
+
+    for index, layer in enumerate(model.layers):
+        for c, chunk in enumerate(chunks):
+            with span("attention", c, index):
+                normed = _norm_in(chunk, layer.attention_norm)
+                out = layer.attention(normed, chunk.start, model.rope, reducer.signal_for(normed))
+            chunk.pending = reducer.start(out, c, index, "attention")
+        for c, chunk in enumerate(chunks):
+            with span("mlp", c, index):
+                normed = _norm_in(chunk, layer.ffn_norm)
+                out = layer.feed_forward(normed, reducer.signal_for(normed))
+            chunk.pending = reducer.start(out, c, index, "mlp")
+
+    logits = []
+    for c, chunk in enumerate(chunks):
+        with span("head", c, len(model.layers)):
+            normed = _norm_in(chunk, model.norm)
+            if not all_logits:
+                normed = normed[:, -1:] if c == len(chunks) - 1 else None
+            if normed is not None:
+                logits.append(torch.nn.functional.linear(normed, model.output.weight).float())
+    logits = torch.cat(logits, dim=1)
+    return logits if all_logits else logits[:, -1]
+
+
+def _norm_in(chunk, norm):
+    """Wait for the chunk's pending all-reduce, add it to the residual stream and normalise."""
+    if chunk.pending is None:  # the first layer: the residual is the embedding itself
+        return ops.rms_norm(chunk.residual, norm.weight, norm.eps)
+    normed, chunk.residual = ops.add_rms_norm(chunk.pending.wait(), chunk.residual, norm.weight, norm.eps)
+    chunk.pending = None
+    return normed
+
+
+@contextlib.contextmanager
+def _no_span(*_):
+    yield
+
+
+class _Done:
+    """A finished 'all-reduce' (TP=1 without a link, or serial mode after its wait)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def wait(self):
+        return self.tensor
+
+
+class _Reducer:
+    """Starts block all-reduces; in serial mode waits at once. Records comm intervals on the timeline."""
+
+    def __init__(self, comm, schedule, timeline, row_signal_rows):
+        self.comm, self.schedule, self.timeline = comm, schedule, timeline
+        self.row_signal_rows = row_signal_rows if getattr(comm, "supports_ready_flag", False) else None
+        self._signal = None
+
+    def signal_for(self, normed):
+        """A zeroed counter buffer for the next row-parallel GEMM, or None when row signals are off."""
+        if self.row_signal_rows is None:
+            return None
+        rows = normed.shape[0] * normed.shape[1]
+        groups = -(-rows // self.row_signal_rows)
+        self._signal = RowSignal(torch.zeros(groups, dtype=torch.int32, device=normed.device),
+                                 self.row_signal_rows)
+        return self._signal
+
+    def start(self, out, chunk, layer, kind):
+        if self.comm is None:
+            return _Done(out)
+        out = out.contiguous()
+        if self._signal is not None:
+            pending = _start_by_row_group(self.comm, out, self._signal)
+            self._signal = None
+        else:
+            pending = self.comm.all_reduce_start(out)
+        if self.timeline is not None:
+            self.timeline.comm(pending, kind, chunk, layer)
+        if self.schedule == "serial":
+            pending.wait()
+        return pending
+
+
+def _start_by_row_group(comm, out, signal):
+    """One all-reduce per row group, each gated on its counter reaching rows * columns."""
+    flat = out.view(-1, out.shape[-1])
+    rows, columns = flat.shape
+    group_pending = []
+    for g, first in enumerate(range(0, rows, signal.rows_per_signal)):
+        block = flat[first:first + signal.rows_per_signal]
+        target = block.shape[0] * columns
+        group_pending.append(comm.all_reduce_start(block, ready_flag=(signal.counters, g, target)))
+    return _Group(out, group_pending)
+
+
+class _Group:
+    def __init__(self, tensor, parts):
+        self.tensor, self.parts = tensor, parts
+        self.interval = None
+
+    def wait(self):
+        for part in self.parts:
+            part.wait()
+        return self.tensor

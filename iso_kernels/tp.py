@@ -1,0 +1,75 @@
+"""Megatron-style tensor parallelism as a transform of the plain model.
+
+Column-parallel: the fused qkv projection (whole heads per rank) and gate/up; row-parallel: o_proj and
+down_proj, whose partial outputs the schedules all-reduce. Embedding, norms and the LM head stay replicated.
+The same slicing serves in-memory weights (``shard_model``) and safetensors slices read from disk
+(``iso_kernels.checkpoint``), so a rank never materialises more than its share of the sharded layers.
+At world size 1 the transform changes nothing.
+"""
+
+import torch
+
+
+def check_divisible(args, world_size):
+    """Clear errors when a model cannot be split over ``world_size`` ranks."""
+    if world_size < 1:
+        raise ValueError(f"tp must be >= 1, got {world_size}")
+    for name, value in (("attention heads", args.n_head), ("KV heads", args.n_local_heads),
+                        ("intermediate size", args.intermediate_size)):
+        if value % world_size:
+            raise ValueError(f"{name} ({value}) are not divisible by tp={world_size}")
+
+
+def shard_range(size, rank, world_size):
+    per_rank = size // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def qkv_piece(q, k, v, args, rank, world_size):
+    """This rank's rows of the fused qkv weight (or bias): its query heads, then its KV heads.
+
+    q, k, v: full-size tensors or safetensors slices (anything that supports ``[a:b]``).
+    """
+    qa, qb = shard_range(args.n_head * args.head_dim, rank, world_size)
+    ka, kb = shard_range(args.n_local_heads * args.head_dim, rank, world_size)
+    return torch.cat([q[qa:qb], k[ka:kb], v[ka:kb]], dim=0)
+
+
+def column_piece(weight, rank, world_size):
+    """Rows of an (out, in) weight: the rank's share of the outputs (gate/up)."""
+    a, b = shard_range(weight.shape[0] if hasattr(weight, "shape") else weight.get_shape()[0], rank, world_size)
+    return weight[a:b]
+
+
+def row_piece(weight, rank, world_size):
+    """Columns of an (out, in) weight: the rank's share of the inputs (o_proj, down_proj)."""
+    a, b = shard_range(weight.shape[1] if hasattr(weight, "shape") else weight.get_shape()[1], rank, world_size)
+    return weight[:, a:b]
+
+
+def shard_model(model, rank, world_size):
+    """Keep only rank ``rank``'s share of every sharded layer, in place; returns the model."""
+    args = model.args
+    check_divisible(args, world_size)
+    if world_size == 1:
+        return model
+    q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    for layer in model.layers:
+        attention, mlp = layer.attention, layer.feed_forward
+        for param_name in ("weight", "bias"):
+            fused = getattr(attention.wqkv, param_name)
+            if fused is not None:
+                q, k, v = fused.detach().split([q_size, kv_size, kv_size], dim=0)
+                _replace(attention.wqkv, param_name, qkv_piece(q, k, v, args, rank, world_size))
+        _replace(attention.wo, "weight", row_piece(attention.wo.weight.detach(), rank, world_size))
+        for linear in (mlp.w1, mlp.w3):
+            _replace(linear, "weight", column_piece(linear.weight.detach(), rank, world_size))
+        _replace(mlp.w2, "weight", row_piece(mlp.w2.weight.detach(), rank, world_size))
+        attention.n_head //= world_size
+        attention.n_kv_head //= world_size
+    return model
+
+
+def _replace(module, name, piece):
+    """Own a contiguous copy, so the full tensor can be freed and GEMMs see a dense weight."""
+    setattr(module, name, torch.nn.Parameter(piece.contiguous().clone(), requires_grad=False))
