@@ -112,8 +112,8 @@ def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.f
 
     state = {"tok_embeddings.weight": full("model.embed_tokens.weight", args.vocab_size, dim),
              "norm.weight": full("model.norm.weight", dim)}
-    if not args.tie_embeddings:
-        state["output.weight"] = full("lm_head.weight", args.vocab_size, dim)
+    state["output.weight"] = (state["tok_embeddings.weight"] if args.tie_embeddings
+                              else full("lm_head.weight", args.vocab_size, dim))
     for i in range(args.n_layer):
         names = _hf_layer_names(i)
         ours = f"layers.{i}."

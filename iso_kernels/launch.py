@@ -6,6 +6,7 @@ never leaves the rest hanging in a collective. A global deadline bounds the whol
 """
 
 import datetime
+import io
 import os
 import queue
 import socket
@@ -49,12 +50,20 @@ def init_rank(rank, world_size, port, device_type="cpu", timeout_s=60.0):
 def _rank_main(rank, world_size, port, device_type, timeout_s, fn, args, results):
     try:
         init_rank(rank, world_size, port, device_type, timeout_s)
-        results.put((rank, True, fn(rank, world_size, *args)))
+        results.put((rank, True, _serialize(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, KeyboardInterrupt included
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _serialize(value):
+    """Results travel as bytes: tensors sent through a torch queue share memory with a process that is about
+    to exit, and the parent could not open them any more."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def spawn_ranks(fn, world_size=2, *, args=(), device_type="cpu", timeout_s=120.0):
@@ -104,4 +113,4 @@ def spawn_ranks(fn, world_size=2, *, args=(), device_type="cpu", timeout_s=120.0
                               else f"timed out after {timeout_s:.0f}s")
     if failures:
         raise RankError(failures)
-    return [outputs[rank] for rank in range(world_size)]
+    return [torch.load(io.BytesIO(outputs[rank]), weights_only=False) for rank in range(world_size)]

@@ -68,6 +68,18 @@ class _Chunk:
         self.residual = hidden
         self.pending = None
 
+    def take_reduced(self):
+        """Wait for the chunk's pending all-reduce; None before the first layer."""
+        pending, self.pending = self.pending, None
+        return pending.wait() if pending is not None else None
+
+    def norm_in(self, reduced, norm):
+        """Add the reduced block output to the residual stream and normalise (the embedding at first)."""
+        if reduced is None:
+            return ops.rms_norm(self.residual, norm.weight, norm.eps)
+        normed, self.residual = ops.add_rms_norm(reduced, self.residual, norm.weight, norm.eps)
+        return normed
+
 
 def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=None, all_logits=True,
             row_signal_rows=None):
@@ -90,39 +102,33 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
     offset = bounds[0][0]
     embedded = model.tok_embeddings(tokens)
-    chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset]) for s, e in bounds]
+    chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset].contiguous()) for s, e in bounds]
 
     for index, layer in enumerate(model.layers):
         for c, chunk in enumerate(chunks):
+            reduced = chunk.take_reduced()  # waiting is not compute: outside the span
             with span("attention", c, index):
-                normed = _norm_in(chunk, layer.attention_norm)
+                normed = chunk.norm_in(reduced, layer.attention_norm)
                 out = layer.attention(normed, chunk.start, model.rope, reducer.signal_for(normed))
             chunk.pending = reducer.start(out, c, index, "attention")
         for c, chunk in enumerate(chunks):
+            reduced = chunk.take_reduced()
             with span("mlp", c, index):
-                normed = _norm_in(chunk, layer.ffn_norm)
+                normed = chunk.norm_in(reduced, layer.ffn_norm)
                 out = layer.feed_forward(normed, reducer.signal_for(normed))
             chunk.pending = reducer.start(out, c, index, "mlp")
 
     logits = []
+    last = len(chunks) - 1
     for c, chunk in enumerate(chunks):
+        reduced = chunk.take_reduced()
         with span("head", c, len(model.layers)):
-            normed = _norm_in(chunk, model.norm)
-            if not all_logits:
-                normed = normed[:, -1:] if c == len(chunks) - 1 else None
-            if normed is not None:
+            normed = chunk.norm_in(reduced, model.norm)
+            if all_logits or c == last:
+                normed = normed if all_logits else normed[:, -1:]
                 logits.append(torch.nn.functional.linear(normed, model.output.weight).float())
     logits = torch.cat(logits, dim=1)
     return logits if all_logits else logits[:, -1]
-
-
-def _norm_in(chunk, norm):
-    """Wait for the chunk's pending all-reduce, add it to the residual stream and normalise."""
-    if chunk.pending is None:  # the first layer: the residual is the embedding itself
-        return ops.rms_norm(chunk.residual, norm.weight, norm.eps)
-    normed, chunk.residual = ops.add_rms_norm(chunk.pending.wait(), chunk.residual, norm.weight, norm.eps)
-    chunk.pending = None
-    return normed
 
 
 @contextlib.contextmanager

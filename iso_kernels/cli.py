@@ -1,0 +1,132 @@
+"""``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group) and ``simulate``."""
+
+import argparse
+import json
+import sys
+
+from . import engine, simulate
+from .launch import RankError
+
+DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
+
+prefill   run serial and ISO prefill on the same prompt over a TP group, check they agree, report timings
+simulate  predict serial vs ISO prefill on the paper's hardware (RTX 4090 PCIe, A800 NVLink) from datasheets
+"""
+
+
+def _prefill_arguments(parser):
+    defaults = engine.PrefillConfig()
+    parser.add_argument("--model", default=defaults.model,
+                        help="preset (llama-small, llama-tiny; random weights made locally) or a Hugging Face "
+                             "checkpoint folder (config.json + safetensors)")
+    parser.add_argument("--tp", type=int, default=defaults.tp, help="tensor-parallel ranks, launched here")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="prompt length (random tokens)")
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="equal-length prompts")
+    parser.add_argument("--mode", default=defaults.mode, choices=["serial", "iso", "both"])
+    parser.add_argument("--split", default=defaults.split,
+                        help="auto (the calibrated cost model), a token index, or a fraction for chunk 1")
+    parser.add_argument("--chunks", default=defaults.chunks, help="auto or a number of chunks")
+    parser.add_argument("--link", default=None,
+                        help="emulated link: a preset (pcie4, a800-nvlink, a100-nvlink, h100-nvlink) or ratio:R "
+                             "(all-reduce time = R x compute time); default none")
+    parser.add_argument("--dtype", default=defaults.dtype, help="auto, float32, float16, bfloat16")
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--tokens", help="JSON file: a list of token ids or a list of equal-length lists")
+    parser.add_argument("--generate", type=int, default=defaults.generate, help="greedy tokens after prefill")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs per schedule")
+    parser.add_argument("--comm-backend", default=defaults.comm_backend, choices=["auto", "torch", "nccl-ext"])
+    parser.add_argument("--row-signal", type=int, default=0, metavar="ROWS",
+                        help="GPU: start each all-reduce per ROWS-row group as gemm_signal finishes it")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--save-logits", metavar="FILE", help="torch.save {mode: fp32 logits (batch, seq, vocab)}")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    parser.add_argument("--trace", metavar="FILE", help="Chrome trace JSON of both schedules, every rank")
+    parser.add_argument("--plot", metavar="FILE", help="PNG Gantt chart of both schedules")
+    parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds before ranks are killed")
+
+
+def _config(args):
+    return engine.PrefillConfig(
+        model=args.model, tp=args.tp, seq_len=args.seq_len, batch=args.batch, mode=args.mode, split=args.split,
+        chunks=args.chunks, link=args.link, dtype=args.dtype, device=args.device, tokens=args.tokens,
+        generate=args.generate, warmup=args.warmup, repeats=args.repeats, comm_backend=args.comm_backend,
+        row_signal=args.row_signal, seed=args.seed, trace=bool(args.trace or args.plot),
+        save_logits=bool(args.save_logits), timeout_s=args.timeout)
+
+
+def format_report(report):
+    lines = [f"iso prefill: tp={report['tp']} seq_len={report['seq_len']} batch={report['batch']} "
+             f"device={report['device']} dtype={report['dtype']} comm={report['comm_backend']}"
+             + (f" link={report['link']['name']}" if report.get("link") else ""),
+             f"chunks={report['chunks']} bounds={report['bounds']}"]
+    rows = [("serial", "serial_ms", "predicted_serial_ms"), ("iso", "iso_ms", "predicted_iso_ms")]
+    lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
+    for name, key, predicted in rows:
+        if key in report:
+            lines.append(f"{name:<10}{report[key]:>14.2f}{report[predicted]:>15.2f}")
+    if "reduction" in report:
+        lines += [
+            f"reduction            {100 * report['reduction']:6.1f} %   (1 - iso / serial)",
+            f"compute / comm (ms)  {report['compute_ms']:.2f} / {report['comm_ms']:.2f}   "
+            f"(per stream, serial run; no-comm prefill {report['compute_only_ms']:.2f})",
+            f"bound (ms)           {report['bound_ms']:.2f}   (max(compute + tail, comm + head))",
+            f"overlap efficiency   {report['overlap_efficiency']:.2f}   ((serial - iso) / (serial - bound))",
+            f"logits               max |iso - serial| = {report['max_abs_diff']:.3g} "
+            f"({'agree' if report['agree'] else 'DISAGREE'}); iso == serial on the same chunks: "
+            f"{report['iso_equals_serial_same_chunks']}",
+        ]
+    if report.get("generated"):
+        lines.append(f"generated            {report['generated']}")
+    return "\n".join(lines)
+
+
+def _prefill(args):
+    report = engine.run(_config(args))
+    print(format_report(report))
+    if args.save_logits:
+        import torch
+
+        torch.save(report.pop("logits"), args.save_logits)
+    lanes = report.pop("lanes", None)
+    if lanes:
+        from . import timeline
+
+        if args.trace:
+            timeline.write_chrome_trace(args.trace, lanes)
+        if args.plot:
+            timeline.plot_gantt(args.plot, lanes, title=f"serial vs iso prefill, {report['seq_len']} tokens, "
+                                                          f"tp={report['tp']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report.get("agree", True) else 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="iso-kernels", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prefill_arguments(sub.add_parser("prefill", help="serial vs ISO prefill on a TP group"))
+    simulate.add_arguments(sub.add_parser("simulate", help="predict ISO on the paper's hardware"))
+    args = parser.parse_args(argv)
+    try:
+        return _prefill(args) if args.command == "prefill" else simulate.run(args)
+    except RankError as exc:
+        print(f"error: {_last_line(exc)}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _last_line(exc: RankError):
+    """The exception line of the first real failure, not the 'killed after the failure' notes."""
+    for rank in sorted(exc.failures):
+        text = exc.failures[rank].strip()
+        if "Traceback" in text or "Error" in text:
+            return f"rank {rank}: {text.splitlines()[-1]}"
+    return str(exc).splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""Cost model of a tensor-parallel prefill, serial or ISO-chunked, and the solver that picks the split.
+
+Theory: design note ``iso-cost-model.md``. Per layer each chunk runs an attention block (norm, QKV, RoPE,
+attention, ``o_proj``) and an MLP block (norm, gate/up, SiLU*mul, ``down_proj``); each block's output is
+all-reduced on a communication stream. A chunk's MLP waits for its own attention all-reduce (AR1), its next
+attention block for its own MLP all-reduce (AR2). Times are seconds throughout.
+
+Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a prefix of ``p`` tokens, with
+``batch`` sequences (the batch multiplies tokens, not fixed costs)::
+
+    attention_block(n, p) = attn_fixed + batch * (attn_per_token * n + attn_per_pair * n * (p + (n + 1) / 2))
+    mlp_block(n)          = mlp_fixed  + batch * mlp_per_token * n
+    all_reduce(nbytes)    = ar_latency + nbytes / ar_bandwidth
+
+``n * (p + (n + 1) / 2)`` counts the visible (query, key) pairs of causal attention for queries p..p+n-1.
+RMSNorm, RoPE, SiLU and residual adds are not modelled apart: they are linear in tokens, so they are folded
+into the per-token terms (a fit absorbs them; the datasheet model ignores them, as the design note does).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Chunked prefill pays these per block whatever the chunk size: ~5 kernels (norm, GEMM, RoPE, attention,
+# GEMM) at ~4 us of launch and tail each. Our estimate, not a measurement; a fit replaces it.
+BLOCK_OVERHEAD_US = 20.0
+# Fraction of peak tensor throughput large prefill GEMMs reach; the design note's assumption.
+EFFICIENCY = 0.7
+# Pattern-search steps for >2 chunks stop after this many moves; each move strictly lowers the time.
+MAX_SEARCH_MOVES = 200
+CACHE_ENV = "ISO_KERNELS_CACHE_DIR"
+
+
+# --- model shapes ---
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int = 2
+
+    @classmethod
+    def from_model_args(cls, args, *, dtype_bytes: int = 2) -> "ModelShape":
+        """From a gpt-fast-style ``ModelArgs`` (``n_local_heads`` is the KV-head count; <= 0 means MHA)."""
+        n_head = int(args.n_head)
+        n_kv = int(getattr(args, "n_local_heads", -1) or -1)
+        head_dim = int(getattr(args, "head_dim", 0) or args.dim // n_head)
+        return cls(hidden=int(args.dim), n_layers=int(args.n_layer), n_heads=n_head,
+                   n_kv_heads=n_kv if n_kv > 0 else n_head, head_dim=head_dim,
+                   intermediate=int(args.intermediate_size), vocab=int(args.vocab_size),
+                   dtype_bytes=dtype_bytes)
+
+    @property
+    def attention_gemm_flops(self) -> float:
+        """Per token per layer: QKV projection plus ``o_proj``."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return 2.0 * self.hidden * (q + 2 * kv) + 2.0 * q * self.hidden
+
+    @property
+    def mlp_gemm_flops(self) -> float:
+        """Per token per layer: gate, up and down projections."""
+        return 6.0 * self.hidden * self.intermediate
+
+    @property
+    def pair_flops(self) -> float:
+        """Per visible (query, key) pair per layer: QK^T and PV over all heads."""
+        return 4.0 * self.n_heads * self.head_dim
+
+    @property
+    def weight_bytes(self) -> int:
+        """Decoder layers, untied embedding and LM head, norms."""
+        q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
+        return (self.n_layers * per_layer + 2 * self.vocab * h + h) * self.dtype_bytes
+
+
+MODEL_PRESETS = {
+    "llama2-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 32000),
+    # The ~30B class of the paper: LLaMA-1-33B's shape (MHA).
+    "llama-30b": ModelShape(6656, 60, 52, 52, 128, 17920, 32000),
+    "llama3-8b": ModelShape(4096, 32, 32, 8, 128, 14336, 128256),
+    "llama3-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 128256),
+}
+
+
+# --- hardware ---
+@dataclass(frozen=True)
+class HardwareSpec:
+    """``link_gbps`` is NCCL *bus* bandwidth (GB/s); all-reduce time is bytes * 2(t-1)/t / bus bandwidth."""
+
+    name: str
+    peak_tflops: float
+    link_gbps: float
+    link_latency_us: float
+    memory_gib: float
+    efficiency: float = EFFICIENCY
+    block_overhead_us: float = BLOCK_OVERHEAD_US
+
+
+# Sources (peak = dense bf16 tensor throughput with fp32 accumulation):
+# - RTX 4090: 165.2 TFLOP/s (waredb.com/processor/nvidia-geforce-rtx-4090). 20 GB/s: stock driver has no P2P
+#   so NCCL stages PCIe 4.0 traffic through host memory (NVIDIA/nccl-tests#117, NVIDIA/nccl#814); a
+#   P2P-patched driver reached ~25.9 GB/s on 4 cards (tinygrad/open-gpu-kernel-modules#36). 40 us: an
+#   8-byte all-reduce on 8x4090 took ~42 us (NVIDIA/nccl#1530). 24 GiB.
+# - A800: A100 silicon, 312 TFLOP/s (glennklockwood.com/garden/processors/A100); NVLink cut to 400 GB/s
+#   bidirectional (aiwiki.ai/wiki/nvidia_a800); 150 GB/s bus bandwidth assumed as in the design note.
+# - A100 SXM: 312 TFLOP/s; ~200-208 GB/s bus bandwidth measured on 8-GPU NVLink nodes (NVIDIA/nccl-tests#149,
+#   #178).
+# - H100 SXM: 989 TFLOP/s (NVIDIA H100 datasheet); 340 GB/s from NCCL's 348 us for a 64 MiB bf16 all-reduce
+#   on 8xH100 (TokenWeave artifact, see anchors.md).
+# - NVLink latency 10 us: small all-reduces take a few us at 2 GPUs and grow with GPU count
+#   (NVIDIA/nccl#1259); an order-of-magnitude assumption, negligible at prefill message sizes.
+HARDWARE_PRESETS = {
+    "rtx4090-pcie4": HardwareSpec("rtx4090-pcie4", 165.2, 20.0, 40.0, 24.0),
+    "a800-nvlink": HardwareSpec("a800-nvlink", 312.0, 150.0, 10.0, 80.0),
+    "a100-nvlink": HardwareSpec("a100-nvlink", 312.0, 200.0, 10.0, 80.0),
+    "h100-nvlink": HardwareSpec("h100-nvlink", 989.0, 340.0, 10.0, 80.0),
+}
+
+
+def preset(table: dict, name: str, arg: str):
+    """``table[name]``, or a ValueError naming ``arg`` and the known names."""
+    if name not in table:
+        raise ValueError(f"{arg}: unknown preset {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]
+
+
+# --- per-op time model ---
+@dataclass(frozen=True)
+class LayerCosts:
+    attn_fixed: float
+    attn_per_token: float
+    attn_per_pair: float
+    mlp_fixed: float
+    mlp_per_token: float
+    ar_latency: float
+    ar_bandwidth: float  # bytes/s of message size, ring factor already folded in; inf = no communication
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"LayerCosts.{field.name} must be >= 0, got {value}")
+        if self.ar_bandwidth == 0:
+            raise ValueError("LayerCosts.ar_bandwidth must be > 0")
+
+    def attention_block(self, n, p, batch=1):
+        pairs = n * (p + (n + 1) / 2)
+        return self.attn_fixed + batch * (self.attn_per_token * n + self.attn_per_pair * pairs)
+
+    def mlp_block(self, n, batch=1):
+        return self.mlp_fixed + batch * self.mlp_per_token * n
+
+    def all_reduce(self, nbytes):
+        return self.ar_latency + nbytes / self.ar_bandwidth
+
+    @classmethod
+    def from_datasheet(cls, shape: ModelShape, hardware: HardwareSpec, tp: int) -> "LayerCosts":
+        """Peak FLOP/s x efficiency for compute, bus bandwidth and latency for the all-reduce; TP shards
+        every FLOP."""
+        _check_int("tp", tp)
+        flops = tp * hardware.efficiency * hardware.peak_tflops * 1e12
+        overhead = hardware.block_overhead_us * 1e-6
+        ring = 2 * (tp - 1) / tp
+        return cls(attn_fixed=overhead, attn_per_token=shape.attention_gemm_flops / flops,
+                   attn_per_pair=shape.pair_flops / flops, mlp_fixed=overhead,
+                   mlp_per_token=shape.mlp_gemm_flops / flops,
+                   ar_latency=hardware.link_latency_us * 1e-6 if tp > 1 else 0.0,
+                   ar_bandwidth=hardware.link_gbps * 1e9 / ring if tp > 1 else math.inf)
+
+
+# --- calibration ---
+@dataclass(frozen=True)
+class FitResult:
+    costs: LayerCosts
+    residual: dict  # op -> RMS relative error of the fitted times against the measurements
+
+
+def _fit_nonnegative(features, times, arg):
+    """Least squares in relative error (each sample weighted 1/time), dropping negative coefficients."""
+    times = np.asarray(times, dtype=np.float64)
+    if not np.all(np.isfinite(times) & (times > 0)):
+        raise ValueError(f"{arg} must return positive finite seconds, got {times.tolist()}")
+    x = np.asarray(features, dtype=np.float64) / times[:, None]
+    target = np.ones(len(times))
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        raise ValueError(f"the sizes given for {arg} cannot separate the fixed and per-size terms")
+    coef, active = np.zeros(x.shape[1]), list(range(x.shape[1]))
+    while active:
+        coef[:] = 0
+        coef[active] = np.linalg.lstsq(x[:, active], target, rcond=None)[0]
+        if coef.min() >= 0:
+            break
+        active.remove(int(np.argmin(coef)))
+    return [float(c) for c in coef], float(np.sqrt(np.mean((x @ coef - 1) ** 2)))
+
+
+def fit_layer_costs(measure_attention: Callable[[int, int], float], measure_mlp: Callable[[int], float],
+                    measure_all_reduce: Callable[[int], float], *, token_sizes: Sequence[int],
+                    prefix_sizes: Sequence[int], byte_sizes: Sequence[int], batch: int = 1) -> FitResult:
+    """Fit ``LayerCosts`` to timings of the real blocks on this machine.
+
+    ``measure_attention(n, p)``, ``measure_mlp(n)`` time one block on ``batch`` sequences of ``n`` tokens
+    (queries after ``p`` cached tokens); ``measure_all_reduce(nbytes)`` one all-reduce. Each returns seconds.
+    """
+    _check_int("batch", batch)
+    attn_samples = [(n, p) for n in token_sizes for p in prefix_sizes]
+    attn, a_res = _fit_nonnegative([[1, batch * n, batch * n * (p + (n + 1) / 2)] for n, p in attn_samples],
+                                   [measure_attention(n, p) for n, p in attn_samples], "measure_attention")
+    mlp, m_res = _fit_nonnegative([[1, batch * n] for n in token_sizes],
+                                  [measure_mlp(n) for n in token_sizes], "measure_mlp")
+    comm, c_res = _fit_nonnegative([[1, b] for b in byte_sizes],
+                                   [measure_all_reduce(b) for b in byte_sizes], "measure_all_reduce")
+    costs = LayerCosts(attn_fixed=attn[0], attn_per_token=attn[1], attn_per_pair=attn[2], mlp_fixed=mlp[0],
+                       mlp_per_token=mlp[1], ar_latency=comm[0],
+                       ar_bandwidth=1 / comm[1] if comm[1] > 0 else math.inf)
+    return FitResult(costs, {"attention": a_res, "mlp": m_res, "all_reduce": c_res})
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "iso_kernels"
+    return Path(root) / "calibration.json"
+
+
+def _normalized_key(key: dict) -> dict:
+    if not isinstance(key, dict):
+        raise TypeError(f"key must be a dict of machine/model descriptors, got {type(key).__name__}")
+    try:
+        return json.loads(json.dumps(key, sort_keys=True))
+    except TypeError as exc:
+        raise TypeError(f"key must be JSON-serialisable: {exc}") from None
+
+
+def _read_entries(path: Path) -> list:
+    try:
+        return json.loads(path.read_text())["entries"]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"ignoring unreadable calibration cache {path}: {exc}", stacklevel=3)
+        return []
+
+
+def save_calibration(path: os.PathLike | None, costs: LayerCosts, key: dict) -> Path:
+    """Store ``costs`` under ``key`` (replacing an entry with the same key); ``path=None`` = default cache."""
+    path = Path(path) if path is not None else default_cache_path()
+    key = _normalized_key(key)
+    entries = [e for e in _read_entries(path) if e.get("key") != key]
+    entries.append({"key": key, "costs": dataclasses.asdict(costs)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1))
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+def load_calibration(path: os.PathLike | None, key: dict) -> LayerCosts | None:
+    """The costs stored under exactly ``key``, else None."""
+    path = Path(path) if path is not None else default_cache_path()
+    key = _normalized_key(key)
+    for entry in _read_entries(path):
+        if entry.get("key") == key:
+            return LayerCosts(**entry["costs"])
+    return None
+
+
+# --- schedule simulation ---
+@dataclass(frozen=True)
+class Interval:
+    stream: str  # "compute" or "comm"
+    chunk: int
+    layer: int
+    kind: str  # "attn", "mlp", "ar1" (after attn), "ar2" (after mlp)
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class PrefillSim:
+    total_s: float
+    compute_s: float
+    comm_s: float
+    intervals: list | None = None
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_boundaries(boundaries, seq_len):
+    _check_int("seq_len", seq_len)
+    ends = list(boundaries)
+    if not ends or ends[-1] != seq_len:
+        raise ValueError(f"boundaries must end with seq_len={seq_len}, got {ends}")
+    for a, b in zip([0] + ends, ends):
+        _check_int("boundaries", b)
+        if b <= a:
+            raise ValueError(f"boundaries must be strictly increasing chunk ends in (0, {seq_len}], "
+                             f"got {ends}")
+    return ends
+
+
+def _durations(costs, ends, batch, hidden, dtype_bytes):
+    """Per-chunk (attention, MLP, all-reduce) times; ``ends`` is (chunks,) or (candidates, chunks)."""
+    ends = np.asarray(ends, dtype=np.float64)
+    starts = np.concatenate([np.zeros_like(ends[..., :1]), ends[..., :-1]], axis=-1)
+    n = ends - starts
+    attn = costs.attention_block(n, starts, batch)
+    return ([attn[..., c] for c in range(n.shape[-1])],
+            [costs.mlp_block(n[..., c], batch) for c in range(n.shape[-1])],
+            [costs.all_reduce(batch * n[..., c] * hidden * dtype_bytes) for c in range(n.shape[-1])])
+
+
+def _layer(state, attn, mlp, ar, emit=None, layer=0):
+    """Advance ``state = [compute_free, comm_free, ready_0, ...]`` by one layer of the two-stream schedule.
+
+    Compute runs attn(c0..ck), then mlp(c0..ck); each block's all-reduce queues FIFO on the comm stream as
+    soon as the block ends; ``ready[c]`` = when chunk c's latest all-reduce ends, which gates its next block.
+    Only max and + appear, so the step is max-plus linear in ``state`` (``_total_times`` relies on it).
+    """
+    compute_free, comm_free, ready = state[0], state[1], list(state[2:])
+    for kind, blocks, ar_kind in (("attn", attn, "ar1"), ("mlp", mlp, "ar2")):
+        for c, block in enumerate(blocks):
+            start = np.maximum(compute_free, ready[c])
+            compute_free = start + block
+            ar_start = np.maximum(comm_free, compute_free)
+            comm_free = ready[c] = ar_start + ar[c]
+            if emit is not None:
+                emit(Interval("compute", c, layer, kind, float(start), float(compute_free)))
+                emit(Interval("comm", c, layer, ar_kind, float(ar_start), float(comm_free)))
+    return [compute_free, comm_free, *ready]
+
+
+def simulate_prefill(costs: LayerCosts, n_layers: int, seq_len: int, boundaries: Sequence[int],
+                     batch: int = 1, *, hidden: int, dtype_bytes: int, record: bool = False) -> PrefillSim:
+    """Event simulation of the whole prefill; ``boundaries`` are chunk ends, e.g. ``[s, seq_len]``.
+
+    One chunk is the serial schedule. The prefill ends with the last chunk's final all-reduce.
+    """
+    for name, value in (("n_layers", n_layers), ("batch", batch), ("hidden", hidden),
+                        ("dtype_bytes", dtype_bytes)):
+        _check_int(name, value)
+    ends = _check_boundaries(boundaries, seq_len)
+    attn, mlp, ar = _durations(costs, ends, batch, hidden, dtype_bytes)
+    intervals = [] if record else None
+    state = [0.0] * (2 + len(ends))
+    for layer in range(n_layers):
+        state = _layer(state, attn, mlp, ar, intervals.append if record else None, layer)
+    return PrefillSim(total_s=float(max(state)), compute_s=float(n_layers * (sum(attn) + sum(mlp))),
+                      comm_s=float(n_layers * 2 * sum(ar)), intervals=intervals)
+
+
+def _maxplus_matmul(a, b):
+    return np.max(a[..., :, :, None] + b[..., None, :, :], axis=-2)
+
+
+def _total_times(costs, n_layers, ends, batch, hidden, dtype_bytes):
+    """Prefill time for every row of ``ends`` (candidates, chunks) at once, exactly equal to
+    ``simulate_prefill``: the layer map's max-plus matrix (``_layer`` applied to unit vectors) is raised to
+    the ``n_layers`` power by repeated squaring, so the cost is logarithmic in the layer count."""
+    attn, mlp, ar = _durations(costs, ends, batch, hidden, dtype_bytes)
+    size, shape = 2 + len(attn), np.shape(attn[0])
+    columns = []
+    for j in range(size):
+        unit = [0.0 if i == j else -np.inf for i in range(size)]
+        columns.append(np.stack([np.broadcast_to(v, shape) for v in _layer(unit, attn, mlp, ar)], axis=-1))
+    step, power = np.stack(columns, axis=-1), None  # step[..., i, j]: column j = image of unit vector j
+    while n_layers:
+        if n_layers & 1:
+            power = step if power is None else _maxplus_matmul(power, step)
+        n_layers >>= 1
+        if n_layers:
+            step = _maxplus_matmul(step, step)
+    return power.max(axis=(-2, -1))  # from the zero state: the latest entry of the final state
+
+
+@dataclass(frozen=True)
+class Prediction:
+    boundaries: list
+    serial_s: float
+    iso_s: float
+    compute_s: float  # of the chunked schedule (fixed costs counted once per chunk)
+    comm_s: float
+    bound_s: float  # lower bound for this chunking, see ``predict``
+
+    @property
+    def reduction(self) -> float:
+        return 1 - self.iso_s / self.serial_s
+
+    @property
+    def bound_reduction(self) -> float:
+        return 1 - self.bound_s / self.serial_s
+
+
+def predict(costs: LayerCosts, n_layers: int, seq_len: int, boundaries: Sequence[int] | None = None,
+            batch: int = 1, *, hidden: int, dtype_bytes: int) -> Prediction:
+    """Serial vs ISO time for ``boundaries`` (default: ``choose_split``'s).
+
+    ``bound_s`` = max(compute + tail, head + comm), where head = the first chunk's first attention block
+    (no all-reduce exists before it ends) and tail = the last chunk's final all-reduce (it depends on the
+    last compute block). No schedule of this chunking with these dependencies can finish sooner.
+    """
+    kw = {"batch": batch, "hidden": hidden, "dtype_bytes": dtype_bytes}
+    if boundaries is None:
+        boundaries = choose_split(costs, n_layers, seq_len, **kw)
+    serial = simulate_prefill(costs, n_layers, seq_len, [seq_len], **kw)
+    iso = simulate_prefill(costs, n_layers, seq_len, boundaries, **kw)
+    attn, _, ar = _durations(costs, list(boundaries), batch, hidden, dtype_bytes)
+    bound = max(iso.compute_s + float(ar[-1]), float(attn[0]) + iso.comm_s)
+    return Prediction(list(boundaries), serial.total_s, iso.total_s, iso.compute_s, iso.comm_s, bound)
+
+
+# --- split solver ---
+def balanced_split(costs: LayerCosts, seq_len: int, n_chunks: int) -> list:
+    """Chunk ends that equalise chunk compute. Tokens [0, x) cost W(x) = a*x^2 + b*x beyond fixed terms
+    (a = attn_per_pair / 2, b = per-token terms + a); boundary i solves W(x) = i/k * W(S). Later chunks
+    attend over more keys, so earlier chunks come out longer; two chunks give the design note's x*."""
+    _check_int("n_chunks", n_chunks)
+    _check_int("seq_len", seq_len)
+    if seq_len < n_chunks:
+        raise ValueError(f"seq_len={seq_len} is shorter than n_chunks={n_chunks}")
+    a = costs.attn_per_pair / 2
+    b = costs.attn_per_token + costs.mlp_per_token + a
+    ends = []
+    for i in range(1, n_chunks):
+        if a == 0 and b == 0:
+            x = seq_len * i / n_chunks
+        else:
+            target = i / n_chunks * (a * seq_len**2 + b * seq_len)
+            x = 2 * target / (b + math.sqrt(b * b + 4 * a * target))  # cancellation-free quadratic root
+        lowest = ends[-1] + 1 if ends else 1
+        ends.append(min(max(round(x), lowest), seq_len - (n_chunks - i)))
+    return ends + [seq_len]
+
+
+def _pattern_search(evaluate, start, step, seq_len):
+    """Move one boundary at a time by +-step*2^j, taking the best strictly improving move, until none is."""
+    current = list(start)
+    best = float(evaluate(np.array([current]))[0])
+    offsets = [step * 2**j for j in range(int(math.log2(max(seq_len // step, 1))) + 1)]
+    for _ in range(MAX_SEARCH_MOVES):
+        moves = []
+        for i in range(len(current) - 1):
+            low = (current[i - 1] if i else 0) + step
+            high = current[i + 1] - step
+            moves += [current[:i] + [current[i] + d] + current[i + 1:] for o in offsets for d in (-o, o)
+                      if low <= current[i] + d <= high]
+        if not moves:
+            break
+        times = evaluate(np.array(moves))
+        k = int(np.argmin(times))
+        if not times[k] < best * (1 - 1e-12):
+            break
+        current, best = moves[k], float(times[k])
+    return current, best
+
+
+def choose_split(costs: LayerCosts, n_layers: int, seq_len: int, batch: int = 1, *, hidden: int,
+                 dtype_bytes: int, max_chunks: int = 4, granularity: int = 16,
+                 min_gain: float = 0.01) -> list:
+    """Chunk ends minimising the simulated prefill time, e.g. ``[seq_len]`` (don't split) or ``[s, seq_len]``.
+
+    Two chunks: every boundary on the ``granularity`` grid. More chunks: pattern search from the
+    equal-compute split. Chunks hold >= ``granularity`` tokens (>= 1 when the sequence is too short for
+    that). Returns one chunk when the best split saves less than ``min_gain`` (relative) over serial.
+    """
+    for name, value in (("n_layers", n_layers), ("seq_len", seq_len), ("batch", batch),
+                        ("hidden", hidden), ("dtype_bytes", dtype_bytes), ("max_chunks", max_chunks),
+                        ("granularity", granularity)):
+        _check_int(name, value)
+    if not 0 <= min_gain < 1:
+        raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")
+
+    def evaluate(ends):
+        return _total_times(costs, n_layers, ends, batch, hidden, dtype_bytes)
+
+    serial = float(evaluate(np.array([[seq_len]]))[0])
+    best, best_time = [seq_len], serial
+    for k in range(2, min(max_chunks, seq_len) + 1):
+        step = granularity if seq_len >= k * granularity else 1
+        if k == 2:
+            grid = np.arange(step, seq_len - step + 1, step)
+            times = evaluate(np.stack([grid, np.full_like(grid, seq_len)], axis=1))
+            ends, time = [int(grid[np.argmin(times)]), seq_len], float(times.min())
+        else:
+            start = [seq_len]
+            for i, x in reversed(list(enumerate(balanced_split(costs, seq_len, k)[:-1]))):
+                snapped = max(round(x / step) * step, (i + 1) * step)  # on the grid, room for earlier chunks
+                start.insert(0, min(snapped, (start[0] - step) // step * step))
+            ends, time = _pattern_search(evaluate, start, step, seq_len)
+        if time < best_time * (1 - 1e-12):
+            best, best_time = ends, time
+    if len(best) > 1 and (serial - best_time) / serial < min_gain:
+        return [seq_len]
+    return [int(e) for e in best]

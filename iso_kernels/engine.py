@@ -1,0 +1,397 @@
+"""The prefill job: load a TP shard on every rank, run serial and ISO prefill, measure, check, decode.
+
+``run(PrefillConfig)`` validates everything it can before starting ranks, launches them (or, under torchrun,
+joins the existing group) and returns rank 0's report. ``prefill_rank`` is what each rank executes.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, comm, costmodel, launch, schedule
+from .model import ModelArgs
+from .timeline import Timeline
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Logits of the ISO and serial prefill must agree to this, relative to the largest logit. fp32 differences
+# come only from GEMMs over chunk-sized rather than whole-prompt row blocks.
+AGREEMENT_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class PrefillConfig:
+    model: str = "llama-small"
+    tp: int = 2
+    seq_len: int = 512
+    batch: int = 1
+    mode: str = "both"  # serial | iso | both
+    split: str = "auto"  # auto | token index | fraction
+    chunks: str = "auto"  # auto (the solver's choice, up to MAX_AUTO_CHUNKS) | N
+    link: Optional[str] = None  # None | preset name | ratio:R
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    tokens: Optional[str] = None
+    generate: int = 4
+    warmup: int = 2
+    repeats: int = 5
+    comm_backend: str = "auto"
+    row_signal: int = 0  # rows per signal group on GPU (0 = whole-block all-reduces)
+    seed: int = 0
+    trace: bool = False
+    save_logits: bool = False
+    timeout_s: float = 600.0
+
+
+MAX_AUTO_CHUNKS = 4
+
+
+# --- validation before any rank starts ---
+def resolve(cfg: PrefillConfig):
+    """Check the configuration; returns (device, dtype, checkpoint folder, ModelArgs, token tensor or None)."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    available = torch.cuda.device_count() if device == "cuda" else os.cpu_count()
+    if cfg.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {cfg.tp}")
+    if device == "cuda" and cfg.tp > available and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--tp {cfg.tp} needs {cfg.tp} GPUs; {available} visible")
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
+    if cfg.mode not in ("serial", "iso", "both"):
+        raise ValueError(f"--mode must be serial, iso or both, got {cfg.mode!r}")
+    if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.generate < 0:
+        raise ValueError("--batch and --repeats must be >= 1; --warmup and --generate >= 0")
+    comm.parse_link(cfg.link)
+    folder = model_folder(cfg.model)
+    args = ModelArgs.from_hf_config(_read_config(folder))
+    from . import tp
+
+    tp.check_divisible(args, cfg.tp)
+    tokens = load_tokens(cfg.tokens, args.vocab_size) if cfg.tokens else None
+    seq_len = tokens.shape[1] if tokens is not None else cfg.seq_len
+    if seq_len + cfg.generate > args.max_seq_len:
+        raise ValueError(f"a prompt of {seq_len} tokens plus {cfg.generate} generated exceeds the model's "
+                         f"{args.max_seq_len} positions")
+    chunk_split(cfg, seq_len)  # rejects splits outside the prompt before ranks start
+    return device, DTYPES[dtype_name], folder, args, tokens
+
+
+def model_folder(model):
+    """A checkpoint folder, or a preset's random checkpoint made once in the cache folder."""
+    if model in checkpoint.PRESETS:
+        folder = costmodel.default_cache_path().parent / "models" / model
+        if not (folder / "model.safetensors").exists():
+            checkpoint.save_random_checkpoint(checkpoint.preset_config(model), folder)
+        return folder
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(checkpoint.PRESETS))}) "
+                         "nor a checkpoint folder")
+    return folder
+
+
+def _read_config(folder):
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except OSError:
+        raise ValueError(f"{folder}: config.json is missing or unreadable") from None
+    except ValueError as exc:
+        raise ValueError(f"{folder}/config.json: invalid JSON ({exc})") from None
+
+
+def load_tokens(path, vocab_size):
+    """Token ids from a JSON list (one prompt) or list of equal-length lists (a batch)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--tokens {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"--tokens {path}: invalid JSON ({exc})") from None
+    rows = data if data and isinstance(data[0], list) else [data]
+    if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError(f"--tokens {path}: need a non-empty list of ids or equal-length lists of ids")
+    if not all(isinstance(t, int) for r in rows for t in r):
+        raise ValueError(f"--tokens {path}: token ids must be integers")
+    tokens = torch.tensor(rows, dtype=torch.long)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"--tokens {path}: ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    return tokens
+
+
+def chunk_split(cfg, seq_len):
+    """The user's split as schedule.chunk_bounds understands it, or "auto"."""
+    if cfg.chunks != "auto":
+        try:
+            n_chunks = int(cfg.chunks)
+        except ValueError:
+            raise ValueError(f"--chunks must be auto or an integer, got {cfg.chunks!r}") from None
+        if n_chunks < 1:
+            raise ValueError(f"--chunks must be >= 1, got {n_chunks}")
+        if seq_len < n_chunks:
+            raise ValueError(f"a prompt of {seq_len} tokens is shorter than --chunks {n_chunks}")
+    if cfg.split == "auto":
+        return "auto"
+    try:
+        split = int(cfg.split)
+    except ValueError:
+        try:
+            split = float(cfg.split)
+        except ValueError:
+            raise ValueError(f"--split must be auto, a token index or a fraction, got {cfg.split!r}") from None
+    if cfg.chunks not in ("auto", "2"):
+        raise ValueError("--split INDEX|FRACTION gives two chunks; use --split auto with --chunks N")
+    if isinstance(split, int) and not 0 < split < seq_len:
+        raise ValueError(f"--split {split} is outside the prompt (1 .. {seq_len - 1})")
+    schedule.chunk_bounds(seq_len, split)
+    return split
+
+
+# --- per-rank job ---
+def _timed(fn, device, repeats=3):
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _max_over_ranks(value):
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _calibrate(model, communicator, device, dtype, cfg, seq_len, link_desc):
+    """Fit the cost model's constants to this model's blocks on this machine (cached), on rank 0's timings."""
+    layer, args = model.layers[0], model.args
+    key = dict(model=cfg.model, tp=cfg.tp, batch=cfg.batch, device=_device_name(device), dtype=str(dtype),
+               threads=torch.get_num_threads(), link=link_desc, comm=communicator.name if communicator else None)
+    cached = costmodel.load_calibration(None, key) if dist.get_rank() == 0 else None
+    if _broadcast(cached is not None):
+        return _broadcast(cached)
+    sizes = sorted({max(1, seq_len // d) for d in (8, 4, 2)})
+    prefixes = sorted({0, seq_len // 4, seq_len // 2})
+
+    def measure_attention(n, p):
+        x = torch.randn(cfg.batch, n, args.dim, device=device, dtype=dtype)
+        return _timed(lambda: layer.attention(x, p, model.rope), device)
+
+    def measure_mlp(n):
+        x = torch.randn(cfg.batch, n, args.dim, device=device, dtype=dtype)
+        return _timed(lambda: layer.feed_forward(x), device)
+
+    def measure_all_reduce(nbytes):
+        if communicator is None:
+            return 1e-9  # TP=1 without a link: no communication to model
+        x = torch.zeros(nbytes // dtype.itemsize, device=device, dtype=dtype)
+        dist.barrier()
+        return _timed(lambda: communicator.all_reduce(x), device)
+
+    token_bytes = cfg.batch * args.dim * dtype.itemsize
+    fit = costmodel.fit_layer_costs(measure_attention, measure_mlp, measure_all_reduce, token_sizes=sizes,
+                                    prefix_sizes=prefixes, byte_sizes=[token_bytes * n for n in sizes],
+                                    batch=cfg.batch)
+    costs = _broadcast(fit.costs)
+    if dist.get_rank() == 0:
+        costmodel.save_calibration(None, costs, key)
+    return costs
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}"
+
+
+def prefill_rank(rank, world_size, cfg: PrefillConfig):
+    """One rank of the prefill job; rank 0's return value is the report."""
+    device, dtype, folder, args, tokens = resolve(cfg)
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.manual_seed(cfg.seed)
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size, device=device, dtype=dtype)
+    if tokens is None:
+        tokens = torch.randint(0, args.vocab_size, (cfg.batch, cfg.seq_len))
+    tokens = tokens.to(device)
+    batch, seq_len = tokens.shape
+    model.setup_caches(batch, seq_len + cfg.generate)
+
+    link = comm.parse_link(cfg.link)
+    communicator = None
+    if world_size > 1 or link is not None:
+        placeholder = comm.LinkModel("pending", 0.0, math.inf) if isinstance(link, float) else link
+        communicator = comm.make_communicator(cfg.comm_backend, link=placeholder)
+    unsplit = [(0, seq_len)]
+
+    def prefill(bounds, mode, communicator=communicator, timeline=None):
+        return schedule.forward(model, tokens, communicator, bounds, schedule=mode, timeline=timeline,
+                                row_signal_rows=cfg.row_signal or None)
+
+    with torch.inference_mode():
+        # No-communication time of the unsplit prefill: the floor, and what a ratio link is derived from.
+        compute_only_s = _max_over_ranks(_timed(lambda: prefill(unsplit, "serial", None), device))
+        if isinstance(link, float):
+            per_block = batch * seq_len * args.dim * dtype.itemsize
+            communicator.set_link(comm.link_for_ratio(link, compute_only_s, per_block, 2 * args.n_layer,
+                                                      world_size))
+        costs = _calibrate(model, communicator, device, dtype, cfg, seq_len, cfg.link)
+        predict_kw = dict(batch=batch, hidden=args.dim, dtype_bytes=dtype.itemsize)
+        split = chunk_split(cfg, seq_len)
+        if split == "auto":
+            max_chunks = MAX_AUTO_CHUNKS if cfg.chunks == "auto" else int(cfg.chunks)
+            ends = costmodel.choose_split(costs, args.n_layer, seq_len, max_chunks=max_chunks,
+                                          min_gain=0.0, **predict_kw)
+            if cfg.chunks != "auto" and len(ends) != int(cfg.chunks):
+                ends = costmodel.balanced_split(costs, seq_len, int(cfg.chunks))
+            bounds = schedule.chunk_bounds(seq_len, ends)
+        else:
+            bounds = schedule.chunk_bounds(seq_len, split) if cfg.chunks in ("auto", "2") else \
+                schedule.chunk_bounds(seq_len, chunks=int(cfg.chunks))
+        ends = [end for _, end in bounds]
+        predicted = costmodel.predict(costs, args.n_layer, seq_len, ends, **predict_kw)
+
+        modes = ["serial", "iso"] if cfg.mode == "both" else [cfg.mode]
+        runs = {mode: [] for mode in modes}
+        logits = {}
+        for step in range(cfg.warmup + cfg.repeats):
+            for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
+                bounds_for = unsplit if mode == "serial" else bounds
+                dist.barrier()
+                _sync(device)
+                start = time.perf_counter()
+                out = prefill(bounds_for, mode)
+                _sync(device)
+                elapsed = _max_over_ranks(time.perf_counter() - start)
+                if step >= cfg.warmup:
+                    runs[mode].append(elapsed)
+                logits[mode] = out
+
+        report = dict(tp=world_size, seq_len=seq_len, batch=batch, device=_device_name(device), dtype=str(dtype),
+                      comm_backend=_backend_name(communicator), link=_link_name(communicator),
+                      split=ends[0] if len(ends) == 2 else ends, chunks=len(bounds), bounds=bounds,
+                      compute_only_ms=compute_only_s * 1e3,
+                      predicted_serial_ms=predicted.serial_s * 1e3, predicted_iso_ms=predicted.iso_s * 1e3)
+        for mode in modes:
+            report[f"{mode}_ms"] = statistics.median(runs[mode]) * 1e3
+            report[f"{mode}_runs_ms"] = [t * 1e3 for t in runs[mode]]
+
+        lanes = {}
+        if cfg.mode == "both":
+            # Per-stream busy time of the serial run, the achievable bound, and the share of it ISO takes.
+            traced = {}
+            for mode, bounds_for in (("serial", unsplit), ("iso", bounds)):
+                dist.barrier()
+                timeline = Timeline(device)
+                prefill(bounds_for, mode, timeline=timeline)
+                traced[mode] = timeline.intervals()
+                lanes[(mode, rank)] = traced[mode]
+            report.update(_overlap_metrics(report, traced))
+            same_chunks = prefill(bounds, "serial")
+            report["iso_equals_serial_same_chunks"] = bool(torch.equal(same_chunks, logits["iso"]))
+            scale = logits["serial"].abs().max().item()
+            report["max_abs_diff"] = (logits["iso"] - logits["serial"]).abs().max().item()
+            report["agree"] = report["max_abs_diff"] <= AGREEMENT_RTOL[dtype] * (1 + scale)
+
+        generated = _greedy_decode(model, tokens, communicator, logits[modes[-1]], cfg.generate) \
+            if cfg.generate else None
+    if communicator is not None:
+        communicator.close()
+    all_lanes = [None] * world_size
+    dist.all_gather_object(all_lanes, lanes if cfg.trace else {})
+    if rank != 0:
+        return None
+    report["generated"] = generated
+    if cfg.trace:
+        report["lanes"] = {key: rows for per_rank in all_lanes for key, rows in per_rank.items()}
+    if cfg.save_logits:
+        report["logits"] = {mode: out.float().cpu() for mode, out in logits.items()}
+    return report
+
+
+def _overlap_metrics(report, traced):
+    serial = traced["serial"]
+    compute_ms = sum(r["end_ms"] - r["start_ms"] for r in serial if r["stream"] == "compute")
+    comm_ms = sum(r["end_ms"] - r["start_ms"] for r in serial if r["stream"] == "comm")
+    iso = traced["iso"]
+    first_attention = [r for r in iso if r["stream"] == "compute" and r["layer"] == 0 and r["chunk"] == 0]
+    head_ms = first_attention[0]["end_ms"] - first_attention[0]["start_ms"] if first_attention else 0.0
+    comm_rows = [r for r in iso if r["stream"] == "comm"]
+    tail_ms = (comm_rows[-1]["end_ms"] - comm_rows[-1]["start_ms"]) if comm_rows else 0.0
+    bound_ms = max(compute_ms + tail_ms, comm_ms + head_ms)
+    achievable = report["serial_ms"] - bound_ms
+    gained = report["serial_ms"] - report["iso_ms"]
+    return dict(compute_ms=compute_ms, comm_ms=comm_ms, bound_ms=bound_ms, head_ms=head_ms, tail_ms=tail_ms,
+                reduction=gained / report["serial_ms"],
+                overlap_efficiency=gained / achievable if achievable > 0 else float("nan"))
+
+
+def _greedy_decode(model, tokens, communicator, prefill_logits, steps):
+    """Plain greedy decode from the KV cache the prefill filled (ISO is a prefill technique)."""
+    position = tokens.shape[1]
+    next_token = prefill_logits[:, -1].argmax(-1)
+    generated = [next_token]
+    for _ in range(steps - 1):
+        step_logits = schedule.forward(model, next_token[:, None], communicator, [(position, position + 1)],
+                                       schedule="serial", all_logits=False)
+        next_token = step_logits.argmax(-1)
+        generated.append(next_token)
+        position += 1
+    return torch.stack(generated, dim=1).tolist()
+
+
+def _backend_name(communicator):
+    if communicator is None:
+        return "none"
+    return getattr(communicator, "inner", communicator).name
+
+
+def _link_name(communicator):
+    link = getattr(communicator, "link", None)
+    return dataclasses.asdict(link) if link is not None else None
+
+
+# --- launching ---
+def run(cfg: PrefillConfig):
+    """Validate, start the ranks (or join torchrun's group) and return rank 0's report."""
+    device, *_ = resolve(cfg)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ and not dist.is_initialized():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world_size != cfg.tp:
+            raise ValueError(f"--tp {cfg.tp} differs from torchrun's WORLD_SIZE {world_size}")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        try:
+            return prefill_rank(rank, world_size, cfg)
+        finally:
+            dist.destroy_process_group()
+    return launch.spawn_ranks(prefill_rank, cfg.tp, args=(cfg,), device_type=device, timeout_s=cfg.timeout_s)[0]

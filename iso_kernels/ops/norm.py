@@ -1,0 +1,94 @@
+"""``add_rms_norm`` (residual add fused with RMSNorm) and ``rms_norm`` (the first layer's norm, which has no
+residual yet). Both run one Triton kernel, ``triton_ops.fused_norm``, on CUDA tensors."""
+
+import math
+
+import torch
+
+from .. import reference
+from .._env import use_triton
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernel keeps a whole row in registers; beyond 32768 columns (128 KB in fp32) it would spill.
+MAX_HIDDEN = 32768
+
+
+@torch.library.custom_op("iso_kernels::add_rms_norm", mutates_args=())
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        from triton_ops.fused_norm import add_rms_norm as launch
+
+        return launch(x, residual, weight, eps)
+    return reference.add_rms_norm_ref(x, residual, weight, eps)
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("iso_kernels::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        from triton_ops.fused_norm import add_rms_norm as launch
+
+        return launch(x, None, weight, eps)[0]
+    return reference.rms_norm_ref(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+def _check_norm(x, residual, weight, eps):
+    named = (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ())
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} dtype must be one of {DTYPES}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., hidden) with hidden >= 1, got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"x hidden size {hidden} exceeds {MAX_HIDDEN}, the widest row the kernel holds")
+    if x.stride(-1) != 1 and hidden > 1:
+        raise ValueError(f"x must have unit stride in its last dimension, got strides {x.stride()}")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x: got {tuple(residual.shape)} {residual.dtype}, "
+                             f"x is {tuple(x.shape)} {x.dtype}")
+        if residual.stride(-1) != 1 and hidden > 1:
+            raise ValueError(f"residual must have unit stride in its last dimension, got {residual.stride()}")
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """``residual' = x + residual``; ``out = residual' / sqrt(mean(residual'^2, -1) + eps) * weight``.
+
+    x, residual: (..., hidden), same shape and dtype (fp16, bf16, fp32), unit stride in the last dimension;
+    weight: (hidden,), any of those dtypes. Returns ``(out, residual')``, both (..., hidden) in x's dtype.
+    The sum is rounded to x's dtype before it is normalised (as Hugging Face Llama does), so ``out`` is
+    exactly the norm of the returned residual; the norm itself is computed in fp32. Leading dimensions
+    whose strides cannot be flattened into one row stride are copied first.
+    """
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    _check_norm(x, residual, weight, eps)
+    return _add_rms_norm(x, residual, weight, float(eps))
+
+
+def rms_norm(x, weight, eps):
+    """``x / sqrt(mean(x^2, -1) + eps) * weight`` in fp32, returned in x's dtype.
+
+    x: (..., hidden) fp16, bf16 or fp32 with unit stride in the last dimension; weight: (hidden,).
+    """
+    _check_norm(x, None, weight, eps)
+    return _rms_norm(x, weight, float(eps))

@@ -1,0 +1,183 @@
+"""The reference transformer against Hugging Face transformers' own forward, and the ISO schedule against the
+serial one, at TP 1, 2 and 4 over gloo."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from iso_kernels import checkpoint, comm, launch, schedule
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+SEQ_LEN = 37  # not a multiple of any block size
+BATCH = 2
+DECODE_STEPS = 3
+SPLITS = [None, 0.3, 20, [5, 16, 30, 37]]  # even halves, a fraction, an index, four uneven chunks
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_parameters=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+    """Each family saved with save_pretrained, with HF's logits for a prompt and its greedy continuation."""
+    made = {}
+    for family, (config_cls, model_cls, extra) in FAMILIES.items():
+        torch.manual_seed(hash(family) % 1000)
+        model = model_cls(config_cls(**COMMON, **extra)).eval()
+        if family == "qwen2":
+            assert model.config.tie_word_embeddings
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        tokens = torch.randint(0, COMMON["vocab_size"], (BATCH, SEQ_LEN))
+        with torch.no_grad():
+            logits = model(tokens).logits
+            sequence = tokens
+            for _ in range(DECODE_STEPS):
+                next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, next_token], dim=1)
+            decode_logits = model(sequence).logits[:, SEQ_LEN:]
+        made[family] = dict(folder=str(folder), tokens=tokens, logits=logits, sequence=sequence,
+                            decode_logits=decode_logits)
+    return made
+
+
+def _run_family(rank, world_size, folder, tokens, sequence):
+    """This rank's logits for: unsplit, every split under both schedules, and teacher-forced decode steps."""
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
+    model.setup_caches(BATCH, SEQ_LEN + DECODE_STEPS)
+    communicator = comm.make_communicator("torch") if world_size > 1 else None
+    out = {}
+    with torch.inference_mode():
+        out["unsplit"] = schedule.forward(model, tokens, communicator)
+        for split in SPLITS:
+            bounds = schedule.chunk_bounds(SEQ_LEN, split)
+            for mode in schedule.SCHEDULES:
+                out[(str(split), mode)] = schedule.forward(model, tokens, communicator, bounds, schedule=mode)
+        decode = []
+        for position in range(SEQ_LEN, SEQ_LEN + DECODE_STEPS):
+            decode.append(schedule.forward(model, sequence[:, position:position + 1], communicator,
+                                           [(position, position + 1)], all_logits=False))
+        out["decode"] = torch.stack(decode, dim=1)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_matches_hugging_face(hf_checkpoints, world_size):
+    for family, made in hf_checkpoints.items():
+        results = launch.spawn_ranks(_run_family, world_size,
+                                     args=(made["folder"], made["tokens"], made["sequence"]))
+        for rank, out in enumerate(results):
+            where = f"{family} tp={world_size} rank={rank}"
+            for key, logits in out.items():
+                if key == "decode":
+                    expected = made["decode_logits"]
+                    # the greedy tokens HF chose are the argmax of our own decode logits too
+                    assert torch.equal(logits[:, :-1].argmax(-1), made["sequence"][:, SEQ_LEN + 1:]), where
+                else:
+                    expected = made["logits"]
+                torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4, msg=f"{where} {key}")
+            for split in SPLITS:
+                assert torch.equal(out[(str(split), "iso")], out[(str(split), "serial")]), (where, split)
+
+
+def _iso_equals_serial(rank, world_size, folder, tokens, link):
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
+    model.setup_caches(*tokens.shape)
+    communicator = comm.make_communicator("torch", link=link)
+    equal = []
+    with torch.inference_mode():
+        for split in SPLITS:
+            bounds = schedule.chunk_bounds(tokens.shape[1], split)
+            iso = schedule.forward(model, tokens, communicator, bounds, schedule="iso")
+            serial = schedule.forward(model, tokens, communicator, bounds, schedule="serial")
+            equal.append(torch.equal(iso, serial))
+    return equal
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_iso_is_bitwise_equal_to_serial_on_same_chunks(tmp_path, world_size):
+    folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
+    tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
+    # A slow emulated link makes the ISO schedule really run ahead of the all-reduces it does not need yet.
+    link = comm.LinkModel("slow", latency_s=2e-3, bus_bandwidth=1e8)
+    for rank_result in launch.spawn_ranks(_iso_equals_serial, world_size, args=(str(folder), tokens, link)):
+        assert rank_result == [True] * len(SPLITS)
+
+
+def test_tp_shards_reassemble(tmp_path):
+    """The TP=2 column/row pieces of every layer concatenate back to the TP=1 weights."""
+    folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
+    full = checkpoint.load_checkpoint(folder)
+    halves = [checkpoint.load_checkpoint(folder, rank=r, world_size=2) for r in range(2)]
+    for i, layer in enumerate(full.layers):
+        parts = [h.layers[i] for h in halves]
+        torch.testing.assert_close(torch.cat([p.feed_forward.w1.weight for p in parts]),
+                                   layer.feed_forward.w1.weight, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([p.feed_forward.w2.weight for p in parts], dim=1),
+                                   layer.feed_forward.w2.weight, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([p.attention.wo.weight for p in parts], dim=1),
+                                   layer.attention.wo.weight, rtol=0, atol=0)
+        assert parts[0].attention.n_head == layer.attention.n_head // 2
+
+
+def test_sharded_index_checkpoint_loads_like_single_file(tmp_path, hf_checkpoints):
+    made = hf_checkpoints["llama"]
+    model = transformers.LlamaForCausalLM.from_pretrained(made["folder"])
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    sharded = checkpoint.load_checkpoint(tmp_path, rank=1, world_size=2)
+    single = checkpoint.load_checkpoint(made["folder"], rank=1, world_size=2)
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_errors(tmp_path, hf_checkpoints):
+    folder = tmp_path / "broken"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        checkpoint.load_checkpoint(folder)
+    folder.mkdir()
+    config = json.loads((open(os.path.join(hf_checkpoints["llama"]["folder"], "config.json"))).read())
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        checkpoint.load_checkpoint(folder)
+    with pytest.raises(ValueError, match="KV heads"):
+        checkpoint.load_checkpoint(hf_checkpoints["llama"]["folder"], world_size=4)
+    # A config that disagrees with the weights: the shape check names the tensor.
+    wrong = dict(config, intermediate_size=128)
+    (folder / "config.json").write_text(json.dumps(wrong))
+    os.symlink(os.path.join(hf_checkpoints["llama"]["folder"], "model.safetensors"), folder / "model.safetensors")
+    with pytest.raises(ValueError, match="gate_proj"):
+        checkpoint.load_checkpoint(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unreadable"):
+        checkpoint.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("seq_len, split, chunks, expected", [
+    (10, None, 2, [(0, 5), (5, 10)]),
+    (7, None, 3, [(0, 3), (3, 5), (5, 7)]),
+    (10, 0.25, 2, [(0, 2), (2, 10)]),
+    (10, 4, 2, [(0, 4), (4, 10)]),
+    (10, [1, 9, 10], 2, [(0, 1), (1, 9), (9, 10)]),
+])
+def test_chunk_bounds(seq_len, split, chunks, expected):
+    assert schedule.chunk_bounds(seq_len, split, chunks) == expected
+
+
+@pytest.mark.parametrize("seq_len, split, chunks", [(3, None, 4), (10, 0, 2), (10, 10, 2), (10, 1.5, 2),
+                                                    (10, [4, 3, 10], 2), (10, [4, 9], 2)])
+def test_chunk_bounds_rejects(seq_len, split, chunks):
+    with pytest.raises(ValueError, match="split|chunks"):
+        schedule.chunk_bounds(seq_len, split, chunks)

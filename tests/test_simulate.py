@@ -1,0 +1,123 @@
+"""Simulated paper settings: table contents, memory flags, overrides, command line."""
+
+import argparse
+import json
+
+import pytest
+
+from iso_kernels import simulate
+
+GPUS = ["rtx4090-pcie4", "a800-nvlink"]
+MODELS = ["llama-30b", "llama2-70b"]
+TPS = [2, 4, 8]
+SEQ_LENS = [1000, 4096]  # 1000 is not a multiple of the solver's granularity
+# (gpu, model, tp) -> fits: 70B is 128 GiB of bf16 weights, the 30B class 61 GiB; 4090 24 GiB, A800 80 GiB.
+FITS = {("rtx4090-pcie4", "llama2-70b", 4): False, ("rtx4090-pcie4", "llama2-70b", 8): True,
+        ("rtx4090-pcie4", "llama-30b", 2): False, ("rtx4090-pcie4", "llama-30b", 4): True,
+        ("a800-nvlink", "llama2-70b", 2): True, ("a800-nvlink", "llama-30b", 2): True}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return simulate.simulate_table(GPUS, MODELS, TPS, SEQ_LENS)
+
+
+def find(rows, gpu, model, tp, seq_len):
+    (row,) = [r for r in rows if (r["gpu"], r["model"], r["tp"], r["seq_len"]) == (gpu, model, tp, seq_len)]
+    return row
+
+
+def test_one_row_per_setting(rows):
+    assert len(rows) == len(GPUS) * len(MODELS) * len(TPS) * len(SEQ_LENS)
+    assert [r["gpu"] for r in rows[:2]] == ["rtx4090-pcie4"] * 2 and rows[-1]["gpu"] == "a800-nvlink"
+
+
+def test_row_invariants(rows):
+    for r in rows:
+        assert r["serial_ms"] == pytest.approx(r["compute_ms"] + r["comm_ms"])  # serial: nothing overlaps
+        c, m = r["compute_ms"], r["comm_ms"]
+        assert r["bound_reduction"] == pytest.approx(min(c, m) / (c + m))
+        assert r["reduction_2even"] <= r["bound_reduction"] and r["reduction_solver"] <= r["bound_reduction"]
+        assert r["reduction_2even"] == pytest.approx(1 - r["iso_2even_ms"] / r["serial_ms"])
+        assert r["solver_boundaries"][-1] == r["seq_len"]
+        # Even splits of these lengths lie on the solver's grid or next to it.
+        assert r["reduction_solver"] >= r["reduction_2even"] - 0.005
+
+
+@pytest.mark.parametrize("key,fits", sorted(FITS.items()))
+def test_memory_flag(rows, key, fits):
+    gpu, model, tp = key
+    assert find(rows, gpu, model, tp, 4096)["fits_memory"] is fits
+
+
+def test_design_note_numbers(rows):
+    # iso-cost-model.md section 5 (two chunks, 70B): 38.2% on 4090 TP8, 13.8% on A800 TP4; 30B 4090 TP4 42.4%.
+    doc = [("rtx4090-pcie4", "llama2-70b", 8, 0.382), ("a800-nvlink", "llama2-70b", 4, 0.138),
+           ("rtx4090-pcie4", "llama-30b", 4, 0.424)]
+    for gpu, model, tp, reduction in doc:
+        assert find(rows, gpu, model, tp, 4096)["reduction_2even"] == pytest.approx(reduction, abs=0.02)
+
+
+def test_paper_column(rows):
+    assert {r["gpu"]: r["paper_reduction"] for r in rows} == {"rtx4090-pcie4": 0.35, "a800-nvlink": 0.15}
+    (h100,) = simulate.simulate_table(["h100-nvlink"], ["llama3-70b"], [8], [2048])
+    assert h100["paper_reduction"] is None
+
+
+def test_overrides_scale_compute_and_communication():
+    overrides = [{}, {"bandwidth_gbps": 40.0}, {"efficiency": 0.35}]
+    base, fast_link, slow_gpu = (simulate.simulate_table(["rtx4090-pcie4"], ["llama2-70b"], [8], [4096], **kw)[0]
+                                 for kw in overrides)
+    latency_ms = 2 * 80 * 40e-3  # two all-reduces per layer, 40 us each
+    assert fast_link["comm_ms"] - latency_ms == pytest.approx((base["comm_ms"] - latency_ms) / 2)
+    assert fast_link["compute_ms"] == base["compute_ms"]
+    overhead_ms = 2 * 80 * 20e-3  # two blocks per layer, 20 us each
+    assert slow_gpu["compute_ms"] - overhead_ms == pytest.approx(2 * (base["compute_ms"] - overhead_ms))
+
+
+def test_chunk_specs_select_columns():
+    (row,) = simulate.simulate_table(["a800-nvlink"], ["llama2-70b"], [8], [999], chunks=(3,))
+    assert "iso_3even_ms" in row and "reduction_3even" in row
+    assert not any(k.startswith(("iso_2", "iso_solver", "solver")) for k in row)
+    assert simulate.even_split(999, 3) == [333, 666, 999]
+
+
+def test_unknown_preset_names_the_argument():
+    with pytest.raises(ValueError, match="gpus"):
+        simulate.simulate_table(["tpu-v5"], MODELS, TPS, SEQ_LENS)
+    with pytest.raises(ValueError, match="models"):
+        simulate.simulate_table(GPUS, ["gpt-5"], TPS, SEQ_LENS)
+
+
+# --- command line ---
+def test_cli_markdown_and_json(tmp_path, capsys):
+    out_json = tmp_path / "rows.json"
+    code = simulate.main(["--gpu", "a800-nvlink", "--model", "llama2-70b", "--tp", "4",
+                          "--seq-len", "1024,4096", "--markdown", "--json", str(out_json)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| GPU | model | TP | S |") and "R solver" in lines[0] and "fits" in lines[0]
+    assert len(lines) == 4 and all(line.startswith("| a800-nvlink | llama2-70b | 4 |") for line in lines[2:])
+    saved = json.loads(out_json.read_text())
+    assert [r["seq_len"] for r in saved] == [1024, 4096]
+    assert f"{100 * saved[1]['reduction_2even']:.1f}%" in lines[3]
+
+
+def test_cli_plain_table_is_aligned(capsys):
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    assert simulate.run(parser.parse_args(["--tp", "8", "--seq-len", "2048", "--chunks", "2,3,auto"])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 4 and len({len(line) for line in lines}) == 1
+    assert "ISO 3 even ms" in lines[0]
+
+
+BAD_OPTIONS = [(["--gpu", "tpu"], "unknown gpu"), (["--model", "x"], "unknown model"),
+               (["--tp", "0"], "integers >= 1"), (["--chunks", "two"], "integers")]
+
+
+@pytest.mark.parametrize("argv,message", BAD_OPTIONS)
+def test_cli_rejects_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        simulate.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""GEMM ``out = x @ weight.T`` that publishes its progress per row group.
+
+After a program stores its output tile it release-adds the number of elements it stored to the int32
+counter of the tile's row group (``rows_per_signal`` rows). A row group is complete exactly when its counter
+reaches ``rows_in_group * N``, whatever tile sizes the autotuner picked, so another stream can start
+communicating finished rows while the GEMM still runs. Inputs are validated by ``iso_kernels.ops``.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+# --- configs ---
+# Hopper bf16 tiles: 128x256 and 128x128 with BLOCK_K=64 keep the tensor cores fed at 3-4 pipeline stages
+# within 228 KB of shared memory; 64-row tiles give short chunks (M ~ 1k) enough programs for 132 SMs.
+# GROUP_M=8 row tiles share each weight tile through L2, which matters once the weight outgrows L2
+# (down_proj at TP4: 8192 x 7168 bf16 = 117 MB).
+_GPU_CONFIGS = [
+    _config.config(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [
+        (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4),
+    ]
+]
+# Interpreter: BLOCK_M=16 divides every legal rows_per_signal (a multiple of 16); GROUP_M=4 with the test
+# shapes leaves a partial last group, which the tile-order mapping must handle.
+_INTERPRETER_CONFIG = _config.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
+
+
+def _fit_rows_per_signal(configs, named_args, **kwargs):
+    """A tile must not straddle two row groups: BLOCK_M must divide rows_per_signal. Configs whose BLOCK_M
+    does not are shrunk to gcd(BLOCK_M, rows_per_signal) (>= 16, as both are multiples of 16)."""
+    rows_per_signal = named_args["rows_per_signal"]
+    fitted = {}
+    for cfg in configs:
+        block_m = math.gcd(cfg.kwargs["BLOCK_M"], rows_per_signal)
+        meta = {**cfg.kwargs, "BLOCK_M": block_m}
+        key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
+        fitted.setdefault(key, triton.Config(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return list(fitted.values())
+
+
+def _zero_signal(named_args, reset_only=False):
+    """Autotuning runs the kernel many times; each run must start from zeroed counters, and so must the
+    final launch after tuning (Triton calls this with reset_only=True then)."""
+    if named_args["signal_ptr"] is not None:
+        named_args["signal_ptr"].zero_()
+
+
+# --- kernels ---
+@triton.jit
+def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), grouped m-major: groups of GROUP_M row tiles are issued in row order,
+    each column by column, so all N tiles of the first rows finish first and each weight tile is read
+    once per group from DRAM."""
+    tiles_per_group = GROUP_M * num_pid_n
+    group = pid // tiles_per_group
+    first_m = group * GROUP_M
+    group_height = tl.minimum(num_pid_m - first_m, GROUP_M)
+    local = pid - group * tiles_per_group
+    pid_m = first_m + local % group_height
+    pid_n = local // group_height
+    return pid_m, pid_n
+
+
+@triton.autotune(
+    configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=["M", "N", "K", "rows_per_signal"],
+    prune_configs_by={"early_config_prune": _fit_rows_per_signal},
+    pre_hook=_zero_signal,
+)
+@triton.jit
+def _gemm_signal_kernel(
+    x_ptr, w_ptr, out_ptr, signal_ptr,
+    M, N, K, rows_per_signal,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_SIGNAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # --- which tile ---
+    pid = tl.program_id(0).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # weight is (N, K): read it as a (BLOCK_K, BLOCK_N) tile of weight.T
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+    # --- main loop over K; the mask zero-fills the ragged last step ---
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # --- store the tile, then publish it ---
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_SIGNAL:
+        stored = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M) * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
+        # The release is issued by one thread: the barrier puts every thread's stores before it, and the
+        # release (cumulative at gpu scope) makes them visible to whoever acquires the counter.
+        tl.debug_barrier()
+        tl.atomic_add(signal_ptr + (pid_m * BLOCK_M) // rows_per_signal, stored.to(tl.int32),
+                      sem="release", scope="gpu")
+
+
+# --- launcher ---
+def gemm_signal(x, weight, signal=None, rows_per_signal=128):
+    """``x @ weight.T`` -> (M, N) in x's dtype. x: (M, K), weight: (N, K), signal: int32 (ceil(M / rows),)
+    or None. Zeroes ``signal`` on the current stream, then launches the GEMM on that stream."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if signal is not None:
+        signal.zero_()
+    if m == 0 or n == 0:
+        return out
+    # fp32 follows torch.matmul: TF32 only where torch allows it for matmuls; ignored for 16-bit inputs.
+    tf32 = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _gemm_signal_kernel[grid](
+        x, weight, out, signal,
+        m, n, k, rows_per_signal,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        HAS_SIGNAL=signal is not None,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        DOT_F32=_config.interpreting() and x.dtype == torch.bfloat16,
+    )
+    return out
