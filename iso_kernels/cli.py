@@ -38,6 +38,8 @@ def _prefill_arguments(parser):
     parser.add_argument("--comm-backend", default=defaults.comm_backend, choices=["auto", "torch", "nccl-ext"])
     parser.add_argument("--row-signal", type=int, default=0, metavar="ROWS",
                         help="GPU: start each all-reduce per ROWS-row group as gemm_signal finishes it")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="measure the cost model's constants again instead of using the cached ones")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--save-logits", metavar="FILE", help="torch.save {mode: fp32 logits (batch, seq, vocab)}")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -52,7 +54,7 @@ def _config(args):
         chunks=args.chunks, link=args.link, dtype=args.dtype, device=args.device, tokens=args.tokens,
         generate=args.generate, warmup=args.warmup, repeats=args.repeats, comm_backend=args.comm_backend,
         row_signal=args.row_signal, seed=args.seed, trace=bool(args.trace or args.plot),
-        save_logits=bool(args.save_logits), timeout_s=args.timeout)
+        save_logits=bool(args.save_logits), recalibrate=args.recalibrate, timeout_s=args.timeout)
 
 
 def format_report(report):

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from . import checkpoint, comm, costmodel, launch, schedule
 from .model import ModelArgs
@@ -48,6 +49,7 @@ class PrefillConfig:
     seed: int = 0
     trace: bool = False
     save_logits: bool = False
+    recalibrate: bool = False  # ignore the cached cost-model constants and measure again
     timeout_s: float = 600.0
 
 
@@ -192,23 +194,23 @@ def _broadcast(obj):
     return box[0]
 
 
-def _calibrate(model, communicator, device, dtype, cfg, seq_len, link_desc):
+def _calibrate(model, communicator, device, dtype, cfg, batch, seq_len):
     """Fit the cost model's constants to this model's blocks on this machine (cached), on rank 0's timings."""
     layer, args = model.layers[0], model.args
-    key = dict(model=cfg.model, tp=cfg.tp, batch=cfg.batch, device=_device_name(device), dtype=str(dtype),
-               threads=torch.get_num_threads(), link=link_desc, comm=communicator.name if communicator else None)
-    cached = costmodel.load_calibration(None, key) if dist.get_rank() == 0 else None
+    key = dict(model=cfg.model, tp=cfg.tp, batch=batch, seq_len=seq_len, device=_device_name(device), dtype=str(dtype),
+               threads=torch.get_num_threads(), link=cfg.link, comm=communicator.name if communicator else None)
+    cached = costmodel.load_calibration(None, key) if dist.get_rank() == 0 and not cfg.recalibrate else None
     if _broadcast(cached is not None):
         return _broadcast(cached)
     sizes = sorted({max(1, seq_len // d) for d in (8, 4, 2)})
     prefixes = sorted({0, seq_len // 4, seq_len // 2})
 
     def measure_attention(n, p):
-        x = torch.randn(cfg.batch, n, args.dim, device=device, dtype=dtype)
+        x = torch.randn(batch, n, args.dim, device=device, dtype=dtype)
         return _timed(lambda: layer.attention(x, p, model.rope), device)
 
     def measure_mlp(n):
-        x = torch.randn(cfg.batch, n, args.dim, device=device, dtype=dtype)
+        x = torch.randn(batch, n, args.dim, device=device, dtype=dtype)
         return _timed(lambda: layer.feed_forward(x), device)
 
     def measure_all_reduce(nbytes):
@@ -218,10 +220,10 @@ def _calibrate(model, communicator, device, dtype, cfg, seq_len, link_desc):
         dist.barrier()
         return _timed(lambda: communicator.all_reduce(x), device)
 
-    token_bytes = cfg.batch * args.dim * dtype.itemsize
+    token_bytes = batch * args.dim * dtype.itemsize
     fit = costmodel.fit_layer_costs(measure_attention, measure_mlp, measure_all_reduce, token_sizes=sizes,
                                     prefix_sizes=prefixes, byte_sizes=[token_bytes * n for n in sizes],
-                                    batch=cfg.batch)
+                                    batch=batch)
     costs = _broadcast(fit.costs)
     if dist.get_rank() == 0:
         costmodel.save_calibration(None, costs, key)
@@ -263,7 +265,7 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
             per_block = batch * seq_len * args.dim * dtype.itemsize
             communicator.set_link(comm.link_for_ratio(link, compute_only_s, per_block, 2 * args.n_layer,
                                                       world_size))
-        costs = _calibrate(model, communicator, device, dtype, cfg, seq_len, cfg.link)
+        costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
         predict_kw = dict(batch=batch, hidden=args.dim, dtype_bytes=dtype.itemsize)
         split = chunk_split(cfg, seq_len)
         if split == "auto":
@@ -281,18 +283,21 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
 
         modes = ["serial", "iso"] if cfg.mode == "both" else [cfg.mode]
         runs = {mode: [] for mode in modes}
+        traces = {mode: [] for mode in modes}
         logits = {}
-        for step in range(cfg.warmup + cfg.repeats):
+        steps = range(cfg.warmup + cfg.repeats)
+        for step in (tqdm(steps, desc="prefill runs", leave=False) if rank == 0 else steps):
             for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
-                bounds_for = unsplit if mode == "serial" else bounds
                 dist.barrier()
                 _sync(device)
+                timeline = Timeline(device)
                 start = time.perf_counter()
-                out = prefill(bounds_for, mode)
+                out = prefill(unsplit if mode == "serial" else bounds, mode, timeline=timeline)
                 _sync(device)
                 elapsed = _max_over_ranks(time.perf_counter() - start)
                 if step >= cfg.warmup:
                     runs[mode].append(elapsed)
+                    traces[mode].append(timeline.intervals())
                 logits[mode] = out
 
         report = dict(tp=world_size, seq_len=seq_len, batch=batch, device=_device_name(device), dtype=str(dtype),
@@ -303,18 +308,9 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         for mode in modes:
             report[f"{mode}_ms"] = statistics.median(runs[mode]) * 1e3
             report[f"{mode}_runs_ms"] = [t * 1e3 for t in runs[mode]]
-
-        lanes = {}
+        lanes = {(mode, rank): traces[mode][-1] for mode in modes}
         if cfg.mode == "both":
-            # Per-stream busy time of the serial run, the achievable bound, and the share of it ISO takes.
-            traced = {}
-            for mode, bounds_for in (("serial", unsplit), ("iso", bounds)):
-                dist.barrier()
-                timeline = Timeline(device)
-                prefill(bounds_for, mode, timeline=timeline)
-                traced[mode] = timeline.intervals()
-                lanes[(mode, rank)] = traced[mode]
-            report.update(_overlap_metrics(report, traced))
+            report.update(_overlap_metrics(report, traces))
             same_chunks = prefill(bounds, "serial")
             report["iso_equals_serial_same_chunks"] = bool(torch.equal(same_chunks, logits["iso"]))
             scale = logits["serial"].abs().max().item()
@@ -337,15 +333,25 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
     return report
 
 
-def _overlap_metrics(report, traced):
-    serial = traced["serial"]
-    compute_ms = sum(r["end_ms"] - r["start_ms"] for r in serial if r["stream"] == "compute")
-    comm_ms = sum(r["end_ms"] - r["start_ms"] for r in serial if r["stream"] == "comm")
-    iso = traced["iso"]
-    first_attention = [r for r in iso if r["stream"] == "compute" and r["layer"] == 0 and r["chunk"] == 0]
-    head_ms = first_attention[0]["end_ms"] - first_attention[0]["start_ms"] if first_attention else 0.0
-    comm_rows = [r for r in iso if r["stream"] == "comm"]
-    tail_ms = (comm_rows[-1]["end_ms"] - comm_rows[-1]["start_ms"]) if comm_rows else 0.0
+def _overlap_metrics(report, traces):
+    """Per-stream busy time of the serial runs, the achievable bound, and the share of it ISO takes (medians
+    over the timed runs; the bound is max(compute + tail, comm + head), see costmodel.predict)."""
+
+    def busy(rows, stream):
+        return sum(r["end_ms"] - r["start_ms"] for r in rows if r["stream"] == stream)
+
+    def head(rows):  # the first chunk's first attention block: nothing can be communicated before it ends
+        first = next(r for r in rows if r["stream"] == "compute")
+        return first["end_ms"] - first["start_ms"]
+
+    def tail(rows):  # the last all-reduce: nothing can be computed while it runs
+        comm_rows = [r for r in rows if r["stream"] == "comm"]
+        return comm_rows[-1]["end_ms"] - comm_rows[-1]["start_ms"] if comm_rows else 0.0
+
+    compute_ms = statistics.median(busy(rows, "compute") for rows in traces["serial"])
+    comm_ms = statistics.median(busy(rows, "comm") for rows in traces["serial"])
+    head_ms = statistics.median(head(rows) for rows in traces["iso"])
+    tail_ms = statistics.median(tail(rows) for rows in traces["iso"])
     bound_ms = max(compute_ms + tail_ms, comm_ms + head_ms)
     achievable = report["serial_ms"] - bound_ms
     gained = report["serial_ms"] - report["iso_ms"]

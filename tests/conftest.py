@@ -10,6 +10,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import tempfile  # noqa: E402
+
+# Calibration caches and preset checkpoints go to a throwaway folder, not the user's ~/.cache.
+os.environ.setdefault("ISO_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="iso_kernels_test_cache_"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,0 +1,20 @@
+# Entry points; the README's two commands are `make demo` and `make test` spelled out.
+PYTHON ?= python3
+
+.PHONY: install demo test test-gpu test-multigpu bench lint build
+install:
+	bash install.sh
+demo: install
+	$(PYTHON) -m iso_kernels prefill
+test: install
+	$(PYTHON) -m pytest
+test-gpu:
+	$(PYTHON) -m pytest -m gpu
+test-multigpu:
+	$(PYTHON) -m pytest -m multigpu
+bench:
+	bash bench/gpu_check.sh bench/results/gpu_check
+lint:
+	ruff check iso_kernels triton_ops tests bench
+build:
+	ISO_KERNELS_BUILD_EXT=1 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .

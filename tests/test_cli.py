@@ -1,0 +1,92 @@
+"""``python -m iso_kernels prefill``: a full run on the tiny preset, and one clear error line for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from iso_kernels import cli
+
+TINY = ["prefill", "--model", "llama-tiny", "--seq-len", "40", "--repeats", "1", "--warmup", "0",
+        "--comm-backend", "torch"]
+
+
+def test_prefill_runs_and_writes_outputs(tmp_path, capsys):
+    files = {name: tmp_path / name for name in ("report.json", "logits.pt", "trace.json", "gantt.png")}
+    status = cli.main(TINY + ["--tp", "2", "--batch", "2", "--link", "ratio:0.5", "--split", "0.25",
+                              "--generate", "3", "--json", str(files["report.json"]),
+                              "--save-logits", str(files["logits.pt"]), "--trace", str(files["trace.json"]),
+                              "--plot", str(files["gantt.png"])])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "overlap efficiency" in printed and "reduction" in printed
+    report = json.loads(files["report.json"].read_text())
+    for key in ("serial_ms", "iso_ms", "reduction", "split", "chunks", "tp", "seq_len", "device", "comm_backend",
+                "max_abs_diff", "compute_ms", "comm_ms", "bound_ms", "overlap_efficiency"):
+        assert key in report, key
+    assert report["split"] == 10 and report["chunks"] == 2 and report["tp"] == 2
+    assert report["iso_equals_serial_same_chunks"] and report["agree"]
+    assert len(report["generated"]) == 2 and len(report["generated"][0]) == 3
+    logits = torch.load(files["logits.pt"])
+    assert set(logits) == {"serial", "iso"}
+    assert logits["iso"].shape == (2, 40, 512) and logits["iso"].dtype == torch.float32
+    assert (logits["iso"] - logits["serial"]).abs().max().item() == pytest.approx(report["max_abs_diff"])
+    events = json.loads(files["trace.json"].read_text())["traceEvents"]
+    lanes = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert lanes == {"serial rank 0", "serial rank 1", "iso rank 0", "iso rank 1"}
+    assert any(e.get("cat") == "comm" for e in events)
+    assert files["gantt.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokens_file_sets_the_prompt(tmp_path, capsys):
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps([[1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1]]))
+    report_path = tmp_path / "r.json"
+    assert cli.main(TINY + ["--tp", "1", "--tokens", str(prompt), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["seq_len"] == 7 and report["batch"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "1", "--chunks", "2"], "shorter than --chunks"),
+    (["--split", "40"], "outside the prompt"),
+    (["--split", "1.5"], "split"),
+    (["--seq-len", "100000"], "positions"),
+    (["--tp", "3"], "not divisible by tp=3"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--tp", "64", "--device", "cuda"], "cuda|GPUs"),
+    (["--link", "warp"], "unknown link"),
+    (["--model", "/nonexistent/model"], "neither a preset"),
+    (["--dtype", "int8"], "--dtype"),
+])
+def test_bad_input_gives_one_error_line(extra, message, capsys):
+    assert cli.main(TINY + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert any(part in err for part in message.split("|")), err
+
+
+def test_bad_tokens_file(tmp_path, capsys):
+    cases = {"ids.json": ("[1, 2, 99999]", "ids must lie in"), "ragged.json": ("[[1, 2], [3]]", "equal-length"),
+             "text.json": ("not json", "invalid JSON")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        assert cli.main(TINY + ["--tokens", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_failure_inside_a_rank_is_one_line_and_no_rank_hangs(tmp_path):
+    """A checkpoint whose weights are corrupt fails while the ranks load it: one line, exit 2, quickly."""
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)))
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    done = subprocess.run([sys.executable, "-m", "iso_kernels", *TINY, "--model", str(folder), "--tp", "2",
+                           "--timeout", "60"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: rank") and "unreadable safetensors" in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
