@@ -27,8 +27,8 @@ BACKENDS = ("auto", "torch", "nccl-ext", "emulated")
 class PendingAllReduce:
     """An all-reduce in flight. ``wait()`` returns the reduced tensor; ``interval`` its (start, end) once known.
 
-    ``interval`` is in ``time.perf_counter()`` seconds on CPU; the GPU backends leave it None (their timing
-    comes from CUDA events recorded by the timeline).
+    ``interval`` is in ``time.perf_counter()`` seconds on CPU; on GPU, backends that own their comm stream set
+    ``events`` (CUDA events at the collective's start and end) instead.
     """
 
     def __init__(self, tensor, wait_fn):
@@ -36,6 +36,7 @@ class PendingAllReduce:
         self._wait_fn = wait_fn
         self._done = False
         self.interval = None
+        self.events = None
 
     def wait(self) -> torch.Tensor:
         if not self._done:
@@ -206,7 +207,9 @@ class EmulatedCommunicator(Communicator):
             self._comm_stream = torch.cuda.Stream(device=tensor.device)
         caller = torch.cuda.current_stream(tensor.device)
         self._comm_stream.wait_stream(caller)
+        started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._comm_stream):
+            started.record()
             if self.world_size > 1:
                 self.inner.all_reduce_start(tensor, ready_flag=ready_flag).wait()
             nanoseconds = int(self.modelled_seconds(tensor) * 1e9)
@@ -215,10 +218,11 @@ class EmulatedCommunicator(Communicator):
                 native.stream_sleep(self._comm_stream.cuda_stream, nanoseconds)
             else:
                 torch.cuda._sleep(_cycles_for(nanoseconds, tensor.device))
+            done.record()
         tensor.record_stream(self._comm_stream)
-        done = torch.cuda.Event()
-        done.record(self._comm_stream)
-        return PendingAllReduce(tensor, lambda: torch.cuda.current_stream(tensor.device).wait_event(done))
+        pending = PendingAllReduce(tensor, lambda: torch.cuda.current_stream(tensor.device).wait_event(done))
+        pending.events = (started, done)
+        return pending
 
     def close(self):
         self.inner.close()

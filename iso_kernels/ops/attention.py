@@ -1,0 +1,174 @@
+"""Chunked causal attention and the merge of partial attention states.
+
+ISO splits a prompt of S tokens into chunk 1 = tokens [0, s) and chunk 2 = tokens [s, S). Chunk 1 runs
+``chunked_attention(q1, k1, v1)``; chunk 2 runs ``chunked_attention(q2, k, v, q_start=s)`` over the keys of both
+chunks. Alternatively chunk 2 is a non-causal pass over chunk 1's keys plus a causal pass over its own keys,
+combined by ``merge_attention_states`` (the first pass can start before chunk 1's all-reduce finishes).
+"""
+
+import math
+import numbers
+
+import torch
+
+from .. import _env
+from ..reference import chunked_attention_ref, merge_attention_states_ref
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# tl.dot needs head_dim >= 16 and a power of two; 256 is the largest whose tiles fit a program (same list as
+# triton_ops.chunked_attention.SUPPORTED_HEAD_DIMS, repeated so that CPU use never imports Triton).
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+# --- custom ops ---
+@torch.library.custom_op("iso_kernels::chunked_attention", mutates_args=())
+def _chunked_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, causal: bool, softmax_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _env.use_triton(q):
+        from triton_ops.chunked_attention import chunked_attention_fwd
+
+        return chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale)
+    out, lse = chunked_attention_ref(q, k, v, q_start=q_start, causal=causal, softmax_scale=softmax_scale)
+    return out.contiguous(), lse
+
+
+@_chunked_attention_forward.register_fake
+def _(q, k, v, q_start, causal, softmax_scale):
+    batch, q_len, n_heads, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (batch, n_heads, q_len), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("iso_kernels::merge_attention_states", mutates_args=())
+def _merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _env.use_triton(out_a):
+        from triton_ops.merge_states import merge_states
+
+        return merge_states(out_a, lse_a, out_b, lse_b)
+    out, lse = merge_attention_states_ref(out_a, lse_a, out_b, lse_b)
+    return out.contiguous(), lse.contiguous()
+
+
+@_merge_attention_states.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    batch, q_len, n_heads, _ = out_a.shape
+    return torch.empty_like(out_a, memory_format=torch.contiguous_format), out_a.new_empty(
+        (batch, n_heads, q_len), dtype=torch.float32
+    )
+
+
+# --- validation ---
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have stride 1 in its last (head_dim) dimension, got {t.stride(-1)}")
+
+
+def _resolve_q_start(q_start, causal, q_len, kv_len):
+    if not causal:
+        if q_start is not None:
+            raise ValueError("q_start applies only to causal attention; pass q_start=None with causal=False")
+        return 0
+    if q_start is None:
+        q_start = kv_len - q_len
+        if q_start < 0:
+            raise ValueError(
+                f"q_start defaults to kv_len - q_len = {q_start}, which is negative: causal attention needs "
+                f"kv_len ({kv_len}) >= q_len ({q_len})"
+            )
+        return q_start
+    if isinstance(q_start, bool) or not isinstance(q_start, numbers.Integral):
+        raise TypeError(f"q_start must be an int, got {type(q_start).__name__}")
+    if q_start < 0 or q_start + q_len > kv_len:
+        raise ValueError(
+            f"q_start must satisfy 0 <= q_start and q_start + q_len <= kv_len, got q_start={q_start}, "
+            f"q_len={q_len}, kv_len={kv_len}"
+        )
+    return int(q_start)
+
+
+# --- public functions ---
+def chunked_attention(q, k, v, *, q_start=None, causal=True, softmax_scale=None, return_lse=False):
+    """Attention of a chunk of queries over a key range that starts at key 0.
+
+    q: (batch, q_len, n_heads, head_dim); k, v: (batch, kv_len, n_kv_heads, head_dim) with n_heads a multiple of
+    n_kv_heads (MHA, GQA, MQA); q, k, v of one dtype (float16, bfloat16, float32) and one device; head_dim in
+    16, 32, 64, 128, 256; any strides whose last one is 1 (k, v may be views ``cache[:, :kv_len]`` of a cache).
+
+    With ``causal`` the queries are the tokens at absolute positions ``[q_start, q_start + q_len)``: query i sees
+    keys ``0 .. q_start + i``. The default ``q_start = kv_len - q_len`` aligns the mask bottom-right, like
+    FlashAttention >= 2.1 and ``torch.nn.attention.bias.causal_lower_right``. A smaller ``q_start`` is allowed:
+    keys past ``q_start + q_len`` are then masked for every query, so a KV cache longer than the prompt so far
+    can be passed whole. ``q_start`` must be None when ``causal=False`` (every query sees all kv_len keys).
+
+    softmax_scale defaults to ``1 / sqrt(head_dim)``.
+    Returns out: (batch, q_len, n_heads, head_dim) in q's dtype; with ``return_lse`` also
+    lse: (batch, n_heads, q_len) float32, the natural-log sum of exp(scores) (-inf when kv_len == 0).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if k.shape != v.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} device {t.device} must equal q device {q.device}")
+    batch, q_len, n_heads, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k batch {k.shape[0]} must equal q batch {batch}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k head_dim {k.shape[3]} must equal q head_dim {head_dim}")
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"q head_dim must be one of {_HEAD_DIMS}, got {head_dim}")
+    n_kv_heads = k.shape[2]
+    if n_kv_heads == 0 or n_heads % n_kv_heads:
+        raise ValueError(f"q n_heads ({n_heads}) must be a positive multiple of k n_kv_heads ({n_kv_heads})")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+          or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    q_start = _resolve_q_start(q_start, causal, q_len, k.shape[1])
+    out, lse = _chunked_attention_forward(q, k, v, q_start, bool(causal), float(softmax_scale))
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Combine two attentions of the same queries over disjoint key ranges (exact, in fp32).
+
+    out_a, out_b: (batch, q_len, n_heads, head_dim), one dtype (float16, bfloat16, float32), last stride 1;
+    lse_a, lse_b: (batch, n_heads, q_len) float32, as returned by ``chunked_attention(..., return_lse=True)``;
+    -inf marks a query whose range is empty: its output row gets weight 0 (keep it finite, as the zeros that
+    ``chunked_attention`` writes for an empty key range are). All on one device.
+    Returns ``(out, lse)``: out (batch, q_len, n_heads, head_dim) in out_a's dtype, lse (batch, n_heads, q_len)
+    float32: the attention over the union of both key ranges.
+    """
+    for name, t in (("out_a", out_a), ("out_b", out_b)):
+        _check_tensor(name, t)
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_b shape {tuple(out_b.shape)} must equal out_a shape {tuple(out_a.shape)}")
+    if out_b.dtype != out_a.dtype:
+        raise ValueError(f"out_b dtype {out_b.dtype} must equal out_a dtype {out_a.dtype}")
+    batch, q_len, n_heads, _ = out_a.shape
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (batch, n_heads, q_len):
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be (batch, n_heads, q_len) = "
+                             f"{(batch, n_heads, q_len)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} dtype must be float32, got {t.dtype}")
+    for name, t in (("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if t.device != out_a.device:
+            raise ValueError(f"{name} device {t.device} must equal out_a device {out_a.device}")
+    return _merge_attention_states(out_a, lse_a, out_b, lse_b)

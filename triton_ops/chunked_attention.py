@@ -1,0 +1,206 @@
+"""Chunked attention forward: queries at absolute positions ``[q_start, q_start + q_len)`` over keys
+``[0, kv_len)``, flash-style (one pass over the keys, fp32 online softmax in base 2), writing output and LSE.
+
+With ``CAUSAL`` query ``i`` sees keys ``0 .. q_start + i``, so chunk 2 of a split prompt runs over the keys of
+chunks 1 and 2 with ``q_start`` = the length of chunk 1. Each program first sweeps the key prefix that all of
+its rows see, with no mask, then the diagonal band (which also holds the ragged tail) with a mask.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import config, configs, interpreting
+
+# --- constants ---
+# tl.dot needs K >= 16; above 256 the q tile and fp32 accumulator no longer fit one program's registers.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# exp(x) == exp2(x * log2(e)); exp2 is the native special-function instruction.
+LOG2_E = tl.constexpr(1.4426950408889634)
+# Hopper gives a block at most 227 KiB of shared memory; leave room for the compiler's own scratch.
+SMEM_BUDGET_BYTES = 200 * 1024
+# An sm_90 thread has 255 registers; the fp32 accumulator may take half, the score tile needs the rest.
+ACC_REGS_PER_THREAD = 128
+
+# Modest sweep around the shapes that suit Hopper at head_dim 64/128 (BLOCK_M 128 at 8 warps = two wgmma
+# warpgroups of 64 rows); the last config is the fallback that fits fp32 and head_dim 256. The interpreter gets
+# one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows see none of.
+_CONFIGS = configs(
+    [
+        config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+        config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+        config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ],
+    config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+)
+
+
+def _keep(configs_, named_args, **kwargs):
+    """Drop configs whose K/V pipeline overflows shared memory or whose accumulator spills (head_dim 256).
+
+    fp32 keeps only the smallest config: its exact (ieee) dots run on the FMA units, a correctness path that is
+    not worth the minute of compiling a sweep.
+    """
+    args = {**named_args, **kwargs}
+    head_dim, elem_bytes = args["HEAD_DIM"], args["q_ptr"].element_size()
+    smallest = min(configs_, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+    if args["q_ptr"].dtype == torch.float32:
+        return [smallest]
+    kept = []
+    for conf in configs_:
+        block_m, block_n = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
+        smem = (block_m + 2 * conf.num_stages * block_n) * head_dim * elem_bytes
+        regs = block_m * head_dim // (conf.num_warps * 32)
+        if smem <= SMEM_BUDGET_BYTES and regs <= ACC_REGS_PER_THREAD:
+            kept.append(conf)
+    return kept or [smallest]
+
+
+@triton.jit
+def _chunked_attention_fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, row_limit,
+    stride_kn, stride_vn, kv_len, qk_scale, start_n, end_n,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    for _ in range(start_n, end_n, BLOCK_N):
+        # --- scores ---
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < kv_len)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(offs_n[None, :] <= row_limit[:, None], qk, float("-inf"))
+        # --- online softmax (base 2) ---
+        # Every row's first block holds key 0, which it sees, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # --- accumulate P @ V ---
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n < kv_len)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+        offs_n += BLOCK_N
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_CONFIGS, key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _keep})
+@triton.jit
+def _chunked_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    n_heads, group_size, q_len, kv_len, q_start, qk_scale,
+    q_len_bucket, kv_len_bucket,  # autotune key only: retune per power-of-two length, not per length
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # --- program -> (query block, batch, head) ---
+    # Causal blocks further down the sequence see more keys: launch them first so the short ones fill the tail.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    batch, head = bh // n_heads, bh % n_heads
+    kv_head = head // group_size
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m < q_len
+
+    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+
+    # --- key ranges: [0, full_end) seen by every row of the block, [.., band_end) seen by some ---
+    if CAUSAL:
+        row_limit = tl.minimum(q_start + offs_m, kv_len - 1)
+        full_end = q_start + start_m * BLOCK_M + 1
+        band_end = q_start + tl.minimum((start_m + 1) * BLOCK_M, q_len)
+    else:
+        row_limit = tl.full([BLOCK_M], kv_len - 1, tl.int64)
+        full_end = kv_len
+        band_end = kv_len
+    n_full = full_end // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = qk_scale * LOG2_E  # scores go to base 2 once, here
+    acc, l_i, m_i = _chunked_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, row_limit, stride_kn, stride_vn, kv_len, qk_scale, 0, n_full,
+        False, HEAD_DIM, BLOCK_N, DOT_F32, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _chunked_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, row_limit, stride_kn, stride_vn, kv_len, qk_scale, n_full, band_end,
+        True, HEAD_DIM, BLOCK_N, DOT_F32, DOT_PRECISION,
+    )
+
+    # --- epilogue: normalise, natural-log LSE ---
+    # Only kv_len == 0 (non-causal, empty key range) leaves l_i == 0: output 0 and LSE -inf, as merging expects.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) / LOG2_E
+    out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(lse_ptr + batch * stride_lb + head * stride_lh + offs_m, lse, mask=row_mask)
+
+
+def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
+    """Launch the forward kernel. Inputs are validated by ``iso_kernels.ops.chunked_attention``.
+
+    q: (batch, q_len, n_heads, head_dim); k, v: (batch, kv_len, n_kv_heads, head_dim), any strides with the
+    last one 1. Returns ``(out, lse)``: out contiguous like q, lse (batch, n_heads, q_len) fp32.
+    """
+    batch, q_len, n_heads, head_dim = q.shape
+    kv_len, n_kv_heads = k.shape[1], k.shape[2]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v must have stride 1 in their last (head_dim) dimension")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, q_len), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads
+
+    _chunked_attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        n_heads, n_heads // n_kv_heads, q_len, kv_len, q_start if causal else 0, softmax_scale,
+        triton.next_power_of_2(q_len), triton.next_power_of_2(max(kv_len, 1)),
+        HEAD_DIM=head_dim, CAUSAL=causal,
+        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
+        # fp32 inputs: exact products like torch's default matmul, not TF32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out, lse
+
