@@ -181,3 +181,52 @@ def test_chunk_bounds(seq_len, split, chunks, expected):
 def test_chunk_bounds_rejects(seq_len, split, chunks):
     with pytest.raises(ValueError, match="split|chunks"):
         schedule.chunk_bounds(seq_len, split, chunks)
+
+
+def test_triton_kernels_in_the_model_match_the_references(tmp_path, monkeypatch):
+    """The whole ISO prefill with every op on its Triton kernel (interpreted on CPU) against the references."""
+    folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
+    model = checkpoint.load_checkpoint(folder)
+    model.setup_caches(BATCH, SEQ_LEN)
+    tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
+    bounds = schedule.chunk_bounds(SEQ_LEN, 0.4)
+    with torch.inference_mode():
+        monkeypatch.setenv("ISO_KERNELS_BACKEND", "torch")
+        expected = schedule.forward(model, tokens, None, bounds)
+        monkeypatch.setenv("ISO_KERNELS_BACKEND", "triton")
+        got = schedule.forward(model, tokens, None, bounds)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+class _FlagCheckingComm:
+    """A TP=1 stand-in for a flag-triggered communicator: records each row group's flag at start time."""
+
+    supports_ready_flag = True
+    name = "flag-check"
+
+    def __init__(self):
+        self.starts = []
+
+    def all_reduce_start(self, tensor, *, ready_flag=None):
+        signal, index, target = ready_flag
+        self.starts.append((signal[index].item(), target, tensor.shape[0]))
+        return schedule._Done(tensor)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_row_signal_all_reduces_start_per_finished_group(tmp_path, monkeypatch, backend):
+    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
+    folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
+    model = checkpoint.load_checkpoint(folder)
+    model.setup_caches(BATCH, SEQ_LEN)
+    tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
+    bounds = schedule.chunk_bounds(SEQ_LEN, 0.5)
+    flags = _FlagCheckingComm()
+    with torch.inference_mode():
+        plain = schedule.forward(model, tokens, None, bounds)
+        signalled = schedule.forward(model, tokens, flags, bounds, row_signal_rows=16)
+    torch.testing.assert_close(signalled, plain, atol=1e-5, rtol=1e-5)
+    # 2 layers x 2 blocks x 2 chunks; a chunk of 2 x 18 or 2 x 19 rows is 3 groups of <= 16 rows
+    assert len(flags.starts) == 2 * 2 * 2 * 3
+    hidden = model.args.dim
+    assert all(value == target == rows * hidden for value, target, rows in flags.starts)
