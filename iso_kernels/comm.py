@@ -71,7 +71,12 @@ class Communicator:
         if tensor.device.type != self.device.type:
             raise ValueError(f"{name} is on {tensor.device}, but the {self.name} communicator works on {self.device}")
 
-    def all_reduce_start(self, tensor, *, ready_flag=None) -> PendingAllReduce:
+    supports_ready_flag = False  # True where a collective can start from a device flag before its producer ends
+
+    def all_reduce_start(self, tensor, *, ready_flag=None, after=None) -> PendingAllReduce:
+        """Start an in-place sum of ``tensor``. ``ready_flag=(signal, index, target)``: the data is complete
+        once ``signal[index] >= target``; ``after``: a CUDA event, recorded before the producer, that the
+        collective may wait for instead of everything on the caller's stream (flag-capable backends only)."""
         raise NotImplementedError
 
     def all_reduce(self, tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class TorchCommunicator(Communicator):
 
     name = "torch"
 
-    def all_reduce_start(self, tensor, *, ready_flag=None):
+    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
         self._check_tensor(tensor)
         if ready_flag is not None:
             # torch.distributed cannot start a collective from a device flag: wait for the whole producer.
@@ -179,7 +184,7 @@ class EmulatedCommunicator(Communicator):
     def modelled_seconds(self, tensor):
         return self.link.seconds(tensor.numel() * tensor.element_size(), self.traffic_world_size)
 
-    def all_reduce_start(self, tensor, *, ready_flag=None):
+    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
         self._check_tensor(tensor)
         if tensor.is_cuda:
             return self._start_cuda(tensor, ready_flag)

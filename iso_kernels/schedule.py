@@ -54,10 +54,16 @@ def chunk_bounds(seq_len, split=None, chunks=2, *, start=0):
 
 @dataclass
 class RowSignal:
-    """Counters that ``gemm_signal`` raises per group of ``rows_per_signal`` output rows."""
+    """Counters that ``gemm_signal`` raises per group of ``rows_per_signal`` output rows.
+
+    ``after`` is recorded on the compute stream once the counters are zeroed and before the GEMM is launched:
+    the comm stream waits for it, then for each group's counter, never for the whole GEMM. Without it a flag
+    wait could read a recycled buffer's old "done" value before the zeroing ran.
+    """
 
     counters: torch.Tensor
     rows_per_signal: int
+    after: object = None
 
 
 class _Chunk:
@@ -151,7 +157,7 @@ class _Reducer:
 
     def __init__(self, comm, schedule, timeline, row_signal_rows):
         self.comm, self.schedule, self.timeline = comm, schedule, timeline
-        self.row_signal_rows = row_signal_rows if getattr(comm, "supports_ready_flag", False) else None
+        self.row_signal_rows = row_signal_rows if comm is not None and comm.supports_ready_flag else None
         self._signal = None
 
     def signal_for(self, normed):
@@ -160,8 +166,12 @@ class _Reducer:
             return None
         rows = normed.shape[0] * normed.shape[1]
         groups = -(-rows // self.row_signal_rows)
-        self._signal = RowSignal(torch.zeros(groups, dtype=torch.int32, device=normed.device),
-                                 self.row_signal_rows)
+        counters = torch.zeros(groups, dtype=torch.int32, device=normed.device)
+        after = None
+        if counters.is_cuda:
+            after = torch.cuda.Event()
+            after.record()
+        self._signal = RowSignal(counters, self.row_signal_rows, after)
         return self._signal
 
     def start(self, out, chunk, layer, kind):
@@ -188,7 +198,8 @@ def _start_by_row_group(comm, out, signal):
     for g, first in enumerate(range(0, rows, signal.rows_per_signal)):
         block = flat[first:first + signal.rows_per_signal]
         target = block.shape[0] * columns
-        group_pending.append(comm.all_reduce_start(block, ready_flag=(signal.counters, g, target)))
+        group_pending.append(comm.all_reduce_start(block, ready_flag=(signal.counters, g, target),
+                                                   after=signal.after))
     return _Group(out, group_pending)
 
 

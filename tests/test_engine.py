@@ -207,7 +207,7 @@ class _FlagCheckingComm:
     def __init__(self):
         self.starts = []
 
-    def all_reduce_start(self, tensor, *, ready_flag=None):
+    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
         signal, index, target = ready_flag
         self.starts.append((signal[index].item(), target, tensor.shape[0]))
         return schedule._Done(tensor)

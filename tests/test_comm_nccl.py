@@ -1,0 +1,225 @@
+"""The nccl-ext path on real GPUs: ``_C``'s stream kernels and flag timeout in this process (@gpu), and
+``NcclExtCommunicator`` in spawned ranks — exact sums, collectives in flight together, flag-gated starts
+(emulated producer and ``gemm_signal``), CUDA-graph capture — at world 1 (@gpu: NCCL runs a one-rank
+communicator on a single GPU) and world 2 (@multigpu). Timing is asserted only as lower bounds set by
+``stream_sleep`` (proof that a stream really waited), never as a speedup."""
+
+import traceback
+
+import pytest
+import torch
+from helpers import integer_valued
+
+from iso_kernels import _ext, launch
+
+WORLDS = [pytest.param(1, marks=pytest.mark.gpu), pytest.param(2, marks=pytest.mark.multigpu)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1,), (17, 33), (3, 5, 64), (4097,)]
+# Long enough to dwarf launch jitter, short enough to keep the suite quick.
+SLEEP_NS = 30_000_000
+# The caller's work queued after a flag-gated start: the collective must finish well before it does.
+TAIL_NS = 300_000_000
+GEMM_SHAPE = (200, 96, 64, 32)  # M (not a multiple of rows_per_signal), N, K, rows_per_signal
+CASES = ("exact_sum", "in_flight", "flag_gated", "gemm_signal_gated", "graph_capture")
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = _ext.load()
+    if module is None:
+        pytest.fail(f"iso_kernels._C is needed on GPU machines: {_ext.ext_reason()}")
+    return module
+
+
+def _timed_event():
+    return torch.cuda.Event(enable_timing=True)
+
+
+# --- _C directly, in this process ---
+@pytest.mark.gpu
+def test_stream_sleep_occupies_the_stream_not_the_host(native):
+    stream = torch.cuda.Stream()
+    native.stream_sleep(stream.cuda_stream, 0)  # loads the kernel module outside the measurement
+    stream.synchronize()
+    start, end = _timed_event(), _timed_event()
+    start.record(stream)
+    native.stream_sleep(stream.cuda_stream, SLEEP_NS)
+    queued_while_busy = not stream.query()
+    end.record(stream)
+    end.synchronize()
+    assert queued_while_busy, "stream_sleep blocked the host instead of the stream"
+    assert start.elapsed_time(end) >= 0.95 * SLEEP_NS / 1e6
+
+
+@pytest.mark.gpu
+def test_flag_wait_holds_the_comm_stream_until_the_flag(native):
+    device = torch.cuda.current_device()
+    caller = torch.cuda.current_stream()
+    with native.OverlapComm(native.nccl_unique_id(), 1, 0, device) as comm:
+        comm_stream = torch.cuda.ExternalStream(comm.comm_stream, device=device)
+        flag = torch.zeros(3, dtype=torch.int32, device="cuda")
+        start, released = _timed_event(), _timed_event()
+        start.record(caller)
+        comm.comm_wait_for(caller.cuda_stream)
+        comm.wait_flag(flag[1:].data_ptr(), 5, 5_000_000_000)
+        released.record(comm_stream)
+        native.stream_sleep(caller.cuda_stream, SLEEP_NS)
+        flag[1].fill_(5)
+        comm.caller_wait_for_comm(caller.cuda_stream)
+        torch.cuda.synchronize()
+        comm.check_status()
+        assert start.elapsed_time(released) >= 0.95 * SLEEP_NS / 1e6
+
+
+@pytest.mark.gpu
+def test_flag_wait_timeout_is_reported_once(native):
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    comm = native.OverlapComm(native.nccl_unique_id(), 1, 0, torch.cuda.current_device())
+    comm.wait_flag(flag.data_ptr(), 1, 2_000_000)
+    with pytest.raises(RuntimeError, match="flag wait timed out: the flag held 0 < target 1"):
+        comm.synchronize()
+    comm.check_status()  # the report was consumed
+    with pytest.raises(ValueError, match="timeout_ns"):
+        comm.wait_flag(flag.data_ptr(), 1, 0)
+    with pytest.raises(ValueError, match="flag_ptr"):
+        comm.wait_flag(0, 1, 1000)
+    with pytest.raises(ValueError, match="count"):
+        comm.all_reduce(flag.data_ptr(), 0, native.DataType.float32)
+    comm.destroy()
+    comm.destroy()
+    assert comm.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        comm.comm_wait_for(torch.cuda.current_stream().cuda_stream)
+
+
+# --- NcclExtCommunicator in spawned ranks ---
+def _case_exact_sum(comm, rank, world_size):
+    torch.manual_seed(1234)  # every rank rebuilds every rank's input
+    inputs = {(dtype, shape): [integer_valued(shape, dtype) for _ in range(world_size)]
+              for dtype in DTYPES for shape in SHAPES}
+    reduced = {key: comm.all_reduce(per_rank[rank].to(comm.device)) for key, per_rank in inputs.items()}
+    torch.cuda.synchronize()
+    expected = {(dtype, shape): torch.stack([t.double() for t in per_rank]).sum(0).to(dtype)
+                for (dtype, shape), per_rank in inputs.items()}
+    wrong = [key for key in inputs if not torch.equal(reduced[key].cpu(), expected[key])]
+    assert not wrong, f"inexact sums for (dtype, shape) {wrong}"
+
+
+def _case_in_flight(comm, rank, world_size):
+    """Several collectives in flight, issued from a side stream, waited in reverse order."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        tensors = [torch.full((1000 + i,), float(rank + i), device=comm.device) for i in range(4)]
+        pending = [comm.all_reduce_start(t) for t in tensors]
+        results = [p.wait() for p in reversed(pending)][::-1]
+    side.synchronize()
+    ranks_sum = world_size * (world_size - 1) / 2
+    for i, result in enumerate(results):
+        assert torch.equal(result, torch.full_like(result, ranks_sum + world_size * i)), i
+
+
+def _case_flag_gated(comm, rank, world_size):
+    """Producer queued first (slow, then data, then flag); the collective is started after it with
+    ``after`` = an event from before the producer: it must wait for the flag, and not for the caller's
+    later work."""
+    native = _ext.load()
+    caller = torch.cuda.current_stream()
+    data = torch.full((4097,), float(rank + 1), device=comm.device)
+    x = torch.zeros_like(data)
+    signal = torch.zeros(2, dtype=torch.int32, device=comm.device)
+    torch.cuda.synchronize()
+    start, released = _timed_event(), _timed_event()
+    start.record(caller)
+    after = torch.cuda.Event()
+    after.record(caller)
+    native.stream_sleep(caller.cuda_stream, SLEEP_NS)
+    x.copy_(data)
+    signal[1].fill_(7)
+    pending = comm.all_reduce_start(x, ready_flag=(signal, 1, 7), after=after)
+    released.record(comm.comm_stream)
+    tail = torch.cuda.Event()
+    native.stream_sleep(caller.cuda_stream, TAIL_NS)
+    tail.record(caller)
+    released.synchronize()
+    tail_finished_first = tail.query()
+    result = pending.wait()
+    torch.cuda.synchronize()
+    assert torch.equal(result, torch.full_like(data, world_size * (world_size + 1) / 2)), result[:4]
+    assert start.elapsed_time(released) >= 0.95 * SLEEP_NS / 1e6, "the collective did not wait for the flag"
+    assert not tail_finished_first, "the collective waited for the caller's later work, not just the flag"
+
+
+def _case_gemm_signal_gated(comm, rank, world_size):
+    """The gemm_signal protocol: zero, record `after`, GEMM, one flag-gated all-reduce per row group."""
+    from iso_kernels.ops.gemm_signal import gemm_signal, signal_targets
+
+    m, n, k, rows = GEMM_SHAPE
+    torch.manual_seed(99)
+    xs = [integer_valued((m, k), torch.float32, low=-3, high=4) for _ in range(world_size)]
+    ws = [integer_valued((n, k), torch.float32, low=-3, high=4) for _ in range(world_size)]
+    x, w = xs[rank].to(comm.device), ws[rank].to(comm.device)
+    targets = signal_targets(m, n, rows).tolist()
+    signal = torch.zeros(len(targets), dtype=torch.int32, device=comm.device)
+    gemm_signal(x, w, signal, rows_per_signal=rows)  # autotunes this shape before any wait overlaps it
+    torch.cuda.synchronize()
+
+    signal.zero_()
+    after = torch.cuda.Event()
+    after.record()
+    out = gemm_signal(x, w, signal, rows_per_signal=rows)
+    pending = [comm.all_reduce_start(out[g * rows:(g + 1) * rows], ready_flag=(signal, g, target),
+                                     after=after)
+               for g, target in enumerate(targets)]
+    for p in pending:
+        p.wait()
+    torch.cuda.synchronize()
+    expected = sum(a.double() @ b.double().T for a, b in zip(xs, ws)).float()
+    mismatch = (out.cpu() != expected).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} wrong elements, first at {mismatch[:4].tolist()}"
+
+
+def _case_graph_capture(comm, rank, world_size):
+    """Fork to the comm stream and rejoin inside a CUDA graph; replays see new inputs."""
+    src = torch.zeros(2048 + 3, device=comm.device)
+    static = torch.zeros_like(src)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up of the same collective outside the capture
+        comm.all_reduce_start(static).wait()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(src)
+        comm.all_reduce_start(static).wait()
+        static.mul_(2)
+    for step in range(3):
+        src.fill_(float(rank + step))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = 2 * (world_size * (world_size - 1) / 2 + world_size * step)
+        assert torch.equal(static, torch.full_like(static, expected)), (step, static[:4])
+
+
+def _run_cases(rank, world_size):
+    from iso_kernels.native_comm import NcclExtCommunicator
+
+    outcomes = {}
+    with NcclExtCommunicator() as comm:
+        for case in CASES:
+            try:
+                globals()[f"_case_{case}"](comm, rank, world_size)
+                outcomes[case] = None
+            except Exception:  # noqa: BLE001 - reported per case by the parent
+                outcomes[case] = traceback.format_exc()
+    return outcomes
+
+
+@pytest.fixture(scope="module", params=WORLDS)
+def outcomes(request):
+    return launch.spawn_ranks(_run_cases, request.param, device_type="cuda", timeout_s=240)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nccl_ext_case(outcomes, case):
+    failures = {rank: result[case] for rank, result in enumerate(outcomes) if result[case] is not None}
+    assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures.items())
