@@ -165,6 +165,17 @@ class LayerCosts:
     def all_reduce(self, nbytes):
         return self.ar_latency + nbytes / self.ar_bandwidth
 
+    def scaled(self, *, compute=1.0, comm=1.0):
+        """Compute terms times ``compute``, all-reduce terms times ``comm``. Blocks timed in isolation miss
+        what a whole forward adds (norms, embedding, LM head, cache effects, a peer arriving late at the
+        collective), so the engine rescales them to its measured prefill."""
+        if not (compute > 0 and comm > 0):
+            raise ValueError(f"compute and comm factors must be positive, got {compute}, {comm}")
+        terms = {f: getattr(self, f) * compute for f in (
+            "attn_fixed", "attn_per_token", "attn_per_pair", "mlp_fixed", "mlp_per_token")}
+        return dataclasses.replace(self, **terms, ar_latency=self.ar_latency * comm,
+                                   ar_bandwidth=self.ar_bandwidth / comm)
+
     @classmethod
     def from_datasheet(cls, shape: ModelShape, hardware: HardwareSpec, tp: int) -> "LayerCosts":
         """Peak FLOP/s x efficiency for compute, bus bandwidth and latency for the all-reduce; TP shards

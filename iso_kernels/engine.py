@@ -175,6 +175,15 @@ def _timed(fn, device, repeats=3):
     return statistics.median(samples)
 
 
+def _traced_busy(run_with_timeline, device, stream):
+    """Seconds that ``stream`` was busy in one traced run, started in step on every rank."""
+    dist.barrier()
+    _sync(device)
+    timeline = Timeline(device)
+    run_with_timeline(timeline)
+    return timeline.busy_ms(stream) / 1e3
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -265,8 +274,15 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
             per_block = batch * seq_len * args.dim * dtype.itemsize
             communicator.set_link(comm.link_for_ratio(link, compute_only_s, per_block, 2 * args.n_layer,
                                                       world_size))
+        # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale.
+        serial_comm_s = statistics.median(_traced_busy(lambda t: prefill(unsplit, "serial", timeline=t), device,
+                                                       "comm") for _ in range(2)) if communicator else 0.0
         costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
         predict_kw = dict(batch=batch, hidden=args.dim, dtype_bytes=dtype.itemsize)
+        modelled = costmodel.simulate_prefill(costs, args.n_layer, seq_len, [seq_len], **predict_kw)
+        scales = dict(compute=compute_only_s / modelled.compute_s,
+                      comm=serial_comm_s / modelled.comm_s if serial_comm_s > 0 and modelled.comm_s > 0 else 1.0)
+        costs = costs.scaled(**scales)
         split = chunk_split(cfg, seq_len)
         if split == "auto":
             max_chunks = MAX_AUTO_CHUNKS if cfg.chunks == "auto" else int(cfg.chunks)
@@ -303,7 +319,7 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         report = dict(tp=world_size, seq_len=seq_len, batch=batch, device=_device_name(device), dtype=str(dtype),
                       comm_backend=_backend_name(communicator), link=_link_name(communicator),
                       split=ends[0] if len(ends) == 2 else ends, chunks=len(bounds), bounds=bounds,
-                      compute_only_ms=compute_only_s * 1e3,
+                      compute_only_ms=compute_only_s * 1e3, calibration_scales=scales,
                       predicted_serial_ms=predicted.serial_s * 1e3, predicted_iso_ms=predicted.iso_s * 1e3)
         for mode in modes:
             report[f"{mode}_ms"] = statistics.median(runs[mode]) * 1e3

@@ -313,3 +313,16 @@ def test_bad_types_raise_type_error():
         simulate_prefill(toy_costs(), 1, 4.0, [4], **UNIT)
     with pytest.raises(TypeError, match="key"):
         save_calibration(None, toy_costs(), {"f": object()})
+
+
+def test_scaled_scales_compute_and_comm_separately():
+    costs = cm.LayerCosts(1e-3, 2e-6, 3e-9, 4e-4, 5e-6, 6e-5, 7e9)
+    doubled = costs.scaled(compute=2.0)
+    assert doubled.attention_block(100, 50) == pytest.approx(2 * costs.attention_block(100, 50))
+    assert doubled.mlp_block(100) == pytest.approx(2 * costs.mlp_block(100))
+    assert doubled.all_reduce(1 << 20) == costs.all_reduce(1 << 20)
+    tripled = costs.scaled(comm=3.0)
+    assert tripled.all_reduce(1 << 20) == pytest.approx(3 * costs.all_reduce(1 << 20))
+    assert tripled.mlp_block(100) == costs.mlp_block(100)
+    with pytest.raises(ValueError, match="factors"):
+        costs.scaled(compute=0.0)
