@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -96,7 +97,13 @@ def model_folder(model):
     if model in checkpoint.PRESETS:
         folder = costmodel.default_cache_path().parent / "models" / model
         if not (folder / "model.safetensors").exists():
-            checkpoint.save_random_checkpoint(checkpoint.preset_config(model), folder)
+            # Written aside and renamed, so ranks started by torchrun that race here never read half a file.
+            scratch = folder.with_name(f"{model}.tmp{os.getpid()}")
+            checkpoint.save_random_checkpoint(checkpoint.preset_config(model), scratch)
+            try:
+                scratch.rename(folder)
+            except OSError:  # another process won the race; its checkpoint is identical (same seed)
+                shutil.rmtree(scratch, ignore_errors=True)
         return folder
     folder = Path(model)
     if not folder.is_dir():

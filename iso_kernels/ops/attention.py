@@ -13,8 +13,8 @@ import torch
 
 from .. import _env
 from ..reference import chunked_attention_ref, merge_attention_states_ref
+from ._checks import check_same_device, check_tensor
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tl.dot needs head_dim >= 16 and a power of two; 256 is the largest whose tiles fit a program (same list as
 # triton_ops.chunked_attention.SUPPORTED_HEAD_DIMS, repeated so that CPU use never imports Triton).
 _HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -62,13 +62,8 @@ def _(out_a, lse_a, out_b, lse_b):
 
 
 # --- validation ---
-def _check_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {t.dtype}")
+def _check_bshd(name, t):
+    check_tensor(name, t, ndim=4, layout="(batch, seqlen, heads, head_dim)")
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have stride 1 in its last (head_dim) dimension, got {t.stride(-1)}")
 
@@ -115,14 +110,13 @@ def chunked_attention(q, k, v, *, q_start=None, causal=True, softmax_scale=None,
     lse: (batch, n_heads, q_len) float32, the natural-log sum of exp(scores) (-inf when kv_len == 0).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
+        _check_bshd(name, t)
     if k.shape != v.shape:
         raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} must equal q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} device {t.device} must equal q device {q.device}")
+    check_same_device("q", q, k=k, v=v)
     batch, q_len, n_heads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k batch {k.shape[0]} must equal q batch {batch}")
@@ -154,21 +148,16 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     float32: the attention over the union of both key ranges.
     """
     for name, t in (("out_a", out_a), ("out_b", out_b)):
-        _check_tensor(name, t)
+        _check_bshd(name, t)
     if out_b.shape != out_a.shape:
         raise ValueError(f"out_b shape {tuple(out_b.shape)} must equal out_a shape {tuple(out_a.shape)}")
     if out_b.dtype != out_a.dtype:
         raise ValueError(f"out_b dtype {out_b.dtype} must equal out_a dtype {out_a.dtype}")
     batch, q_len, n_heads, _ = out_a.shape
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(name, t, dtypes=(torch.float32,))
         if tuple(t.shape) != (batch, n_heads, q_len):
             raise ValueError(f"{name} shape {tuple(t.shape)} must be (batch, n_heads, q_len) = "
                              f"{(batch, n_heads, q_len)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} dtype must be float32, got {t.dtype}")
-    for name, t in (("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
-        if t.device != out_a.device:
-            raise ValueError(f"{name} device {t.device} must equal out_a device {out_a.device}")
+    check_same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return _merge_attention_states(out_a, lse_a, out_b, lse_b)

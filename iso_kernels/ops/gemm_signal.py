@@ -5,8 +5,8 @@ import torch
 
 from .. import reference
 from .._env import use_triton
+from ._checks import check_same_device, check_tensor
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The smallest tile height the kernel uses; a row group must be a whole number of tiles.
 ROWS_PER_SIGNAL_MULTIPLE = 16
 _INT32_MAX = 2**31 - 1
@@ -41,19 +41,13 @@ def _check_groups(m, n, rows_per_signal):
 
 
 def _check_gemm_signal(x, weight, signal, rows_per_signal):
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"x dtype must be one of {DTYPES}, got {x.dtype}")
+    check_tensor("x", x, ndim=2, layout="(M, K)")
+    check_tensor("weight", weight, ndim=2, layout="(N, K)")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be (N, K) with K = x.shape[1] = {x.shape[1]}, got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    check_same_device("x", x, weight=weight)
     m = x.shape[0]
     _check_groups(m, weight.shape[0], rows_per_signal)
     if signal is None:
@@ -66,8 +60,7 @@ def _check_gemm_signal(x, weight, signal, rows_per_signal):
     if signal.shape != (groups,):
         raise ValueError(f"signal must have shape ({groups},) = ceil(M / rows_per_signal), "
                          f"got {tuple(signal.shape)}")
-    if signal.device != x.device:
-        raise ValueError(f"signal is on {signal.device}, x on {x.device}")
+    check_same_device("x", x, signal=signal)
     if not signal.is_contiguous():
         raise ValueError("signal must be contiguous")
 

@@ -7,8 +7,8 @@ import torch
 
 from .. import reference
 from .._env import use_triton
+from ._checks import check_same_device, check_tensor
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernel keeps a whole row in registers; beyond 32768 columns (128 KB in fp32) it would spill.
 MAX_HIDDEN = 32768
 
@@ -42,15 +42,12 @@ def _(x, weight, eps):
     return x.new_empty(x.shape)
 
 
-def _check_norm(x, residual, weight, eps):
-    named = (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ())
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name} dtype must be one of {DTYPES}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+def _check_norm(eps, **tensors):
+    """tensors: x, weight and, from add_rms_norm only, residual (so that a None residual is a TypeError)."""
+    for name, t in tensors.items():
+        check_tensor(name, t)
+    x, weight, residual = tensors.pop("x"), tensors["weight"], tensors.get("residual")
+    check_same_device("x", x, **tensors)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., hidden) with hidden >= 1, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
@@ -79,9 +76,7 @@ def add_rms_norm(x, residual, weight, eps):
     exactly the norm of the returned residual; the norm itself is computed in fp32. Leading dimensions
     whose strides cannot be flattened into one row stride are copied first.
     """
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
-    _check_norm(x, residual, weight, eps)
+    _check_norm(eps, x=x, residual=residual, weight=weight)
     return _add_rms_norm(x, residual, weight, float(eps))
 
 
@@ -90,5 +85,5 @@ def rms_norm(x, weight, eps):
 
     x: (..., hidden) fp16, bf16 or fp32 with unit stride in the last dimension; weight: (hidden,).
     """
-    _check_norm(x, None, weight, eps)
+    _check_norm(eps, x=x, weight=weight)
     return _rms_norm(x, weight, float(eps))
