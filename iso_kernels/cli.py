@@ -85,6 +85,8 @@ def format_report(report):
 
 def _prefill(args):
     report = engine.run(_config(args))
+    if report is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(format_report(report))
     if args.save_logits:
         import torch

@@ -90,3 +90,14 @@ def test_failure_inside_a_rank_is_one_line_and_no_rank_hangs(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: rank") and "unreadable safetensors" in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_runs_under_torchrun(tmp_path):
+    report_path = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "-m", "iso_kernels", *TINY, "--tp", "2", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("iso prefill:") == 1  # rank 0 reports, rank 1 stays quiet
+    report = json.loads(report_path.read_text())
+    assert report["tp"] == 2 and report["agree"]
