@@ -20,6 +20,11 @@ PRESETS = {
     # a 2-rank prefill of 512 tokens takes a fraction of a second.
     "llama-small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                         num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
+    # GPU benchmarks (bench/bench_iso_prefill.py): a 1B-class Llama (0.89 B parameters), chosen so that on one
+    # H100 a bf16 block of a few thousand tokens takes far longer than launching its kernels, as llama-small's
+    # do not. Its random fp32 checkpoint is 3.4 GB and took 22 s to write on the 2-core dev machine.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192),
     # Tests: seconds for a whole TP=4 run.
     "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),

@@ -103,10 +103,14 @@ def spawn_ranks(fn, world_size=2, *, args=(), device_type="cpu", timeout_s=120.0
             if failures:
                 deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
     finally:
+        # Ranks that reported still tear down their process group; give them a moment before killing.
+        grace = time.monotonic() + (_GRACE_AFTER_FAILURE_S if not failures else 0.0)
         for proc in procs:
+            proc.join(timeout=max(0.0, grace - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
-            proc.join(timeout=5)
+                proc.join(timeout=5)
+        results.close()
     for rank in range(world_size):
         if rank not in outputs and rank not in failures:
             failures[rank] = ("did not finish: killed after the first failure" if failures

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from iso_kernels import cli
+from iso_kernels import cli, launch
 
 TINY = ["prefill", "--model", "llama-tiny", "--seq-len", "40", "--repeats", "1", "--warmup", "0",
         "--comm-backend", "torch"]
@@ -95,9 +95,9 @@ def test_failure_inside_a_rank_is_one_line_and_no_rank_hangs(tmp_path):
 def test_runs_under_torchrun(tmp_path):
     report_path = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "-m", "iso_kernels", *TINY, "--tp", "2", "--json", str(report_path)],
+                           "--master-port", str(launch.free_port()), "-m", "iso_kernels", *TINY, "--tp", "2", "--json", str(report_path)],
                           capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("iso prefill:") == 1  # rank 0 reports, rank 1 stays quiet
     report = json.loads(report_path.read_text())
     assert report["tp"] == 2 and report["agree"]

@@ -1,0 +1,261 @@
+"""Serial vs ISO prefill over prompt lengths and links, measured end to end by ``engine.run``.
+
+Lines per link: ``serial``; ``iso-auto`` (the calibrated solver's split, up to 4 chunks); ``iso-2even`` (the
+paper's two chunks split at S/2); ``no-comm`` (the unsplit prefill without any all-reduce: the floor of any
+schedule that computes no less than the unsplit one; chunks can compute less, see ``compute_busy``). Each ISO
+variant is one ``engine.run`` with mode "both": its reduction (1 - iso / serial) and overlap efficiency
+((serial - iso) / (serial - bound), bound = max(compute + tail, comm + head)) compare it with the serial runs
+interleaved with it. The ``serial`` line pools the serial runs of both calls.
+
+Where it runs:
+  CPU        2 ranks over gloo, emulated link ratio:R (all-reduce time = R x the no-comm prefill), fp32
+  one GPU    --tp 1, the emulated link's time spent on a dedicated comm stream, bf16
+  GPUs       NCCL over every visible GPU (a power of two), no emulated link and with link presets added
+
+    python bench/bench_iso_prefill.py [--quick] [--device auto|cpu|cuda] [--csv PATH] [--links L1,L2]
+                                      [--seq-lens 256,512] [--model NAME] [--tp N] [--repeats N] [--warmup N]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import common
+from iso_kernels import engine
+from iso_kernels.launch import RankError
+
+# Per device kind: model, prompt lengths, quick lengths, links. CPU lengths stop at 1024 because a 2-rank
+# llama-small prefill of 1024 tokens already takes 1.2-1.8 s per serial run on 2 cores. On GPUs, llama-1b:
+# llama-small's blocks (hidden 512) are too small to keep an H100 busy, so launches rather than the overlap
+# would dominate.
+DEFAULTS = {
+    "cpu": dict(model="llama-small", seq_lens=[256, 512, 1024], quick=[512],
+                links=["ratio:0.5", "ratio:1.0"]),
+    "cuda": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
+                 links=["ratio:0.5", "ratio:1.0", "pcie4"]),
+    "multigpu": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
+                     links=["none", "pcie4", "a800-nvlink"]),
+}
+# provider -> (chunks, split) handed to PrefillConfig
+VARIANTS = {"iso-auto": ("auto", "auto"), "iso-2even": ("2", "0.5")}
+PROVIDERS = ("serial", *VARIANTS, "no-comm")
+# Report entries kept in each ISO row's config_json.
+REPORT_KEYS = ("link", "chunks", "bounds", "split", "serial_ms", "compute_only_ms", "compute_ms", "comm_ms",
+               "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff", "calibration_scales", "load_avg",
+               "compute_busy_ms")
+
+
+def device_defaults(device, gpu_count):
+    """(settings from DEFAULTS, tp): 2 ranks on CPU, every GPU (a power of two, at most 8) on CUDA."""
+    if device == "cpu":
+        return DEFAULTS["cpu"], 2
+    if gpu_count < 2:
+        return DEFAULTS["cuda"], 1
+    return DEFAULTS["multigpu"], min(8, 1 << (gpu_count.bit_length() - 1))
+
+
+def quantiles(samples):
+    """(p50, p20, p80) of a list of timings; a single sample is its own quantiles."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    cuts = statistics.quantiles(samples, n=5, method="inclusive")  # the 20th, 40th, 60th, 80th percentiles
+    return statistics.median(samples), cuts[0], cuts[3]
+
+
+def prediction_error(predicted_ms, measured_ms):
+    """Signed error of the cost model's prediction in percent of the measurement."""
+    return 100.0 * (predicted_ms - measured_ms) / measured_ms
+
+
+def compute_busy(lanes):
+    """{schedule: compute-stream busy ms of its last timed run, the slowest rank's}, from a report's lanes.
+
+    The chunked schedule can compute less than the unsplit one: the CPU attention reference scores every
+    (query, key) pair and masks, so chunks skip part of the masked triangle. Then ISO beats the engine's
+    bound, which takes its compute time from the unsplit serial runs, and the overlap efficiency exceeds 1.
+    """
+    busy = {}
+    for (schedule, _rank), rows in lanes.items():
+        ms = sum(r["end_ms"] - r["start_ms"] for r in rows if r["stream"] == "compute")
+        busy[schedule] = max(busy.get(schedule, 0.0), ms)
+    return busy
+
+
+def rows_for_point(seq_len, link, reports, setup):
+    """Tidy CSV rows of one (seq_len, link) from the engine reports of each ISO variant."""
+    base = {"op": "iso_prefill", "mode": link, "x_name": "seq_len", "x_value": seq_len}
+    first = next(iter(reports.values()))
+    shared = {**setup, "seq_len": seq_len, "link": first["link"], "comm_backend": first["comm_backend"],
+              "device": first["device"], "dtype": first["dtype"], "tp": first["tp"]}
+
+    def row(provider, metric, unit, values, extra):
+        p50, p20, p80 = values
+        return {**base, "provider": provider, "metric": metric, "unit": unit, "p50": p50, "p20": p20,
+                "p80": p80, "config_json": {**shared, **extra}}
+
+    serial_runs = [t for report in reports.values() for t in report["serial_runs_ms"]]
+    no_comm = statistics.mean(report["compute_only_ms"] for report in reports.values())
+    rows = [row("serial", "ms", "ms", quantiles(serial_runs),
+                {"predicted_ms": first["predicted_serial_ms"], "runs": len(serial_runs)}),
+            row("no-comm", "ms", "ms", (no_comm, "", ""), {"calls": len(reports)})]
+    for provider, report in reports.items():
+        extra = {key: report[key] for key in REPORT_KEYS if key in report}
+        extra.update(predicted_ms=report["predicted_iso_ms"], paired_serial_ms=report["serial_ms"])
+        rows.append(row(provider, "ms", "ms", quantiles(report["iso_runs_ms"]), extra))
+        for metric in ("reduction", "overlap_efficiency"):
+            rows.append(row(provider, metric, "fraction", (report[metric], "", ""), extra))
+    return rows
+
+
+def compute_ratio(report):
+    """Compute-stream time of the chunked ISO run over that of the unsplit serial run, as text."""
+    busy = report.get("compute_busy_ms", {})
+    return f"{busy['iso'] / busy['serial']:.2f}" if busy.get("serial") else "-"
+
+
+def summary_table(reports_by_point):
+    """Markdown table: one line per (seq_len, link) from {(seq_len, link): {provider: report}}."""
+    header = ("| seq_len | link | serial ms | iso auto ms (chunks) | iso 2 even ms | no-comm ms | R auto "
+              "| R 2 even | eff auto | eff 2 even | pred err auto % | pred err 2 even % "
+              "| compute iso/serial auto, 2 even |")
+    lines = [header, "|---" * header.count(" |") + "|"]
+    for (seq_len, link), reports in reports_by_point.items():
+        auto, even = reports["iso-auto"], reports["iso-2even"]
+        serial = statistics.median(t for r in reports.values() for t in r["serial_runs_ms"])
+        no_comm = statistics.mean(r["compute_only_ms"] for r in reports.values())
+        flag = "" if auto.get("agree", True) and even.get("agree", True) else " DISAGREE"
+        lines.append(
+            f"| {seq_len} | {link}{flag} | {serial:.1f} | {auto['iso_ms']:.1f} ({auto['chunks']}) | "
+            f"{even['iso_ms']:.1f} | {no_comm:.1f} | {100 * auto['reduction']:.1f}% "
+            f"| {100 * even['reduction']:.1f}% "
+            f"| {auto['overlap_efficiency']:.2f} | {even['overlap_efficiency']:.2f} "
+            f"| {prediction_error(auto['predicted_iso_ms'], auto['iso_ms']):+.1f} "
+            f"| {prediction_error(even['predicted_iso_ms'], even['iso_ms']):+.1f} "
+            f"| {compute_ratio(auto)}, {compute_ratio(even)} |")
+    return "\n".join(lines)
+
+
+def plot(rows, png, title):
+    """ms against seq_len, one line per provider, one panel per link."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["metric"] == "ms"]
+    links = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(links), figsize=(max(6.0, 4.5 * len(links)), 3.8), squeeze=False,
+                             sharey=True)
+    styles = {"serial": "o-", "iso-auto": "s-", "iso-2even": "^-", "no-comm": "kx--"}
+    for ax, link in zip(axes[0], links):
+        for provider in PROVIDERS:
+            points = sorted((r["x_value"], r["p50"]) for r in rows
+                            if r["mode"] == link and r["provider"] == provider)
+            if points:
+                ax.plot(*zip(*points), styles[provider], label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"link {link}")
+        ax.set_xlabel("seq_len (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("prefill ms (median)")
+    axes[0][0].legend()
+    fig.suptitle(f"serial vs ISO prefill: {title}")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def measure_point(args, device, tp, seq_len, link):
+    """{provider: engine report} for the ISO variants at one (seq_len, link)."""
+    reports = {}
+    for provider, (chunks, split) in VARIANTS.items():
+        cfg = engine.PrefillConfig(model=args.model, tp=tp, seq_len=seq_len, chunks=chunks, split=split,
+                                   link=None if link == "none" else link, device=device, dtype=args.dtype,
+                                   generate=0, warmup=args.warmup, repeats=args.repeats,
+                                   comm_backend=args.comm_backend, trace=True)
+        load_before = os.getloadavg()[0]
+        report = engine.run(cfg)
+        report["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        report["compute_busy_ms"] = compute_busy(report.pop("lanes"))
+        reports[provider] = report
+        print(f"  {provider:<10} seq_len={seq_len} link={link}: serial {report['serial_ms']:.1f} ms, "
+              f"iso {report['iso_ms']:.1f} ms ({report['chunks']} chunks {report['bounds']}), "
+              f"efficiency {report['overlap_efficiency']:.2f}, load {report['load_avg']}", flush=True)
+    return reports
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one prompt length per link")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--csv", type=Path,
+                        help="append rows here (default bench/results/iso_prefill_<device>.csv)")
+    parser.add_argument("--png", type=Path, help="plot (default: the CSV path with .png)")
+    parser.add_argument("--model",
+                        help="preset or checkpoint folder (default llama-small on CPU, llama-1b on GPU)")
+    parser.add_argument("--tp", type=int, help="ranks (default 2 on CPU, every GPU up to 8 on CUDA)")
+    parser.add_argument("--seq-lens", help="comma-separated prompt lengths (overrides --quick's)")
+    parser.add_argument("--links", help="comma-separated links: none, a preset, ratio:R")
+    parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "nccl-ext"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per schedule and call")
+    parser.add_argument("--warmup", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        common.require_gpu(args.tp or 1)
+    settings, default_tp = device_defaults(device, torch.cuda.device_count() if device == "cuda" else 0)
+    args.model = args.model or settings["model"]
+    tp = args.tp or default_tp
+    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
+                else settings["quick"] if args.quick else settings["seq_lens"])
+    links = args.links.split(",") if args.links else settings["links"]
+    if tp == 1 and "none" in links:
+        raise SystemExit("--links none needs --tp >= 2: "
+                         "one rank without an emulated link has nothing to overlap")
+    csv_path = args.csv or common.RESULTS / f"iso_prefill_{device}.csv"
+    png = args.png or csv_path.with_suffix(".png")
+    setup = {"model": args.model, "repeats": args.repeats, "warmup": args.warmup, "cpu_count": os.cpu_count()}
+    print(f"iso prefill bench: device={device} tp={tp} model={args.model} seq_lens={seq_lens} links={links} "
+          f"load={os.getloadavg()[0]:.2f}", flush=True)
+
+    results, rows, failed = {}, [], []
+    for link in links:
+        for seq_len in seq_lens:
+            try:
+                reports = measure_point(args, device, tp, seq_len, link)
+            except RankError as exc:
+                failed.append((seq_len, link))
+                print(f"  FAILED seq_len={seq_len} link={link}: {str(exc).strip().splitlines()[-1]}",
+                      flush=True)
+                continue
+            results[(seq_len, link)] = reports
+            point_rows = rows_for_point(seq_len, link, reports, setup)
+            common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured
+            rows += point_rows
+    if rows:
+        first = next(iter(results.values()))["iso-auto"]
+        plot(rows, png, f"{args.model}, tp={tp}, {first['device']}, {first['dtype'].removeprefix('torch.')}")
+        print(f"csv: {csv_path}\nplot: {png}")
+        print(summary_table(results))
+    disagree = [point for point, reports in results.items()
+                if not all(r.get("agree", True) for r in reports.values())]
+    for seq_len, link in disagree:
+        print(f"ISO and serial logits disagree at seq_len={seq_len} link={link}")
+    return 1 if failed or disagree or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
