@@ -8,11 +8,14 @@ attention block for its own MLP all-reduce (AR2). Times are seconds throughout.
 Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a prefix of ``p`` tokens, with
 ``batch`` sequences (the batch multiplies tokens, not fixed costs)::
 
-    attention_block(n, p) = attn_fixed + batch * (attn_per_token * n + attn_per_pair * n * (p + (n + 1) / 2))
+    attention_block(n, p) = attn_fixed + batch * (attn_per_token * n + attn_per_pair * n * (p + (n + 1) / 2)
+                                                  + attn_per_key * n * (p + n))
     mlp_block(n)          = mlp_fixed  + batch * mlp_per_token * n
     all_reduce(nbytes)    = ar_latency + nbytes / ar_bandwidth
 
-``n * (p + (n + 1) / 2)`` counts the visible (query, key) pairs of causal attention for queries p..p+n-1.
+``n * (p + (n + 1) / 2)`` counts the visible (query, key) pairs of causal attention for queries p..p+n-1;
+``n * (p + n)`` counts all pairs, which an implementation that scores the masked future too (the CPU
+reference) also pays for. A kernel that skips masked blocks has ``attn_per_key = 0`` (the datasheet model).
 RMSNorm, RoPE, SiLU and residual adds are not modelled apart: they are linear in tokens, so they are folded
 into the per-token terms (a fit absorbs them; the datasheet model ignores them, as the design note does).
 """
@@ -146,6 +149,7 @@ class LayerCosts:
     mlp_per_token: float
     ar_latency: float
     ar_bandwidth: float  # bytes/s of message size, ring factor already folded in; inf = no communication
+    attn_per_key: float = 0.0  # per (query, key) pair scored whether visible or masked
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -157,7 +161,9 @@ class LayerCosts:
 
     def attention_block(self, n, p, batch=1):
         pairs = n * (p + (n + 1) / 2)
-        return self.attn_fixed + batch * (self.attn_per_token * n + self.attn_per_pair * pairs)
+        scored = n * (p + n)
+        return self.attn_fixed + batch * (self.attn_per_token * n + self.attn_per_pair * pairs
+                                          + self.attn_per_key * scored)
 
     def mlp_block(self, n, batch=1):
         return self.mlp_fixed + batch * self.mlp_per_token * n
@@ -172,7 +178,7 @@ class LayerCosts:
         if not (compute > 0 and comm > 0):
             raise ValueError(f"compute and comm factors must be positive, got {compute}, {comm}")
         terms = {f: getattr(self, f) * compute for f in (
-            "attn_fixed", "attn_per_token", "attn_per_pair", "mlp_fixed", "mlp_per_token")}
+            "attn_fixed", "attn_per_token", "attn_per_pair", "attn_per_key", "mlp_fixed", "mlp_per_token")}
         return dataclasses.replace(self, **terms, ar_latency=self.ar_latency * comm,
                                    ar_bandwidth=self.ar_bandwidth / comm)
 
@@ -227,15 +233,20 @@ def fit_layer_costs(measure_attention: Callable[[int, int], float], measure_mlp:
     """
     _check_int("batch", batch)
     attn_samples = [(n, p) for n in token_sizes for p in prefix_sizes]
-    attn, a_res = _fit_nonnegative([[1, batch * n, batch * n * (p + (n + 1) / 2)] for n, p in attn_samples],
-                                   [measure_attention(n, p) for n, p in attn_samples], "measure_attention")
+    attn_times = [measure_attention(n, p) for n, p in attn_samples]
+    features = [[1, batch * n, batch * n * (p + (n + 1) / 2), batch * n * (p + n)] for n, p in attn_samples]
+    try:
+        attn, a_res = _fit_nonnegative(features, attn_times, "measure_attention")
+    except ValueError:  # too few distinct sizes to tell scored from visible pairs: visible pairs only
+        attn, a_res = _fit_nonnegative([f[:3] for f in features], attn_times, "measure_attention")
+        attn = [*attn, 0.0]
     mlp, m_res = _fit_nonnegative([[1, batch * n] for n in token_sizes],
                                   [measure_mlp(n) for n in token_sizes], "measure_mlp")
     comm, c_res = _fit_nonnegative([[1, b] for b in byte_sizes],
                                    [measure_all_reduce(b) for b in byte_sizes], "measure_all_reduce")
     costs = LayerCosts(attn_fixed=attn[0], attn_per_token=attn[1], attn_per_pair=attn[2], mlp_fixed=mlp[0],
                        mlp_per_token=mlp[1], ar_latency=comm[0],
-                       ar_bandwidth=1 / comm[1] if comm[1] > 0 else math.inf)
+                       ar_bandwidth=1 / comm[1] if comm[1] > 0 else math.inf, attn_per_key=attn[3])
     return FitResult(costs, {"attention": a_res, "mlp": m_res, "all_reduce": c_res})
 
 

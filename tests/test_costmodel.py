@@ -233,6 +233,20 @@ def test_fit_recovers_constants_from_noisy_timings():
     assert all(0 < r < 0.03 for r in fit.residual.values())
 
 
+def test_fit_separates_scored_from_visible_pairs():
+    """An attention that scores the masked future too (the CPU reference) is told apart from a causal one."""
+    truth = LayerCosts(attn_fixed=30e-6, attn_per_token=2e-7, attn_per_pair=0.0, mlp_fixed=1e-5,
+                       mlp_per_token=9e-7, ar_latency=25e-6, ar_bandwidth=20e9, attn_per_key=4e-11)
+    fit = fit_layer_costs(lambda n, p: truth.attention_block(n, p), truth.mlp_block, truth.all_reduce,
+                          token_sizes=[64, 256, 1024], prefix_sizes=[0, 512, 1024], byte_sizes=[1024, 4096])
+    assert fit.costs.attn_per_key == pytest.approx(4e-11, rel=1e-3)
+    assert fit.costs.attn_per_pair == pytest.approx(0.0, abs=1e-14)
+    # the pair terms of two chunks then cost less than the unsplit prompt's, as measured on CPU (3/4 of it)
+    pairs_only = dataclasses.replace(fit.costs, attn_fixed=0.0, attn_per_token=0.0)
+    halves = pairs_only.attention_block(512, 0) + pairs_only.attention_block(512, 512)
+    assert halves == pytest.approx(0.75 * pairs_only.attention_block(1024, 0), rel=1e-3)
+
+
 def test_fit_clamps_negative_coefficient():
     # Times that shrink with size would need a negative slope; the fit keeps slope 0 and the mean as fixed.
     fit = fit_layer_costs(lambda n, p: 1e-3, lambda n: 2e-3 - 1e-7 * n, lambda b: 1e-5,
