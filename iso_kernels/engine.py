@@ -55,6 +55,10 @@ class PrefillConfig:
 
 
 MAX_AUTO_CHUNKS = 4
+# The calibrated model's error (bench/README.md: up to ~30% on the CPU dev machine) dwarfs the few percent
+# between nearby splits, and there its uneven two-chunk splits never beat the even ones. So an uneven split
+# must be predicted this much faster than the even split with the same number of chunks to be used.
+UNEVEN_SPLIT_MIN_GAIN = 0.03
 
 
 # --- validation before any rank starts ---
@@ -297,6 +301,13 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
                                           min_gain=0.0, **predict_kw)
             if cfg.chunks != "auto" and len(ends) != int(cfg.chunks):
                 ends = costmodel.balanced_split(costs, seq_len, int(cfg.chunks))
+            even = [end for _, end in schedule.chunk_bounds(seq_len, chunks=len(ends))]
+
+            def predicted_iso_s(chunk_ends):
+                return costmodel.predict(costs, args.n_layer, seq_len, chunk_ends, **predict_kw).iso_s
+
+            if predicted_iso_s(ends) > (1 - UNEVEN_SPLIT_MIN_GAIN) * predicted_iso_s(even):
+                ends = even
             bounds = schedule.chunk_bounds(seq_len, ends)
         else:
             bounds = schedule.chunk_bounds(seq_len, split) if cfg.chunks in ("auto", "2") else \
