@@ -10,7 +10,6 @@ The kernel is timed through its launcher, as SDPA and flash-attn are timed throu
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -93,17 +92,6 @@ def run(seq_lens, batch, n_heads, n_kv_heads, head_dim, dtype):
     return rows
 
 
-def plot(rows, csv_path):
-    """One PNG per mode, from this run's rows only."""
-    for mode in MODES:
-        with tempfile.TemporaryDirectory() as tmp:
-            mode_csv = Path(tmp) / "rows.csv"
-            common.append_rows(mode_csv, [r for r in rows if r["mode"] == mode])
-            png = Path(csv_path).with_name(f"{Path(csv_path).stem}_{mode}.png")
-            common.plot_rows(mode_csv, png, metric="tflops", title=f"chunked attention fwd, {mode} (causal, bf16)")
-            print(f"plot: {png}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK_SEQ_LENS} tokens")
@@ -119,7 +107,10 @@ def main():
                torch.bfloat16)
     common.append_rows(args.csv, rows)
     print(f"csv: {args.csv}")
-    plot(rows, args.csv)
+    png = Path(args.csv).with_suffix(".png")
+    common.plot_panels([r for r in rows if r["metric"] == "tflops"], png, ylabel="TFLOP/s",
+                       title=f"chunked attention forward (causal, bf16), {torch.cuda.get_device_name()}")
+    print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -57,29 +57,6 @@ def measure(provider, x, weight, rows_per_signal):
     return common.bench(run), config
 
 
-def plot(rows, png):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for provider in PROVIDERS:
-            points = [(r["x_value"], r["p50"]) for r in rows if r["mode"] == mode and r["provider"] == provider]
-            ax.plot(*zip(*points), marker="o", label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_title(mode)
-        ax.set_xlabel("M (tokens)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("TFLOP/s (bf16)")
-    axes[0][0].legend()
-    fig.suptitle(f"gemm_signal vs torch.matmul, {torch.cuda.get_device_name()}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tp 8 shapes at 4096 tokens only")
@@ -115,7 +92,8 @@ def main():
     if args.csv:
         common.append_rows(args.csv, rows)
         png = args.csv.with_suffix(".png")
-        plot([r for r in rows if r["metric"] == "TFLOP/s"], png)
+        common.plot_panels([r for r in rows if r["metric"] == "TFLOP/s"], png, ylabel="TFLOP/s (bf16)",
+                           title=f"gemm_signal vs torch.matmul, {torch.cuda.get_device_name()}")
         print(f"rows appended to {args.csv}; plot {png}")
 
 

@@ -141,37 +141,6 @@ def summary_table(reports_by_point):
     return "\n".join(lines)
 
 
-def plot(rows, png, title):
-    """ms against seq_len, one line per provider, one panel per link."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["metric"] == "ms"]
-    links = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, len(links), figsize=(max(6.0, 4.5 * len(links)), 3.8), squeeze=False,
-                             sharey=True)
-    styles = {"serial": "o-", "iso-auto": "s-", "iso-2even": "^-", "no-comm": "kx--"}
-    for ax, link in zip(axes[0], links):
-        for provider in PROVIDERS:
-            points = sorted((r["x_value"], r["p50"]) for r in rows
-                            if r["mode"] == link and r["provider"] == provider)
-            if points:
-                ax.plot(*zip(*points), styles[provider], label=provider)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"link {link}")
-        ax.set_xlabel("seq_len (tokens)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("prefill ms (median)")
-    axes[0][0].legend()
-    fig.suptitle(f"serial vs ISO prefill: {title}")
-    fig.tight_layout()
-    Path(png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-
-
 def measure_point(args, device, tp, seq_len, link):
     """{provider: engine report} for the ISO variants at one (seq_len, link)."""
     reports = {}
@@ -247,7 +216,10 @@ def main(argv=None):
             rows += point_rows
     if rows:
         first = next(iter(results.values()))["iso-auto"]
-        plot(rows, png, f"{args.model}, tp={tp}, {first['device']}, {first['dtype'].removeprefix('torch.')}")
+        common.plot_panels([r for r in rows if r["metric"] == "ms"], png, ylabel="prefill ms (median)",
+                           title=f"serial vs ISO prefill: {args.model}, tp={tp}, {first['device']}, "
+                                 f"{first['dtype'].removeprefix('torch.')}",
+                           styles={"serial": "o-", "iso-auto": "s-", "iso-2even": "^-", "no-comm": "kx--"})
         print(f"csv: {csv_path}\nplot: {png}")
         print(summary_table(results))
     disagree = [point for point, reports in results.items()

@@ -87,25 +87,32 @@ def append_rows(path, rows):
             writer.writerow({key: full.get(key, "") for key in CSV_COLUMNS})
 
 
-def plot_rows(csv_path, png_path, *, metric, title):
-    """One line per provider of ``metric`` against x_value, from a tidy CSV."""
+def plot_panels(rows, png_path, *, ylabel, title, styles=None):
+    """One panel per ``mode``, one line per ``provider`` of p50 against x_value (log2 x axis), from in-memory
+    tidy rows of a single metric. ``styles``: optional provider -> matplotlib format string."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["metric"] == metric]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for provider in sorted({r["provider"] for r in rows}):
-        points = sorted((float(r["x_value"]), float(r["p50"])) for r in rows if r["provider"] == provider)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
-    if rows:
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.5 * max(len(modes), 1), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, mode in zip(axes[0], modes):
+        for provider in providers:
+            points = sorted((float(r["x_value"]), float(r["p50"])) for r in rows
+                            if r["mode"] == mode and r["provider"] == provider)
+            if points:
+                ax.plot(*zip(*points), (styles or {}).get(provider, "o-"), label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(mode)
         ax.set_xlabel(rows[0]["x_name"])
-        ax.set_ylabel(f"{metric} ({rows[0]['unit']})")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(Path(png_path).parent, exist_ok=True)
     fig.savefig(png_path, dpi=120)
+    plt.close(fig)
