@@ -12,8 +12,8 @@ from helpers import integer_valued
 WORLD_SIZES = [2, 4]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (17, 33), (3, 5, 64)]
-# A link slow enough that 30 ms collectives dominate scheduling noise on a loaded 2-core machine.
-SLOW_LINK = comm.LinkModel("test", latency_s=30e-3, bus_bandwidth=1e12)
+# A link slow enough that 60 ms collectives dominate scheduling noise on a loaded 2-core machine.
+SLOW_LINK = comm.LinkModel("test", latency_s=60e-3, bus_bandwidth=1e12)
 
 
 def _exact_sums(rank, world_size):
@@ -149,6 +149,6 @@ def test_failing_rank_does_not_hang_the_others():
 
 def test_hanging_rank_times_out():
     with pytest.raises(launch.RankError) as info:
-        launch.spawn_ranks(_one_rank_hangs, 2, timeout_s=4)
+        launch.spawn_ranks(_one_rank_hangs, 2, timeout_s=8)  # room for rank 1 to start and report
     assert "timed out" in info.value.failures[0]
     assert 1 not in info.value.failures
