@@ -100,7 +100,7 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    batch, n = tokens.shape
+    n = tokens.shape[1]
     bounds = bounds or [(0, n)]
     if bounds[-1][1] - bounds[0][0] != n:
         raise ValueError(f"bounds {bounds} cover {bounds[-1][1] - bounds[0][0]} positions, tokens have {n}")

@@ -3,6 +3,7 @@ serial one, at TP 1, 2 and 4 over gloo."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_checkpoint_errors(tmp_path, hf_checkpoints):
     with pytest.raises(FileNotFoundError, match="config.json"):
         checkpoint.load_checkpoint(folder)
     folder.mkdir()
-    config = json.loads((open(os.path.join(hf_checkpoints["llama"]["folder"], "config.json"))).read())
+    config = json.loads((Path(hf_checkpoints["llama"]["folder"]) / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         checkpoint.load_checkpoint(folder)
