@@ -26,6 +26,7 @@ export PYTHONUNBUFFERED=1
 export ISO_KERNELS_CUDA_ARCHS=${ISO_KERNELS_CUDA_ARCHS:-90}
 export ISO_KERNELS_BUILD_EXT=${ISO_KERNELS_BUILD_EXT:-1}
 : > "$LOG"
+rm -f "$OUT"/chunked_attention.csv "$OUT"/gemm_signal.csv "$OUT"/iso_prefill.csv  # benchmarks append: start clean
 STEPS=""  # one "name<TAB>status<TAB>seconds" line per step, for the summary
 FAILED=0
 

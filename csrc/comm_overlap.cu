@@ -206,8 +206,9 @@ std::string OverlapComm::release(bool abort) noexcept {
         result = api.ncclCommAbort(comm_);
       } else {
         result = api.ncclCommFinalize(comm_);
-        const ncclResult_t destroyed = api.ncclCommDestroy(comm_);
-        if (result == ncclSuccess) result = destroyed;
+        // After a failed finalize (a peer or the network broke) destroy can block on the broken comm; abort
+        // is NCCL's path out of an error.
+        result = result == ncclSuccess ? api.ncclCommDestroy(comm_) : api.ncclCommAbort(comm_);
       }
       if (result != ncclSuccess) {
         note(abort ? "ncclCommAbort" : "ncclCommFinalize/Destroy", api.ncclGetErrorString(result));

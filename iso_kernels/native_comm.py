@@ -10,7 +10,8 @@ Stream protocol of ``all_reduce_start(tensor, ready_flag=None, after=None)``:
     ``signal[index] >= target`` (acquire load; the producer release-adds), bounded by ``flag_timeout_s``;
   * NCCL sums ``tensor`` in place; ``tensor.record_stream(comm stream)`` keeps the caching allocator from
     reusing its memory before that ends; ``wait()`` makes the then-current stream wait for this collective
-    only (its own completion event), not for collectives started after it.
+    only (its own completion event), not for collectives started after it; ``events`` holds CUDA events at
+    the collective's start (after any flag wait) and end, for timelines.
 
 ``after`` without ``ready_flag`` is refused: nothing would then order the collective after its data.
 The flag protocol for ``gemm_signal`` is stated in its docstring: zero ``signal`` on the current stream,
@@ -111,16 +112,21 @@ class NcclExtCommunicator(Communicator):
         if ready_flag is not None:
             comm.wait_flag(signal.data_ptr() + index * signal.element_size(), target, self._flag_timeout_ns)
             signal.record_stream(self.comm_stream)
+        # One event pair per collective (not the extension's ring of reused events): a wait long after the
+        # start, with many row-group collectives in between, must still wait for this collective only.
+        started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started.record(self.comm_stream)
         if tensor.numel() > 0:
             comm.all_reduce(tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype])
-        ticket = comm.record_done()
+        done.record(self.comm_stream)
         tensor.record_stream(self.comm_stream)
-        return PendingAllReduce(tensor, lambda: self._caller_waits(ticket))
+        pending = PendingAllReduce(tensor, lambda: self._caller_waits(done))
+        pending.events = (started, done)
+        return pending
 
-    def _caller_waits(self, ticket):
-        comm = self._open()
-        comm.caller_wait_for_comm(torch.cuda.current_stream(self.device).cuda_stream, ticket)
-        comm.check_status()
+    def _caller_waits(self, done):
+        torch.cuda.current_stream(self.device).wait_event(done)
+        self._open().check_status()
 
     def synchronize(self):
         """Block the host until every collective issued so far has finished; raise on a timed-out flag."""

@@ -102,8 +102,15 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n = tokens.shape[1]
     bounds = bounds or [(0, n)]
+    if any(end <= start for start, end in bounds) or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"bounds must be contiguous, non-empty (start, end) chunks, got {bounds}")
     if bounds[-1][1] - bounds[0][0] != n:
         raise ValueError(f"bounds {bounds} cover {bounds[-1][1] - bounds[0][0]} positions, tokens have {n}")
+    if model.rope is None:
+        raise RuntimeError("call model.setup_caches(batch, max_seq_len) before running the model")
+    if bounds[-1][1] > model.rope[0].shape[0]:
+        raise ValueError(f"bounds end at position {bounds[-1][1]}, beyond the {model.rope[0].shape[0]} positions "
+                         "that setup_caches allocated")
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
     offset = bounds[0][0]
@@ -115,14 +122,16 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
             reduced = chunk.take_reduced()  # waiting is not compute: outside the span
             with span("attention", c, index):
                 normed = chunk.norm_in(reduced, layer.attention_norm)
-                out = layer.attention(normed, chunk.start, model.rope, reducer.signal_for(normed))
-            chunk.pending = reducer.start(out, c, index, "attention")
+                signal = reducer.signal_for(normed)
+                out = layer.attention(normed, chunk.start, model.rope, signal)
+            chunk.pending = reducer.start(out, c, index, "attention", signal)
         for c, chunk in enumerate(chunks):
             reduced = chunk.take_reduced()
             with span("mlp", c, index):
                 normed = chunk.norm_in(reduced, layer.ffn_norm)
-                out = layer.feed_forward(normed, reducer.signal_for(normed))
-            chunk.pending = reducer.start(out, c, index, "mlp")
+                signal = reducer.signal_for(normed)
+                out = layer.feed_forward(normed, signal)
+            chunk.pending = reducer.start(out, c, index, "mlp", signal)
 
     logits = []
     last = len(chunks) - 1
@@ -145,6 +154,8 @@ def _no_span(*_):
 class _Done:
     """A finished 'all-reduce' (TP=1 without a link, or serial mode after its wait)."""
 
+    events = interval = None
+
     def __init__(self, tensor):
         self.tensor = tensor
 
@@ -158,7 +169,6 @@ class _Reducer:
     def __init__(self, comm, schedule, timeline, row_signal_rows):
         self.comm, self.schedule, self.timeline = comm, schedule, timeline
         self.row_signal_rows = row_signal_rows if comm is not None and comm.supports_ready_flag else None
-        self._signal = None
 
     def signal_for(self, normed):
         """A zeroed counter buffer for the next row-parallel GEMM, or None when row signals are off."""
@@ -171,18 +181,19 @@ class _Reducer:
         if counters.is_cuda:
             after = torch.cuda.Event()
             after.record()
-        self._signal = RowSignal(counters, self.row_signal_rows, after)
-        return self._signal
+        return RowSignal(counters, self.row_signal_rows, after)
 
-    def start(self, out, chunk, layer, kind):
+    def start(self, out, chunk, layer, kind, signal=None):
+        """All-reduce ``out`` (the block's partial output); with ``signal``, per row group as it is stored."""
         if self.comm is None:
             return _Done(out)
-        out = out.contiguous()
-        if self._signal is not None:
-            pending = _start_by_row_group(self.comm, out, self._signal)
-            self._signal = None
+        if signal is not None:
+            # The flags describe ``out`` itself: a copy would be ordered by neither them nor ``after``.
+            if not out.is_contiguous():
+                raise RuntimeError("a row-signalled block output must be contiguous")
+            pending = _start_by_row_group(self.comm, out, signal)
         else:
-            pending = self.comm.all_reduce_start(out)
+            pending = self.comm.all_reduce_start(out.contiguous())
         if self.timeline is not None:
             self.timeline.comm(pending, kind, chunk, layer)
         if self.schedule == "serial":
@@ -191,21 +202,21 @@ class _Reducer:
 
 
 def _start_by_row_group(comm, out, signal):
-    """One all-reduce per row group, each gated on its counter reaching rows * columns."""
+    """One all-reduce per row group, each gated on its counter reaching the group's target."""
     flat = out.view(-1, out.shape[-1])
-    rows, columns = flat.shape
-    group_pending = []
-    for g, first in enumerate(range(0, rows, signal.rows_per_signal)):
-        block = flat[first:first + signal.rows_per_signal]
-        target = block.shape[0] * columns
-        group_pending.append(comm.all_reduce_start(block, ready_flag=(signal.counters, g, target),
-                                                   after=signal.after))
+    targets = ops.signal_targets(*flat.shape, signal.rows_per_signal).tolist()
+    group_pending = [comm.all_reduce_start(flat[g * signal.rows_per_signal:(g + 1) * signal.rows_per_signal],
+                                           ready_flag=(signal.counters, g, target), after=signal.after)
+                     for g, target in enumerate(targets)]
     return _Group(out, group_pending)
 
 
 class _Group:
+    """The row-group all-reduces of one block, seen as one: from the first start to the last end."""
+
     def __init__(self, tensor, parts):
         self.tensor, self.parts = tensor, parts
+        self.events = (parts[0].events[0], parts[-1].events[1]) if parts[0].events else None
         self.interval = None
 
     def wait(self):

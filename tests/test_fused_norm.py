@@ -96,6 +96,7 @@ def test_bad_inputs(device):
         ((x, residual, weight[:95], EPS), "weight"),
         ((x, residual, weight[None], EPS), "weight"),
         ((x, residual, weight.to(torch.int32), EPS), "weight"),
+        ((x, residual, torch.stack([weight, weight], dim=1)[:, 0], EPS), "weight"),  # strided
         ((x.double(), residual.double(), weight, EPS), "x"),
         ((x.to(torch.int32), residual.to(torch.int32), weight, EPS), "x"),
         ((x.t(), residual.t(), weight[:4], EPS), "x"),

@@ -1,13 +1,9 @@
 """Autotune config factories. Under the interpreter, ``@triton.autotune`` with two or more configs crashes
 (its benchmarking asks for a GPU driver), so each factory returns a single config there."""
 
-import os
-
 import triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from iso_kernels._env import interpreting  # noqa: F401  (re-exported for the kernel launchers)
 
 
 def configs(gpu_configs, interpreter_config):

@@ -50,6 +50,12 @@ def _zero_signal(named_args, reset_only=False):
         named_args["signal_ptr"].zero_()
 
 
+def _zero_signal_after_tuning(named_args, exception=None):
+    """Tuning runs leave the counters at their targets; zero them in stream order before the real launch,
+    so a flag waiter ordered after the caller's zeroing never sees a benchmark run's "done"."""
+    _zero_signal(named_args)
+
+
 # --- kernels ---
 @triton.jit
 def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -68,14 +74,16 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
-    key=["M", "N", "K", "rows_per_signal"],
+    # ISO chunks come in arbitrary lengths: tune once per power-of-two bucket of M, not per length.
+    key=["M_bucket", "N", "K", "rows_per_signal"],
     prune_configs_by={"early_config_prune": _fit_rows_per_signal},
     pre_hook=_zero_signal,
+    post_hook=_zero_signal_after_tuning,
 )
 @triton.jit
 def _gemm_signal_kernel(
     x_ptr, w_ptr, out_ptr, signal_ptr,
-    M, N, K, rows_per_signal,
+    M, N, K, rows_per_signal, M_bucket,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_SIGNAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -120,6 +128,13 @@ def _gemm_signal_kernel(
 
 
 # --- launcher ---
+def _torch_allows_tf32():
+    """fp32 follows torch.matmul. ``fp32_precision`` (torch >= 2.9) reads under both of torch's APIs, while
+    ``allow_tf32`` raises once a user has set the new one."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else torch.backends.cuda.matmul.allow_tf32
+
+
 def gemm_signal(x, weight, signal=None, rows_per_signal=128):
     """``x @ weight.T`` -> (M, N) in x's dtype. x: (M, K), weight: (N, K), signal: int32 (ceil(M / rows),)
     or None. Zeroes ``signal`` on the current stream, then launches the GEMM on that stream."""
@@ -130,15 +145,14 @@ def gemm_signal(x, weight, signal=None, rows_per_signal=128):
         signal.zero_()
     if m == 0 or n == 0:
         return out
-    # fp32 follows torch.matmul: TF32 only where torch allows it for matmuls; ignored for 16-bit inputs.
-    tf32 = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    tf32 = x.dtype != torch.float32 or _torch_allows_tf32()
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _gemm_signal_kernel[grid](
         x, weight, out, signal,
-        m, n, k, rows_per_signal,
+        m, n, k, rows_per_signal, triton.next_power_of_2(m),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         HAS_SIGNAL=signal is not None,
         INPUT_PRECISION="tf32" if tf32 else "ieee",

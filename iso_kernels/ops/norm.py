@@ -63,6 +63,8 @@ def _check_norm(eps, **tensors):
             raise ValueError(f"residual must have unit stride in its last dimension, got {residual.stride()}")
     if weight.shape != (hidden,):
         raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")
+    if hidden > 1 and weight.stride(0) != 1:
+        raise ValueError(f"weight must be contiguous (the kernel reads it densely), got stride {weight.stride()}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
