@@ -40,8 +40,6 @@ def _preload_nccl():
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    if os.environ.get("ISO_KERNELS_DISABLE_NATIVE_COMM", "0") not in ("", "0"):
-        return None, "disabled by ISO_KERNELS_DISABLE_NATIVE_COMM"
     try:
         nccl_path = _preload_nccl()
     except OSError as exc:

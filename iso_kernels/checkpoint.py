@@ -96,17 +96,21 @@ class _Reader:
         return piece
 
 
-def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.float32):
-    """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
-    folder = Path(folder)
-    config_path = folder / "config.json"
+def read_config(folder):
+    """The parsed ``config.json`` of a checkpoint folder."""
+    config_path = Path(folder) / "config.json"
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except OSError:
         raise FileNotFoundError(f"{config_path} is missing or unreadable") from None
     except ValueError as exc:
         raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-    args = ModelArgs.from_hf_config(config)
+
+
+def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.float32):
+    """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
+    folder = Path(folder)
+    args = ModelArgs.from_hf_config(read_config(folder))
     tp.check_divisible(args, world_size)
     reader = _Reader(folder)
     dim, head_dim = args.dim, args.head_dim

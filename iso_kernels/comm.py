@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .costmodel import HARDWARE_PRESETS, ring_factor
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "torch", "nccl-ext", "emulated")
 
@@ -45,21 +47,28 @@ class PendingAllReduce:
         return self.tensor
 
 
+def group_device(group=None):
+    """Where ``group``'s collectives run: the current CUDA device when it has NCCL and a GPU is visible,
+    else the CPU (gloo; also a mixed "cpu:gloo,cuda:nccl" group on a machine without GPUs)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("communicator needs torch.distributed initialised (init_process_group)")
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Communicator:
     """Base class: a tensor-parallel group and the validation every backend shares."""
 
     name = "base"
 
     def __init__(self, group=None, *, world_size=None):
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("communicator needs torch.distributed initialised (init_process_group)")
+        self.device = group_device(group)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         if world_size is not None and world_size != self.world_size:
             raise ValueError(f"world_size={world_size} does not match the process group's size {self.world_size}")
-        self.device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device(
-            "cuda", torch.cuda.current_device())
 
     def _check_tensor(self, tensor, name="tensor"):
         if not isinstance(tensor, torch.Tensor):
@@ -127,19 +136,21 @@ class LinkModel:
     bus_bandwidth: float  # bytes per second, as nccl-tests' "busbw"
 
     def seconds(self, nbytes, world_size):
-        ring = 2 * (world_size - 1) / world_size if world_size > 1 else 1.0
-        return self.latency_s + ring * nbytes / self.bus_bandwidth
+        return self.latency_s + ring_factor(world_size) * nbytes / self.bus_bandwidth
 
 
-# Bus bandwidths as NCCL reaches them, not link peaks; sources in shared/design/iso-cost-model.md §5.
+def _datasheet_link(name, hardware):
+    spec = HARDWARE_PRESETS[hardware]
+    return LinkModel(name, latency_s=spec.link_latency_us * 1e-6, bus_bandwidth=spec.link_gbps * 1e9)
+
+
+# The same links the cost model and the simulator assume (sources in iso_kernels.costmodel.HARDWARE_PRESETS),
+# so an emulated run and a simulated one describe one interconnect.
 LINK_PRESETS = {
-    # PCIe 4.0 x16 without P2P: NCCL stages through host memory; ~20 GB/s measured class (nccl-tests#117).
-    "pcie4": LinkModel("pcie4", latency_s=30e-6, bus_bandwidth=20e9),
-    # A800/A100 NVLink (A800 capped at 400 GB/s bidirectional): ~150 GB/s NCCL bus bandwidth assumed.
-    "a800-nvlink": LinkModel("a800-nvlink", latency_s=10e-6, bus_bandwidth=150e9),
-    "a100-nvlink": LinkModel("a100-nvlink", latency_s=10e-6, bus_bandwidth=230e9),
-    # H100 NVLink 4 (900 GB/s bidirectional): nccl-tests reach ~360 GB/s bus bandwidth for large messages.
-    "h100-nvlink": LinkModel("h100-nvlink", latency_s=8e-6, bus_bandwidth=360e9),
+    "pcie4": _datasheet_link("pcie4", "rtx4090-pcie4"),  # PCIe 4.0 x16, no P2P: NCCL stages through host
+    "a800-nvlink": _datasheet_link("a800-nvlink", "a800-nvlink"),
+    "a100-nvlink": _datasheet_link("a100-nvlink", "a100-nvlink"),
+    "h100-nvlink": _datasheet_link("h100-nvlink", "h100-nvlink"),
 }
 
 
@@ -152,8 +163,7 @@ def link_for_ratio(ratio, compute_s, bytes_per_collective, collectives, world_si
     per_collective = ratio * compute_s / collectives - latency_s
     if per_collective <= 0:
         raise ValueError(f"ratio {ratio} leaves no time for data once latency {latency_s}s is paid")
-    ring = 2 * (world_size - 1) / world_size if world_size > 1 else 1.0
-    return LinkModel(f"ratio:{ratio:g}", latency_s, ring * bytes_per_collective / per_collective)
+    return LinkModel(f"ratio:{ratio:g}", latency_s, ring_factor(world_size) * bytes_per_collective / per_collective)
 
 
 class EmulatedCommunicator(Communicator):
@@ -188,18 +198,21 @@ class EmulatedCommunicator(Communicator):
         self._check_tensor(tensor)
         if tensor.is_cuda:
             return self._start_cuda(tensor, ready_flag)
-        inner = self.inner.all_reduce_start(tensor) if self.world_size > 1 else None
+        # The real collective reduces a copy, delivered into ``tensor`` only at wait(): as on a real link, the
+        # result does not exist before the modelled end, so a schedule that reads it early sees partial sums.
+        staging = tensor.clone() if self.world_size > 1 else None
+        inner = self.inner.all_reduce_start(staging) if staging is not None else None
         with self._lock:
             begin = max(time.perf_counter(), self._link_free_at)
             end = begin + self.modelled_seconds(tensor)
             self._link_free_at = end
 
         def wait():
-            if inner is not None:
-                inner.wait()
             remaining = end - time.perf_counter()
             if remaining > 0:
                 time.sleep(remaining)
+            if inner is not None:
+                tensor.copy_(inner.wait())
 
         pending = PendingAllReduce(tensor, wait)
         pending.interval = (begin, end)
@@ -281,14 +294,13 @@ def make_communicator(backend="auto", group=None, *, world_size=None, link=None,
     if real in ("auto", "nccl-ext"):
         from .native_comm import NcclExtCommunicator, nccl_ext_unavailable_reason
 
-        device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda")
-        reason = nccl_ext_unavailable_reason(device, group)
+        reason = nccl_ext_unavailable_reason(group_device(group), group)
         if reason is None:
             comm = NcclExtCommunicator(group, world_size=world_size)
         elif real == "nccl-ext":
             raise RuntimeError(f"nccl-ext communicator cannot start: {reason}")
         else:
-            if verbose and device.type == "cuda":
+            if verbose and group_device(group).type == "cuda":
                 warnings.warn(f"iso_kernels: using torch.distributed all-reduce ({reason})", stacklevel=2)
             comm = TorchCommunicator(group, world_size=world_size)
     else:

@@ -124,6 +124,12 @@ class HardwareSpec:
 #   on 8xH100 (TokenWeave artifact, see anchors.md).
 # - NVLink latency 10 us: small all-reduces take a few us at 2 GPUs and grow with GPU count
 #   (NVIDIA/nccl#1259); an order-of-magnitude assumption, negligible at prefill message sizes.
+def ring_factor(world_size):
+    """Bytes a ring all-reduce moves per rank, per byte of message: 2 (w - 1) / w (1 for a lone rank whose
+    link is emulated, which moves the message once)."""
+    return 2 * (world_size - 1) / world_size if world_size > 1 else 1.0
+
+
 HARDWARE_PRESETS = {
     "rtx4090-pcie4": HardwareSpec("rtx4090-pcie4", 165.2, 20.0, 40.0, 24.0),
     "a800-nvlink": HardwareSpec("a800-nvlink", 312.0, 150.0, 10.0, 80.0),
@@ -189,7 +195,7 @@ class LayerCosts:
         _check_int("tp", tp)
         flops = tp * hardware.efficiency * hardware.peak_tflops * 1e12
         overhead = hardware.block_overhead_us * 1e-6
-        ring = 2 * (tp - 1) / tp
+        ring = ring_factor(tp)
         return cls(attn_fixed=overhead, attn_per_token=shape.attention_gemm_flops / flops,
                    attn_per_pair=shape.pair_flops / flops, mlp_fixed=overhead,
                    mlp_per_token=shape.mlp_gemm_flops / flops,

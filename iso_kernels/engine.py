@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint, comm, costmodel, launch, schedule
 from .model import ModelArgs
-from .timeline import Timeline
+from .timeline import Timeline, busy_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Logits of the ISO and serial prefill must agree to this, relative to the largest logit. fp32 differences
@@ -59,6 +59,9 @@ MAX_AUTO_CHUNKS = 4
 # between nearby splits, and there its uneven two-chunk splits never beat the even ones. So an uneven split
 # must be predicted this much faster than the even split with the same number of chunks to be used.
 UNEVEN_SPLIT_MIN_GAIN = 0.03
+# Calibration times blocks of seq_len/8 .. seq_len/2 tokens after prefixes up to seq_len/2; below this the
+# sizes collapse and cannot separate the model's terms, so short prompts get the even split and no prediction.
+MIN_CALIBRATION_TOKENS = 16
 
 
 # --- validation before any rank starts ---
@@ -69,11 +72,10 @@ def resolve(cfg: PrefillConfig):
         raise ValueError(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    available = torch.cuda.device_count() if device == "cuda" else os.cpu_count()
     if cfg.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {cfg.tp}")
-    if device == "cuda" and cfg.tp > available and "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"--tp {cfg.tp} needs {cfg.tp} GPUs; {available} visible")
+    if device == "cuda" and cfg.tp > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--tp {cfg.tp} needs {cfg.tp} GPUs; {torch.cuda.device_count()} visible")
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {cfg.dtype!r}")
@@ -83,12 +85,14 @@ def resolve(cfg: PrefillConfig):
         raise ValueError("--batch and --repeats must be >= 1; --warmup and --generate >= 0")
     comm.parse_link(cfg.link)
     folder = model_folder(cfg.model)
-    args = ModelArgs.from_hf_config(_read_config(folder))
+    args = ModelArgs.from_hf_config(checkpoint.read_config(folder))
     from . import tp
 
     tp.check_divisible(args, cfg.tp)
     tokens = load_tokens(cfg.tokens, args.vocab_size) if cfg.tokens else None
     seq_len = tokens.shape[1] if tokens is not None else cfg.seq_len
+    if seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
     if seq_len + cfg.generate > args.max_seq_len:
         raise ValueError(f"a prompt of {seq_len} tokens plus {cfg.generate} generated exceeds the model's "
                          f"{args.max_seq_len} positions")
@@ -116,15 +120,6 @@ def model_folder(model):
     return folder
 
 
-def _read_config(folder):
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except OSError:
-        raise ValueError(f"{folder}: config.json is missing or unreadable") from None
-    except ValueError as exc:
-        raise ValueError(f"{folder}/config.json: invalid JSON ({exc})") from None
-
-
 def load_tokens(path, vocab_size):
     """Token ids from a JSON list (one prompt) or list of equal-length lists (a batch)."""
     try:
@@ -133,10 +128,10 @@ def load_tokens(path, vocab_size):
         raise ValueError(f"--tokens {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise ValueError(f"--tokens {path}: invalid JSON ({exc})") from None
-    rows = data if data and isinstance(data[0], list) else [data]
-    if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+    rows = data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
+    if (not all(isinstance(r, list) and r for r in rows) or any(len(r) != len(rows[0]) for r in rows)):
         raise ValueError(f"--tokens {path}: need a non-empty list of ids or equal-length lists of ids")
-    if not all(isinstance(t, int) for r in rows for t in r):
+    if not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r):
         raise ValueError(f"--tokens {path}: token ids must be integers")
     tokens = torch.tensor(rows, dtype=torch.long)
     if tokens.min() < 0 or tokens.max() >= vocab_size:
@@ -220,8 +215,9 @@ def _calibrate(model, communicator, device, dtype, cfg, batch, seq_len):
     key = dict(model=cfg.model, tp=cfg.tp, batch=batch, seq_len=seq_len, device=_device_name(device), dtype=str(dtype),
                threads=torch.get_num_threads(), link=cfg.link, comm=communicator.name if communicator else None)
     cached = costmodel.load_calibration(None, key) if dist.get_rank() == 0 and not cfg.recalibrate else None
-    if _broadcast(cached is not None):
-        return _broadcast(cached)
+    cached = _broadcast(cached)
+    if cached is not None:
+        return cached
     sizes = sorted({max(1, seq_len // d) for d in (8, 4, 2)})
     prefixes = sorted({0, seq_len // 4, seq_len // 2})
 
@@ -288,32 +284,18 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale.
         serial_comm_s = statistics.median(_traced_busy(lambda t: prefill(unsplit, "serial", timeline=t), device,
                                                        "comm") for _ in range(2)) if communicator else 0.0
-        costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
         predict_kw = dict(batch=batch, hidden=args.dim, dtype_bytes=dtype.itemsize)
-        modelled = costmodel.simulate_prefill(costs, args.n_layer, seq_len, [seq_len], **predict_kw)
-        scales = dict(compute=compute_only_s / modelled.compute_s,
-                      comm=serial_comm_s / modelled.comm_s if serial_comm_s > 0 and modelled.comm_s > 0 else 1.0)
-        costs = costs.scaled(**scales)
-        split = chunk_split(cfg, seq_len)
-        if split == "auto":
-            max_chunks = MAX_AUTO_CHUNKS if cfg.chunks == "auto" else int(cfg.chunks)
-            ends = costmodel.choose_split(costs, args.n_layer, seq_len, max_chunks=max_chunks,
-                                          min_gain=0.0, **predict_kw)
-            if cfg.chunks != "auto" and len(ends) != int(cfg.chunks):
-                ends = costmodel.balanced_split(costs, seq_len, int(cfg.chunks))
-            even = [end for _, end in schedule.chunk_bounds(seq_len, chunks=len(ends))]
-
-            def predicted_iso_s(chunk_ends):
-                return costmodel.predict(costs, args.n_layer, seq_len, chunk_ends, **predict_kw).iso_s
-
-            if predicted_iso_s(ends) > (1 - UNEVEN_SPLIT_MIN_GAIN) * predicted_iso_s(even):
-                ends = even
-            bounds = schedule.chunk_bounds(seq_len, ends)
-        else:
-            bounds = schedule.chunk_bounds(seq_len, split) if cfg.chunks in ("auto", "2") else \
-                schedule.chunk_bounds(seq_len, chunks=int(cfg.chunks))
+        costs = None
+        if seq_len >= MIN_CALIBRATION_TOKENS:
+            costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
+            modelled = costmodel.simulate_prefill(costs, args.n_layer, seq_len, [seq_len], **predict_kw)
+            scales = dict(compute=compute_only_s / modelled.compute_s,
+                          comm=serial_comm_s / modelled.comm_s if serial_comm_s > 0 and modelled.comm_s > 0
+                          else 1.0)
+            costs = costs.scaled(**scales)
+        bounds = _choose_bounds(cfg, costs, args.n_layer, seq_len, predict_kw)
         ends = [end for _, end in bounds]
-        predicted = costmodel.predict(costs, args.n_layer, seq_len, ends, **predict_kw)
+        predicted = costmodel.predict(costs, args.n_layer, seq_len, ends, **predict_kw) if costs else None
 
         # "serial-chunks" (serial over the ISO chunks) is timed beside the two schedules when both run: its
         # compute stream is the chunked schedule's own compute, which the bound needs (on CPU the attention
@@ -341,8 +323,9 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         report = dict(tp=world_size, seq_len=seq_len, batch=batch, device=_device_name(device), dtype=str(dtype),
                       comm_backend=_backend_name(communicator), link=_link_name(communicator),
                       split=ends[0] if len(ends) == 2 else ends, chunks=len(bounds), bounds=bounds,
-                      compute_only_ms=compute_only_s * 1e3, calibration_scales=scales,
-                      predicted_serial_ms=predicted.serial_s * 1e3, predicted_iso_ms=predicted.iso_s * 1e3)
+                      compute_only_ms=compute_only_s * 1e3,
+                      predicted_serial_ms=predicted.serial_s * 1e3 if predicted else math.nan,
+                      predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan)
         for mode in modes:
             report[f"{mode}_ms"] = statistics.median(runs[mode]) * 1e3
             report[f"{mode}_runs_ms"] = [t * 1e3 for t in runs[mode]]
@@ -370,13 +353,33 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
     return report
 
 
+def _choose_bounds(cfg, costs, n_layers, seq_len, predict_kw):
+    """The ISO chunks: the user's split, or with --split auto the cost model's choice (the even split when
+    the prompt is too short to calibrate on, or when an uneven split is not predicted clearly faster)."""
+    split = chunk_split(cfg, seq_len)
+    if split != "auto":
+        return schedule.chunk_bounds(seq_len, split)
+    fixed_chunks = None if cfg.chunks == "auto" else int(cfg.chunks)
+    if costs is None:
+        return schedule.chunk_bounds(seq_len, chunks=fixed_chunks or min(2, seq_len))
+    ends = costmodel.choose_split(costs, n_layers, seq_len, max_chunks=fixed_chunks or MAX_AUTO_CHUNKS,
+                                  min_gain=0.0, **predict_kw)
+    if fixed_chunks and len(ends) != fixed_chunks:
+        ends = costmodel.balanced_split(costs, seq_len, fixed_chunks)
+    even = [end for _, end in schedule.chunk_bounds(seq_len, chunks=len(ends))]
+
+    def predicted_iso_s(chunk_ends):
+        return costmodel.predict(costs, n_layers, seq_len, chunk_ends, **predict_kw).iso_s
+
+    if predicted_iso_s(ends) > (1 - UNEVEN_SPLIT_MIN_GAIN) * predicted_iso_s(even):
+        ends = even
+    return schedule.chunk_bounds(seq_len, ends)
+
+
 def _overlap_metrics(report, traces):
     """Per-stream busy time of the serial runs, the achievable bound, and the share of it ISO takes (medians
     over the timed runs). The bound is max(chunked compute + tail, comm + head) (see costmodel.predict), with
     the compute of the same chunks run serially, since chunking itself can change the amount of compute."""
-
-    def busy(rows, stream):
-        return sum(r["end_ms"] - r["start_ms"] for r in rows if r["stream"] == stream)
 
     def head(rows):  # the first chunk's first attention block: nothing can be communicated before it ends
         first = next(r for r in rows if r["stream"] == "compute")
@@ -386,18 +389,20 @@ def _overlap_metrics(report, traces):
         comm_rows = [r for r in rows if r["stream"] == "comm"]
         return comm_rows[-1]["end_ms"] - comm_rows[-1]["start_ms"] if comm_rows else 0.0
 
-    compute_ms = statistics.median(busy(rows, "compute") for rows in traces["serial"])
-    comm_ms = statistics.median(busy(rows, "comm") for rows in traces["serial"])
-    chunked_compute_ms = statistics.median(busy(rows, "compute") for rows in traces["serial-chunks"])
+    compute_ms = statistics.median(busy_ms(rows, "compute") for rows in traces["serial"])
+    comm_ms = statistics.median(busy_ms(rows, "comm") for rows in traces["serial"])
+    chunked_compute_ms = statistics.median(busy_ms(rows, "compute") for rows in traces["serial-chunks"])
     head_ms = statistics.median(head(rows) for rows in traces["iso"])
     tail_ms = statistics.median(tail(rows) for rows in traces["iso"])
-    bound_ms = max(chunked_compute_ms + tail_ms, comm_ms + head_ms)
+    if report["comm_backend"] != "none" and not any(r["stream"] == "comm" for r in traces["serial"][0]):
+        comm_ms = math.nan  # torch.distributed over NCCL exposes no stream to time: no bound without it
+    bound_ms = max(chunked_compute_ms + tail_ms, comm_ms + head_ms) if math.isfinite(comm_ms) else math.nan
     achievable = report["serial_ms"] - bound_ms
     gained = report["serial_ms"] - report["iso_ms"]
     return dict(compute_ms=compute_ms, comm_ms=comm_ms, chunked_compute_ms=chunked_compute_ms,
                 bound_ms=bound_ms, head_ms=head_ms, tail_ms=tail_ms,
                 reduction=gained / report["serial_ms"],
-                overlap_efficiency=gained / achievable if achievable > 0 else float("nan"))
+                overlap_efficiency=gained / achievable if achievable > 0 else math.nan)
 
 
 def _greedy_decode(model, tokens, communicator, prefill_logits, steps):

@@ -45,6 +45,12 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
         """From a Hugging Face ``config.json`` of a Llama, Mistral or Qwen2 model (transformers 4 or 5 keys)."""
+        if not isinstance(config, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
+        missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size") if key not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         model_type = config.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"config.json: model_type {model_type!r} is not supported (llama, mistral, qwen2)")

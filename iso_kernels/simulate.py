@@ -13,6 +13,7 @@ import json
 import sys
 
 from .costmodel import HARDWARE_PRESETS, MODEL_PRESETS, LayerCosts, choose_split, predict, preset
+from .schedule import chunk_bounds
 
 # The abstract of arXiv 2409.11155: prefill time cut by ~35% on RTX 4090 and ~15% on A800, for 30B and 70B
 # models; which TP degree, model and length gave each number is not stated.
@@ -22,10 +23,6 @@ DEFAULT_MODELS = "llama-30b,llama2-70b"
 DEFAULT_TPS = "2,4,8"
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192"
 GIB = 2**30
-
-
-def even_split(seq_len: int, n_chunks: int) -> list:
-    return [round(seq_len * i / n_chunks) for i in range(1, n_chunks + 1)]
 
 
 def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gbps=None, chunks=(2, "auto"),
@@ -62,7 +59,7 @@ def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gb
                             name = "solver"
                             row["solver_boundaries"] = ends
                         else:
-                            ends, name = even_split(seq_len, spec), f"{spec}even"
+                            ends, name = [e for _, e in chunk_bounds(seq_len, chunks=spec)], f"{spec}even"
                         p = predict(costs, shape.n_layers, seq_len, ends, **kw)
                         row[f"iso_{name}_ms"] = 1e3 * p.iso_s
                         row[f"reduction_{name}"] = p.reduction

@@ -55,7 +55,12 @@ class Timeline:
         return rows
 
     def busy_ms(self, stream):
-        return sum(r["end_ms"] - r["start_ms"] for r in self.intervals() if r["stream"] == stream)
+        return busy_ms(self.intervals(), stream)
+
+
+def busy_ms(rows, stream):
+    """Total milliseconds of ``stream``'s intervals in ``rows``."""
+    return sum(r["end_ms"] - r["start_ms"] for r in rows if r["stream"] == stream)
 
 
 def chrome_trace(lanes):

@@ -109,7 +109,8 @@ def _iso_equals_serial(rank, world_size, folder, tokens, link):
 def test_iso_is_bitwise_equal_to_serial_on_same_chunks(tmp_path, world_size):
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
-    # A slow emulated link makes the ISO schedule really run ahead of the all-reduces it does not need yet.
+    # A slow emulated link makes the ISO schedule really run ahead of the all-reduces it does not need yet, and
+    # delivers each result only at wait(): reading a chunk's block output before waiting would see partial sums.
     link = comm.LinkModel("slow", latency_s=2e-3, bus_bandwidth=1e8)
     for rank_result in launch.spawn_ranks(_iso_equals_serial, world_size, args=(str(folder), tokens, link)):
         assert rank_result == [True] * len(SPLITS)
