@@ -59,6 +59,7 @@ def test_tokens_file_sets_the_prompt(tmp_path, capsys):
     (["--link", "warp"], "unknown link"),
     (["--model", "/nonexistent/model"], "neither a preset"),
     (["--dtype", "int8"], "--dtype"),
+    (["--seq-len", "0"], "--seq-len"),
 ])
 def test_bad_input_gives_one_error_line(extra, message, capsys):
     assert cli.main(TINY + extra) == 2
@@ -69,7 +70,8 @@ def test_bad_input_gives_one_error_line(extra, message, capsys):
 
 def test_bad_tokens_file(tmp_path, capsys):
     cases = {"ids.json": ("[1, 2, 99999]", "ids must lie in"), "ragged.json": ("[[1, 2], [3]]", "equal-length"),
-             "text.json": ("not json", "invalid JSON")}
+             "text.json": ("not json", "invalid JSON"), "object.json": ('{"a": 1}', "list of ids"),
+             "mixed.json": ("[[1, 2], 3]", "list of ids"), "bools.json": ("[true, 2]", "integers")}
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(content)
         assert cli.main(TINY + ["--tokens", str(tmp_path / name)]) == 2
@@ -101,3 +103,17 @@ def test_runs_under_torchrun(tmp_path):
     assert done.stdout.count("iso prefill:") == 1  # rank 0 reports, rank 1 stays quiet
     report = json.loads(report_path.read_text())
     assert report["tp"] == 2 and report["agree"]
+
+
+def test_config_without_required_keys(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert cli.main(TINY + ["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks" in err and "num_attention_heads" in err
+
+
+def test_short_prompt_runs_without_calibration(tmp_path):
+    report_path = tmp_path / "r.json"
+    assert cli.main(TINY + ["--tp", "1", "--seq-len", "3", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["bounds"] == [[0, 2], [2, 3]] and report["agree"]
