@@ -178,6 +178,11 @@ def test_configs_fit_rows_per_signal(rows_per_signal):
     assert all(rows_per_signal % cfg.kwargs["BLOCK_M"] == 0 for cfg in fitted)
     if rows_per_signal % 128 == 0:
         assert len(fitted) == len(_GPU_CONFIGS)
+    # With a signal, the row tiles that finish together (GROUP_M of them) fit inside one row group.
+    signalled = _fit_rows_per_signal(_GPU_CONFIGS, {"rows_per_signal": rows_per_signal, "signal_ptr": object()})
+    assert all(cfg.kwargs["GROUP_M"] * cfg.kwargs["BLOCK_M"] <= max(rows_per_signal, cfg.kwargs["BLOCK_M"])
+               for cfg in signalled)
+    assert all(cfg.kwargs["GROUP_M"] == 8 for cfg in fitted)  # no signal: L2 grouping untouched
 
 
 # --- GPU: bf16, large shapes, TF32 off, and a real waiter on another stream ---

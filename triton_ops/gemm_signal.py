@@ -32,12 +32,17 @@ _INTERPRETER_CONFIG = _config.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M
 
 def _fit_rows_per_signal(configs, named_args, **kwargs):
     """A tile must not straddle two row groups: BLOCK_M must divide rows_per_signal. Configs whose BLOCK_M
-    does not are shrunk to gcd(BLOCK_M, rows_per_signal) (>= 16, as both are multiples of 16)."""
+    does not are shrunk to gcd(BLOCK_M, rows_per_signal) (>= 16, as both are multiples of 16). With a signal,
+    GROUP_M row tiles finish together, so GROUP_M * BLOCK_M is capped at rows_per_signal: otherwise a group's
+    counter would complete only when GROUP_M * BLOCK_M rows do, not rows_per_signal."""
     rows_per_signal = named_args["rows_per_signal"]
+    has_signal = named_args.get("signal_ptr") is not None
     fitted = {}
     for cfg in configs:
         block_m = math.gcd(cfg.kwargs["BLOCK_M"], rows_per_signal)
-        meta = {**cfg.kwargs, "BLOCK_M": block_m}
+        group_m = max(1, min(cfg.kwargs["GROUP_M"], rows_per_signal // block_m)) if has_signal \
+            else cfg.kwargs["GROUP_M"]
+        meta = {**cfg.kwargs, "BLOCK_M": block_m, "GROUP_M": group_m}
         key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
         fitted.setdefault(key, triton.Config(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return list(fitted.values())
@@ -75,7 +80,7 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.autotune(
     configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
     # ISO chunks come in arbitrary lengths: tune once per power-of-two bucket of M, not per length.
-    key=["M_bucket", "N", "K", "rows_per_signal"],
+    key=["M_bucket", "N", "K", "rows_per_signal", "HAS_SIGNAL"],
     prune_configs_by={"early_config_prune": _fit_rows_per_signal},
     pre_hook=_zero_signal,
     post_hook=_zero_signal_after_tuning,
