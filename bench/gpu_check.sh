@@ -66,7 +66,7 @@ step bench_chunked_attention 120 "$PYTHON" bench/bench_chunked_attention.py --qu
 step bench_gemm_signal 90 "$PYTHON" bench/bench_gemm_signal.py --quick --csv "$OUT/gemm_signal.csv"
 step bench_iso_prefill 240 "$PYTHON" bench/bench_iso_prefill.py --quick --device cuda --csv "$OUT/iso_prefill.csv"
 
-# The kernel benchmarks write one PNG per mode: pack them so that OUTDIR stays within the files brought back.
+# The kernel benchmarks write a PNG each: pack them so that OUTDIR stays within the files brought back.
 plots=$(cd "$OUT" && ls chunked_attention.png gemm_signal.png 2>/dev/null)
 if [ -n "$plots" ]; then
   # shellcheck disable=SC2086 # one word per file name; the names have no spaces
