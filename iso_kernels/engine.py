@@ -289,10 +289,15 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         if seq_len >= MIN_CALIBRATION_TOKENS:
             costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
             modelled = costmodel.simulate_prefill(costs, args.n_layer, seq_len, [seq_len], **predict_kw)
-            scales = dict(compute=compute_only_s / modelled.compute_s,
-                          comm=serial_comm_s / modelled.comm_s if serial_comm_s > 0 and modelled.comm_s > 0
-                          else 1.0)
-            costs = costs.scaled(**scales)
+            link_model = getattr(communicator, "link", None)
+            if link_model is not None:
+                # An emulated link's cost is known exactly; a fit of timed collectives would add the ranks'
+                # skew to it as a spurious latency, paid once more per extra chunk.
+                costs = dataclasses.replace(costs, ar_latency=link_model.latency_s, ar_bandwidth=(
+                    link_model.bus_bandwidth / costmodel.ring_factor(communicator.traffic_world_size)))
+            scale_comm = link_model is None and serial_comm_s > 0 and modelled.comm_s > 0
+            costs = costs.scaled(compute=compute_only_s / modelled.compute_s,
+                                 comm=serial_comm_s / modelled.comm_s if scale_comm else 1.0)
         bounds = _choose_bounds(cfg, costs, args.n_layer, seq_len, predict_kw)
         ends = [end for _, end in bounds]
         predicted = costmodel.predict(costs, args.n_layer, seq_len, ends, **predict_kw) if costs else None
