@@ -348,6 +348,9 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         communicator.close()
     all_lanes = [None] * world_size
     dist.all_gather_object(all_lanes, lanes if cfg.trace else {})
+    # Leave together: a rank that exits while a peer's gloo pair still expects traffic makes that peer's
+    # transport thread abort ("Connection reset by peer"), seen under torchrun.
+    dist.barrier()
     if rank != 0:
         return None
     report["generated"] = generated
