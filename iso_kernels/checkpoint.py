@@ -38,14 +38,17 @@ def preset_config(name):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **PRESETS[name])
 
 
-def _hf_layer_names(i):
-    prefix = f"model.layers.{i}."
-    return {
-        "q": prefix + "self_attn.q_proj", "k": prefix + "self_attn.k_proj", "v": prefix + "self_attn.v_proj",
-        "o": prefix + "self_attn.o_proj.weight", "gate": prefix + "mlp.gate_proj.weight",
-        "up": prefix + "mlp.up_proj.weight", "down": prefix + "mlp.down_proj.weight",
-        "attention_norm": prefix + "input_layernorm.weight", "ffn_norm": prefix + "post_attention_layernorm.weight",
-    }
+# Our per-layer parameter -> its tensor under "model.layers.N." in a Hugging Face checkpoint. The fused qkv
+# projection is the exception: it is made of HF_QKV's three projections.
+HF_LAYER_NAMES = {
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+HF_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 class _Reader:
@@ -113,39 +116,29 @@ def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.f
     args = ModelArgs.from_hf_config(read_config(folder))
     tp.check_divisible(args, world_size)
     reader = _Reader(folder)
-    dim, head_dim = args.dim, args.head_dim
-    q_out, kv_out = args.n_head * head_dim, args.n_local_heads * head_dim
+    with torch.device("meta"):
+        model = Transformer(args)
+    full_shapes = {name: tuple(p.shape) for name, p in model.layers[0].named_parameters()}
+    q_out, kv_out = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
 
     def full(name, *shape):
         return reader.slice(name, shape)[:]
 
-    state = {"tok_embeddings.weight": full("model.embed_tokens.weight", args.vocab_size, dim),
-             "norm.weight": full("model.norm.weight", dim)}
+    state = {"tok_embeddings.weight": full("model.embed_tokens.weight", args.vocab_size, args.dim),
+             "norm.weight": full("model.norm.weight", args.dim)}
     state["output.weight"] = (state["tok_embeddings.weight"] if args.tie_embeddings
-                              else full("lm_head.weight", args.vocab_size, dim))
+                              else full("lm_head.weight", args.vocab_size, args.dim))
     for i in range(args.n_layer):
-        names = _hf_layer_names(i)
-        ours = f"layers.{i}."
-        q, k, v = (reader.slice(names[p] + ".weight", (out, dim)) for p, out in (("q", q_out), ("k", kv_out),
-                                                                                 ("v", kv_out)))
-        state[ours + "attention.wqkv.weight"] = tp.qkv_piece(q, k, v, args, rank, world_size)
-        if args.qkv_bias:
-            qb, kb, vb = (reader.slice(names[p] + ".bias", (out,)) for p, out in (("q", q_out), ("k", kv_out),
-                                                                                  ("v", kv_out)))
-            state[ours + "attention.wqkv.bias"] = tp.qkv_piece(qb, kb, vb, args, rank, world_size)
-        state[ours + "attention.wo.weight"] = tp.row_piece(reader.slice(names["o"], (dim, q_out)), rank, world_size)
-        inter = args.intermediate_size
-        state[ours + "feed_forward.w1.weight"] = tp.column_piece(reader.slice(names["gate"], (inter, dim)), rank,
-                                                                 world_size)
-        state[ours + "feed_forward.w3.weight"] = tp.column_piece(reader.slice(names["up"], (inter, dim)), rank,
-                                                                 world_size)
-        state[ours + "feed_forward.w2.weight"] = tp.row_piece(reader.slice(names["down"], (dim, inter)), rank,
-                                                              world_size)
-        state[ours + "attention_norm.weight"] = full(names["attention_norm"], dim)
-        state[ours + "ffn_norm.weight"] = full(names["ffn_norm"], dim)
+        prefix = f"model.layers.{i}."
+        for ours, theirs in HF_LAYER_NAMES.items():
+            piece = reader.slice(prefix + theirs, full_shapes[ours])
+            split = tp.LAYER_SPLITS.get(ours)
+            state[f"layers.{i}.{ours}"] = split(piece, rank, world_size) if split else piece[:]
+        for param_name in ("weight", "bias") if args.qkv_bias else ("weight",):
+            shapes = [(out, args.dim) if param_name == "weight" else (out,) for out in (q_out, kv_out, kv_out)]
+            q, k, v = (reader.slice(f"{prefix}{name}.{param_name}", shape) for name, shape in zip(HF_QKV, shapes))
+            state[f"layers.{i}.attention.wqkv.{param_name}"] = tp.qkv_piece(q, k, v, args, rank, world_size)
 
-    with torch.device("meta"):
-        model = Transformer(args)
     tp.shard_model(model, rank, world_size)
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
     if args.tie_embeddings:
@@ -161,18 +154,14 @@ def to_hf_state_dict(model):
     if not args.tie_embeddings:
         state["lm_head.weight"] = model.output.weight
     for i, layer in enumerate(model.layers):
-        names = _hf_layer_names(i)
+        prefix = f"model.layers.{i}."
+        for ours, theirs in HF_LAYER_NAMES.items():
+            state[prefix + theirs] = layer.get_parameter(ours)
         for param_name in ("weight", "bias"):
             fused = getattr(layer.attention.wqkv, param_name)
             if fused is not None:
-                for part, piece in zip("qkv", fused.split([q_out, kv_out, kv_out], dim=0)):
-                    state[f"{names[part]}.{param_name}"] = piece
-        state[names["o"]] = layer.attention.wo.weight
-        state[names["gate"]] = layer.feed_forward.w1.weight
-        state[names["up"]] = layer.feed_forward.w3.weight
-        state[names["down"]] = layer.feed_forward.w2.weight
-        state[names["attention_norm"]] = layer.attention_norm.weight
-        state[names["ffn_norm"]] = layer.ffn_norm.weight
+                for name, piece in zip(HF_QKV, fused.split([q_out, kv_out, kv_out], dim=0)):
+                    state[f"{prefix}{name}.{param_name}"] = piece
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 
 

@@ -47,6 +47,16 @@ def row_piece(weight, rank, world_size):
     return weight[:, a:b]
 
 
+# How each sharded per-layer weight is split (besides the fused qkv, split by whole heads with qkv_piece);
+# the norms are replicated. shard_model and checkpoint.load_checkpoint both follow this plan.
+LAYER_SPLITS = {
+    "attention.wo.weight": row_piece,
+    "feed_forward.w1.weight": column_piece,
+    "feed_forward.w3.weight": column_piece,
+    "feed_forward.w2.weight": row_piece,
+}
+
+
 def shard_model(model, rank, world_size):
     """Keep only rank ``rank``'s share of every sharded layer, in place; returns the model."""
     args = model.args
@@ -55,16 +65,16 @@ def shard_model(model, rank, world_size):
         return model
     q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
     for layer in model.layers:
-        attention, mlp = layer.attention, layer.feed_forward
+        attention = layer.attention
         for param_name in ("weight", "bias"):
             fused = getattr(attention.wqkv, param_name)
             if fused is not None:
                 q, k, v = fused.detach().split([q_size, kv_size, kv_size], dim=0)
                 _replace(attention.wqkv, param_name, qkv_piece(q, k, v, args, rank, world_size))
-        _replace(attention.wo, "weight", row_piece(attention.wo.weight.detach(), rank, world_size))
-        for linear in (mlp.w1, mlp.w3):
-            _replace(linear, "weight", column_piece(linear.weight.detach(), rank, world_size))
-        _replace(mlp.w2, "weight", row_piece(mlp.w2.weight.detach(), rank, world_size))
+        for name, split in LAYER_SPLITS.items():
+            module_name, param_name = name.rsplit(".", 1)
+            module = layer.get_submodule(module_name)
+            _replace(module, param_name, split(getattr(module, param_name).detach(), rank, world_size))
         attention.n_head //= world_size
         attention.n_kv_head //= world_size
     return model
