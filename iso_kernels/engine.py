@@ -181,13 +181,15 @@ def _timed(fn, device, repeats=3):
     return statistics.median(samples)
 
 
-def _traced_busy(run_with_timeline, device, stream):
-    """Seconds that ``stream`` was busy in one traced run, started in step on every rank."""
+def _traced_run(run_with_timeline, device):
+    """One run started in step on every rank: (its output, the slowest rank's seconds, its intervals)."""
     dist.barrier()
     _sync(device)
     timeline = Timeline(device)
-    run_with_timeline(timeline)
-    return timeline.busy_ms(stream) / 1e3
+    start = time.perf_counter()
+    out = run_with_timeline(timeline)
+    _sync(device)
+    return out, _max_over_ranks(time.perf_counter() - start), timeline.intervals()
 
 
 def _sync(device):
@@ -281,24 +283,29 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
             per_block = batch * seq_len * args.dim * dtype.itemsize
             communicator.set_link(comm.link_for_ratio(link, compute_only_s, per_block, 2 * args.n_layer,
                                                       world_size))
-        # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale.
-        serial_comm_s = statistics.median(_traced_busy(lambda t: prefill(unsplit, "serial", timeline=t), device,
-                                                       "comm") for _ in range(2)) if communicator else 0.0
+        # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale
+        # (an emulated link's cost is known exactly instead, below).
+        link_model = getattr(communicator, "link", None)
+        serial_comm_s = 0.0
+        if communicator is not None and link_model is None:
+            serial_comm_s = _max_over_ranks(statistics.median(
+                busy_ms(_traced_run(lambda t: prefill(unsplit, "serial", timeline=t), device)[2], "comm") / 1e3
+                for _ in range(2)))
         predict_kw = dict(batch=batch, hidden=args.dim, dtype_bytes=dtype.itemsize)
         costs = None
         if seq_len >= MIN_CALIBRATION_TOKENS:
             costs = _calibrate(model, communicator, device, dtype, cfg, batch, seq_len)
             modelled = costmodel.simulate_prefill(costs, args.n_layer, seq_len, [seq_len], **predict_kw)
-            link_model = getattr(communicator, "link", None)
             if link_model is not None:
                 # An emulated link's cost is known exactly; a fit of timed collectives would add the ranks'
                 # skew to it as a spurious latency, paid once more per extra chunk.
                 costs = dataclasses.replace(costs, ar_latency=link_model.latency_s, ar_bandwidth=(
                     link_model.bus_bandwidth / costmodel.ring_factor(communicator.traffic_world_size)))
-            scale_comm = link_model is None and serial_comm_s > 0 and modelled.comm_s > 0
+            scale_comm = serial_comm_s > 0 and modelled.comm_s > 0
             costs = costs.scaled(compute=compute_only_s / modelled.compute_s,
                                  comm=serial_comm_s / modelled.comm_s if scale_comm else 1.0)
-        bounds = _choose_bounds(cfg, costs, args.n_layer, seq_len, predict_kw)
+        # Every rank must run the same chunks (or their collectives mismatch): rank 0's choice is everyone's.
+        bounds = _broadcast(_choose_bounds(cfg, costs, args.n_layer, seq_len, predict_kw))
         ends = [end for _, end in bounds]
         predicted = costmodel.predict(costs, args.n_layer, seq_len, ends, **predict_kw) if costs else None
 
@@ -313,17 +320,11 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         steps = range(cfg.warmup + cfg.repeats)
         for step in (tqdm(steps, desc="prefill runs", leave=False) if rank == 0 else steps):
             for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
-                dist.barrier()
-                _sync(device)
-                timeline = Timeline(device)
-                start = time.perf_counter()
-                out = prefill(*plans[mode], timeline=timeline)
-                _sync(device)
-                elapsed = _max_over_ranks(time.perf_counter() - start)
+                logits[mode], elapsed, intervals = _traced_run(
+                    lambda t, plan=plans[mode]: prefill(*plan, timeline=t), device)
                 if step >= cfg.warmup:
                     runs[mode].append(elapsed)
-                    traces[mode].append(timeline.intervals())
-                logits[mode] = out
+                    traces[mode].append(intervals)
 
         report = dict(tp=world_size, seq_len=seq_len, batch=batch, device=_device_name(device), dtype=str(dtype),
                       comm_backend=_backend_name(communicator), link=_link_name(communicator),
