@@ -38,7 +38,7 @@ def _prefill_arguments(parser):
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs per schedule")
     parser.add_argument("--comm-backend", default=defaults.comm_backend, choices=["auto", "torch", "nccl-ext"])
     parser.add_argument("--row-signal", type=int, default=0, metavar="ROWS",
-                        help="GPU: start each all-reduce per ROWS-row group as gemm_signal finishes it")
+                        help="GPU: all-reduce each group of >= ROWS rows (<= 8 per block) once it is stored")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure the cost model's constants again instead of using the cached ones")
     parser.add_argument("--seed", type=int, default=defaults.seed)

@@ -20,6 +20,16 @@ import torch
 from . import ops
 
 SCHEDULES = ("serial", "iso")
+# At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
+# the schedule's issue path (~3 us on the 2-core dev CPU with a no-op communicator: tests/test_row_signal.py)
+# plus the native communicator's checks, two CUDA events, a flag-wait and an NCCL launch (not yet measured),
+# and costs the comm stream one collective latency. The gain is bounded by the block's all-reduce: G groups
+# leave about 1/G of it exposed after the GEMM, so 8 groups hide 7/8 and 32 only 9 points more. A llama-1b
+# block of 4k tokens computes for ~0.3-0.5 ms on one H200 (its FLOPs at ~600 TFLOP/s): 32 groups of 128 rows
+# (1024 collectives per prefill) at 10-30 us each would keep the host as busy as the GPU; 8 take a quarter.
+MAX_ROW_GROUPS = 8
+# gemm_signal's rows_per_signal must be a multiple of its smallest row tile.
+SIGNAL_ROW_MULTIPLE = 16
 
 
 def chunk_bounds(seq_len, split=None, chunks=2, *, start=0):
@@ -50,6 +60,20 @@ def chunk_bounds(seq_len, split=None, chunks=2, *, start=0):
         raise ValueError(f"split {split!r} must give increasing chunk ends inside (0, {seq_len}] ending at "
                          f"{seq_len}; got ends {ends}")
     return [(start + a, start + b) for a, b in zip([0] + ends[:-1], ends)]
+
+
+def row_group_rows(rows, requested, max_groups=MAX_ROW_GROUPS):
+    """Rows per signal group of a block of ``rows`` rows: at least ``requested``, and enough that the block
+    issues at most ``max_groups`` all-reduces, rounded up to a multiple of SIGNAL_ROW_MULTIPLE.
+
+    The cap is taken from the next power of two above ``rows``, gemm_signal's autotune bucket of M, rather than
+    from ``rows`` itself: chunks of any length in one bucket then share a group size and add no autotune key.
+    """
+    if requested < 1 or max_groups < 1:
+        raise ValueError(f"requested rows and max_groups must be >= 1, got {requested} and {max_groups}")
+    bucket = 1 << max(rows - 1, 0).bit_length()
+    group = max(requested, -(-bucket // max_groups))
+    return -(-group // SIGNAL_ROW_MULTIPLE) * SIGNAL_ROW_MULTIPLE
 
 
 @dataclass
@@ -95,8 +119,8 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     comm: an ``iso_kernels.comm`` communicator of the tensor-parallel group, or None at TP=1.
     schedule: "serial" or "iso". all_logits: logits for every position (batch, n, vocab), else the last
     position's (batch, vocab). row_signal_rows: with a communicator that starts collectives from device flags,
-    row-parallel GEMMs announce finished row groups of this many rows and each group's all-reduce starts
-    as soon as it is stored (GPU only).
+    row-parallel GEMMs announce finished row groups of at least this many rows (``row_group_rows``: at most
+    MAX_ROW_GROUPS per block) and each group's all-reduce starts as soon as it is stored (GPU only).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -175,13 +199,14 @@ class _Reducer:
         if self.row_signal_rows is None:
             return None
         rows = normed.shape[0] * normed.shape[1]
-        groups = -(-rows // self.row_signal_rows)
+        rows_per_signal = row_group_rows(rows, self.row_signal_rows)
+        groups = -(-rows // rows_per_signal)
         counters = torch.zeros(groups, dtype=torch.int32, device=normed.device)
         after = None
         if counters.is_cuda:
             after = torch.cuda.Event()
             after.record()
-        return RowSignal(counters, self.row_signal_rows, after)
+        return RowSignal(counters, rows_per_signal, after)
 
     def start(self, out, chunk, layer, kind, signal=None):
         """All-reduce ``out`` (the block's partial output); with ``signal``, per row group as it is stored."""
