@@ -1,9 +1,11 @@
 // iso_kernels._C: NCCL all-reduce on a dedicated comm stream, flag-gated starts, and timing helpers.
 // Device pointers and CUDA streams cross as Python ints (tensor.data_ptr(), stream.cuda_stream); there is
 // no libtorch here, so this builds and imports against CPU-only torch too.
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,6 +17,7 @@
 #include "comm_overlap.h"
 #include "nccl_lib.h"
 #include "signal_wait.h"
+#include "watchdog.h"
 
 namespace py = pybind11;
 
@@ -45,9 +48,11 @@ py::dict build_info() {
     NCCL_CHECK(api.ncclGetVersion(&loaded));
     info["nccl_loaded"] = loaded;
     info["nccl_library"] = api.path;
+    info["nccl_found_by"] = api.found_by;
   } catch (const std::exception& e) {
     info["nccl_loaded"] = 0;
     info["nccl_library"] = py::none();
+    info["nccl_found_by"] = py::none();
     info["nccl_error"] = e.what();
   }
   info["archs"] = iso::compiled_cuda_archs();
@@ -60,6 +65,54 @@ py::bytes nccl_unique_id() {
   NCCL_CHECK(iso::nccl().ncclGetUniqueId(&id));
   return py::bytes(id.internal, sizeof(id.internal));
 }
+
+// (least, greatest) priority of `device`'s streams; lower numbers run first.
+std::pair<int, int> stream_priority_range(int device) {
+  int current = 0, least = 0, greatest = 0;
+  CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) CUDA_CHECK(cudaSetDevice(device));
+  const cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+  if (current != device) (void)cudaSetDevice(current);
+  CUDA_CHECK(err);
+  return {least, greatest};
+}
+
+// The watchdog's loop (watchdog.h) driven by a Python callable, so a CPU test can check its deadline logic:
+// `step()` returns True (done), False (pending) or a str (failed). Returns "done", "failed: <str>" or
+// "timed out".
+std::string poll_for_test(const py::function& step, double timeout_s) {
+  ISO_CHECK(timeout_s > 0, "timeout_s must be > 0, got ", timeout_s);
+  py::gil_scoped_release nogil;
+  const iso::Progress progress = iso::poll_until(
+      std::chrono::nanoseconds(static_cast<std::int64_t>(timeout_s * 1e9)), [&] {
+        py::gil_scoped_acquire gil;
+        py::object answer = step();
+        if (py::isinstance<py::str>(answer)) return iso::Progress::failed(answer.cast<std::string>());
+        return answer.cast<bool>() ? iso::Progress::done() : iso::Progress::pending();
+      });
+  switch (progress.state) {
+    case iso::Progress::kDone:
+      return "done";
+    case iso::Progress::kFailed:
+      return "failed: " + progress.error;
+    case iso::Progress::kPending:
+      break;
+  }
+  return "timed out";
+}
+
+// Deletes an OverlapComm without the GIL: its destructor aborts NCCL, which can take a while.
+struct DeleteWithoutGil {
+  void operator()(iso::OverlapComm* comm) const {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      delete comm;
+    } else {
+      delete comm;
+    }
+  }
+};
+using OverlapCommHolder = std::unique_ptr<iso::OverlapComm, DeleteWithoutGil>;
 
 void stream_sleep(std::uintptr_t stream, std::int64_t nanoseconds) {
   ISO_CHECK(nanoseconds >= 0, "nanoseconds must be >= 0, got ", nanoseconds);
@@ -86,40 +139,55 @@ PYBIND11_MODULE(_C, m) {
       .value("bfloat16", iso::DataType::bfloat16)
       .value("float32", iso::DataType::float32);
 
-  py::class_<iso::OverlapComm>(m, "OverlapComm",
-                               "An NCCL communicator with its own comm stream. Close it with destroy() "
-                               "(or use it as a context manager); abort() is for error paths.")
-      .def(py::init([](const py::bytes& unique_id, int world_size, int rank, int device,
-                       int stream_priority) {
+  m.def("stream_priority_range", &stream_priority_range, py::arg("device"),
+        "(least, greatest) stream priority of `device`; lower numbers run first.");
+  m.def("_poll_for_test", &poll_for_test, py::arg("step"), py::arg("timeout_s"),
+        "The watchdog's polling loop around a Python step (True: done, False: pending, str: failed); "
+        "returns 'done', 'failed: ...' or 'timed out'. For tests.");
+
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  py::class_<iso::OverlapComm, OverlapCommHolder>(
+      m, "OverlapComm",
+      "An NCCL communicator that enqueues on a comm stream the caller owns. Every blocking call is bounded by "
+      "timeout_ns (then it aborts and raises). Close it with destroy() (or use it as a context manager; "
+      "the body raising aborts instead); abort() is for error paths and may come from another thread.")
+      .def(py::init([](const py::bytes& unique_id, int world_size, int rank, int device, std::uintptr_t stream,
+                       std::int64_t timeout_ns) {
              std::string id = unique_id;
              iso::nccl();  // load NCCL while holding the GIL (the loader may consult importlib)
-             py::gil_scoped_release nogil;  // ncclCommInitRank blocks until every rank has joined
-             return std::make_unique<iso::OverlapComm>(id, world_size, rank, device, stream_priority);
+             py::gil_scoped_release nogil;  // joining the ranks waits for every peer
+             return OverlapCommHolder(new iso::OverlapComm(id, world_size, rank, device, stream, timeout_ns));
            }),
-           py::arg("unique_id"), py::arg("world_size"), py::arg("rank"), py::arg("device"),
-           py::arg("stream_priority") = 0)
+           py::arg("unique_id"), py::arg("world_size"), py::arg("rank"), py::arg("device"), py::arg("stream"),
+           py::arg("timeout_ns"))
       .def_property_readonly("comm_stream", &iso::OverlapComm::comm_stream)
       .def_readonly("world_size", &iso::OverlapComm::world_size)
       .def_readonly("rank", &iso::OverlapComm::rank)
       .def_readonly("device", &iso::OverlapComm::device)
+      .def_property_readonly("timeout_ns", &iso::OverlapComm::timeout_ns)
       .def_property_readonly("closed", &iso::OverlapComm::closed)
       .def("comm_wait_for", &iso::OverlapComm::comm_wait_for, py::arg("caller_stream"))
-      .def("record_done", &iso::OverlapComm::record_done)
-      .def("caller_wait_for_comm", &iso::OverlapComm::caller_wait_for_comm, py::arg("caller_stream"),
-           py::arg("ticket") = py::none())
-      .def("all_reduce", &iso::OverlapComm::all_reduce, py::arg("ptr"), py::arg("count"), py::arg("dtype"))
+      .def("caller_wait_for_comm", &iso::OverlapComm::caller_wait_for_comm, py::arg("caller_stream"))
+      // The first collective, and a group's end, can wait for the peers' connection handshake.
+      .def("all_reduce", &iso::OverlapComm::all_reduce, py::arg("ptr"), py::arg("count"), py::arg("dtype"), nogil())
       .def("group_start", &iso::OverlapComm::group_start)
-      .def("group_end", &iso::OverlapComm::group_end)
+      .def("group_end", &iso::OverlapComm::group_end, nogil())
       .def("wait_flag", &iso::OverlapComm::wait_flag, py::arg("flag_ptr"), py::arg("target"),
            py::arg("timeout_ns"))
       .def("check_status", &iso::OverlapComm::check_status)
-      .def("synchronize", &iso::OverlapComm::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &iso::OverlapComm::synchronize, nogil())
       .def("reset_flags", &iso::OverlapComm::reset_flags, py::arg("ptr"), py::arg("count"), py::arg("stream"))
-      .def("destroy", &iso::OverlapComm::destroy, py::call_guard<py::gil_scoped_release>())
-      .def("abort", &iso::OverlapComm::abort, py::call_guard<py::gil_scoped_release>())
+      .def("destroy", &iso::OverlapComm::destroy, nogil())
+      .def("abort", &iso::OverlapComm::abort, nogil())
       .def("__enter__", [](py::object self) { return self; })
-      .def("__exit__", [](iso::OverlapComm& self, const py::args&) {
-        py::gil_scoped_release nogil;  // destroy() waits for the comm stream
-        self.destroy();
+      .def("__exit__", [](iso::OverlapComm& self, const py::object& exc_type, const py::object&,
+                          const py::object&) {
+        const bool failed = !exc_type.is_none();
+        py::gil_scoped_release nogil;  // destroy() waits for the comm stream and NCCL's finalize
+        if (failed) {
+          self.abort();  // the body raised: peers may never match this rank's collectives
+        } else {
+          self.destroy();
+        }
       });
 }

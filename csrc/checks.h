@@ -40,16 +40,24 @@ std::string concat(const Parts&... parts) {
     }                                                                                             \
   } while (0)
 
-// ncclGetErrorString gives the class of error; ncclGetLastError the detail NCCL logged for it.
-#define NCCL_CHECK(expr)                                                                  \
-  do {                                                                                    \
-    const ncclResult_t iso_res_ = (expr);                                                 \
-    if (iso_res_ != ncclSuccess && iso_res_ != ncclInProgress) {                          \
-      const auto& iso_api_ = ::iso::nccl();                                               \
-      const char* iso_last_ = iso_api_.ncclGetLastError(nullptr);                         \
-      const bool iso_detail_ = iso_last_ != nullptr && *iso_last_ != '\0';                \
-      throw std::runtime_error(::iso::detail::concat(                                     \
-          #expr, " failed: ", iso_api_.ncclGetErrorString(iso_res_), iso_detail_ ? " (" : "", \
-          iso_detail_ ? iso_last_ : "", iso_detail_ ? ")" : ""));                         \
-    }                                                                                     \
+namespace iso::detail {
+
+// "what failed: class of error (detail)": ncclGetErrorString gives the class, ncclGetLastError the detail
+// NCCL logged for it.
+inline std::string nccl_failure(const char* what, ncclResult_t result) {
+  const auto& api = ::iso::nccl();
+  const char* last = api.ncclGetLastError(nullptr);
+  const bool detail = last != nullptr && *last != '\0';
+  return concat(what, " failed: ", api.ncclGetErrorString(result), detail ? " (" : "", detail ? last : "",
+                detail ? ")" : "");
+}
+
+}  // namespace iso::detail
+
+// Only ncclSuccess passes. Calls on a non-blocking communicator, which may return ncclInProgress, go through
+// OverlapComm::finish_nccl instead, which polls them to completion against a deadline.
+#define NCCL_CHECK(expr)                                                                   \
+  do {                                                                                     \
+    const ncclResult_t iso_res_ = (expr);                                                  \
+    if (iso_res_ != ncclSuccess) throw std::runtime_error(::iso::detail::nccl_failure(#expr, iso_res_)); \
   } while (0)

@@ -44,13 +44,15 @@ cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStre
 }  // namespace
 
 OverlapComm::OverlapComm(const std::string& unique_id, int world_size, int rank, int device,
-                         int stream_priority)
-    : world_size(world_size), rank(rank), device(device) {
+                         std::uintptr_t stream, std::int64_t timeout_ns)
+    : world_size(world_size), rank(rank), device(device), timeout_ns_(timeout_ns) {
   ISO_CHECK(unique_id.size() == NCCL_UNIQUE_ID_BYTES, "unique_id must be ", NCCL_UNIQUE_ID_BYTES,
             " bytes (from nccl_unique_id()), got ", unique_id.size());
   ISO_CHECK(world_size >= 1, "world_size must be >= 1, got ", world_size);
   ISO_CHECK(rank >= 0 && rank < world_size, "rank must be in [0, world_size=", world_size, "), got ", rank);
   ISO_CHECK(device >= 0, "device must be >= 0, got ", device);
+  ISO_CHECK(stream != 0, "stream must be the comm stream's handle, not 0 (the legacy default stream)");
+  ISO_CHECK(timeout_ns > 0, "timeout_ns must be > 0, got ", timeout_ns);
   const NcclApi& api = nccl();
   int count = 0;
   CUDA_CHECK(cudaGetDeviceCount(&count));
@@ -59,21 +61,29 @@ OverlapComm::OverlapComm(const std::string& unique_id, int world_size, int rank,
   ncclUniqueId id;
   std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
   DeviceGuard guard(device);
+  stream_ = as_stream(stream);
   try {
-    CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, stream_priority));
+    preload_stream_kernels();  // before any flag wait can spin (signal_wait.h)
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    for (auto& event : done_) CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(WaitStatus), cudaHostAllocMapped));
     std::memset(status_, 0, sizeof(WaitStatus));
     CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&status_device_), status_, 0));
-    // Kept local until it succeeds: a failed init's output handle is not ours to abort.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;  // NCCL returns ncclInProgress instead of blocking; finish_nccl bounds the wait
     ncclComm_t comm = nullptr;
-    NCCL_CHECK(api.ncclCommInitRank(&comm, world_size, id, rank));
+    const ncclResult_t started = api.ncclCommInitRankConfig(&comm, world_size, id, rank, &config);
+    // Kept even when init failed: current NCCL leaves a live handle behind a failed init, to be aborted.
     comm_ = comm;
+    if (started != ncclSuccess && started != ncclInProgress) {
+      throw std::runtime_error(detail::nccl_failure("ncclCommInitRankConfig", started));
+    }
+    ISO_CHECK(comm_ != nullptr, "ncclCommInitRankConfig returned no communicator");
   } catch (...) {
     (void)release(/*abort=*/true);
     throw;
   }
+  finish_nccl(ncclInProgress, "ncclCommInitRankConfig");  // joins the ranks; aborts and throws on failure
 }
 
 OverlapComm::~OverlapComm() {
@@ -81,92 +91,152 @@ OverlapComm::~OverlapComm() {
   (void)release(/*abort=*/true);
 }
 
-void OverlapComm::require_open() const {
-  if (comm_ == nullptr) throw std::runtime_error("OverlapComm is closed (destroy() or abort() was called)");
+void OverlapComm::require_open_locked(const char* call) const {
+  if (comm_ == nullptr) {
+    throw std::runtime_error(detail::concat("OverlapComm.", call, ": the communicator is closed (destroy() or ",
+                                            "abort() was called, or a failure aborted it)"));
+  }
 }
 
-std::uintptr_t OverlapComm::comm_stream() const {
-  require_open();
+template <typename Step>
+void OverlapComm::watch(const char* what, Step&& step) {
+  const Progress progress = poll_until(std::chrono::nanoseconds(timeout_ns_), [&] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (comm_ == nullptr) return Progress::failed("the communicator was aborted while this call waited");
+    return step();
+  });
+  if (progress.state == Progress::kDone) return;
+  const std::string cause =
+      progress.state == Progress::kFailed
+          ? progress.error
+          : detail::concat("not finished within the timeout of ", static_cast<double>(timeout_ns_) * 1e-9,
+                           " s (a peer may be dead, stuck, or issuing different collectives)");
+  const std::string abort_error = release(/*abort=*/true);
+  throw std::runtime_error(detail::concat(what, " on rank ", rank, ": ", cause, "; the communicator was aborted",
+                                          abort_error.empty() ? "" : " (", abort_error,
+                                          abort_error.empty() ? "" : ")"));
+}
+
+void OverlapComm::finish_nccl(ncclResult_t result, const char* what) {
+  if (result == ncclSuccess) return;
+  if (result != ncclInProgress) {
+    const std::string why = detail::nccl_failure(what, result);
+    const std::string abort_error = release(/*abort=*/true);
+    throw std::runtime_error(detail::concat(why, " on rank ", rank, "; the communicator was aborted",
+                                            abort_error.empty() ? "" : " (", abort_error,
+                                            abort_error.empty() ? "" : ")"));
+  }
+  watch(what, [&] {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t queried = nccl().ncclCommGetAsyncError(comm_, &state);
+    if (queried != ncclSuccess) return Progress::failed(detail::nccl_failure("ncclCommGetAsyncError", queried));
+    if (state == ncclInProgress) return Progress::pending();
+    if (state == ncclSuccess) return Progress::done();
+    return Progress::failed(detail::nccl_failure(what, state));
+  });
+}
+
+Progress OverlapComm::stream_progress_locked() {
+  ncclResult_t async = ncclSuccess;
+  const ncclResult_t queried = nccl().ncclCommGetAsyncError(comm_, &async);
+  if (queried != ncclSuccess) return Progress::failed(detail::nccl_failure("ncclCommGetAsyncError", queried));
+  if (async != ncclSuccess && async != ncclInProgress) {
+    return Progress::failed(detail::concat("NCCL asynchronous error: ", nccl().ncclGetErrorString(async)));
+  }
+  const cudaError_t state = cudaStreamQuery(stream_);
+  if (state == cudaErrorNotReady || async == ncclInProgress) return Progress::pending();
+  if (state == cudaSuccess) return Progress::done();
+  (void)cudaGetLastError();
+  return Progress::failed(detail::concat("the comm stream failed: ", cudaGetErrorName(state), ": ",
+                                         cudaGetErrorString(state)));
+}
+
+std::uintptr_t OverlapComm::comm_stream() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("comm_stream");
   return reinterpret_cast<std::uintptr_t>(stream_);
 }
 
 void OverlapComm::comm_wait_for(std::uintptr_t caller_stream) {
-  require_open();
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("comm_wait_for");
   DeviceGuard guard(device);
   CUDA_CHECK(cudaEventRecord(ready_, as_stream(caller_stream)));
   CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
 }
 
-std::uint64_t OverlapComm::record_done() {
-  require_open();
+void OverlapComm::caller_wait_for_comm(std::uintptr_t caller_stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("caller_wait_for_comm");
   DeviceGuard guard(device);
-  const std::uint64_t ticket = next_ticket_;
-  CUDA_CHECK(cudaEventRecord(done_[ticket % kDoneEvents], stream_));
-  ++next_ticket_;
-  return ticket;
-}
-
-void OverlapComm::caller_wait_for_comm(std::uintptr_t caller_stream, std::optional<std::uint64_t> ticket) {
-  require_open();
-  const std::uint64_t t = ticket ? *ticket : record_done();
-  ISO_CHECK(t < next_ticket_, "ticket ", t, " was never issued by record_done()");
-  DeviceGuard guard(device);
-  CUDA_CHECK(cudaStreamWaitEvent(as_stream(caller_stream), done_[t % kDoneEvents], 0));
+  CUDA_CHECK(cudaEventRecord(done_, stream_));
+  CUDA_CHECK(cudaStreamWaitEvent(as_stream(caller_stream), done_, 0));
 }
 
 void OverlapComm::all_reduce(std::uintptr_t ptr, std::int64_t count, DataType dtype) {
-  require_open();
   ISO_CHECK(ptr != 0, "ptr is a null device pointer");
   ISO_CHECK(count > 0, "count must be > 0, got ", count);
-  DeviceGuard guard(device);
-  void* data = reinterpret_cast<void*>(ptr);
-  NCCL_CHECK(nccl().ncclAllReduce(data, data, static_cast<size_t>(count), to_nccl(dtype), ncclSum, comm_,
-                                  stream_));
+  ncclResult_t result = ncclSuccess;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    require_open_locked("all_reduce");
+    DeviceGuard guard(device);
+    void* data = reinterpret_cast<void*>(ptr);
+    result = nccl().ncclAllReduce(data, data, static_cast<size_t>(count), to_nccl(dtype), ncclSum, comm_,
+                                  stream_);
+  }
+  finish_nccl(result, "ncclAllReduce");  // the first collective waits for the peers' connection handshake
 }
 
 void OverlapComm::group_start() {
-  require_open();
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("group_start");
   NCCL_CHECK(nccl().ncclGroupStart());
 }
 
 void OverlapComm::group_end() {
-  require_open();
-  DeviceGuard guard(device);
-  NCCL_CHECK(nccl().ncclGroupEnd());
+  ncclResult_t result = ncclSuccess;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    require_open_locked("group_end");
+    DeviceGuard guard(device);
+    result = nccl().ncclGroupEnd();
+  }
+  finish_nccl(result, "ncclGroupEnd");
 }
 
-void OverlapComm::wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t timeout_ns) {
-  require_open();
+void OverlapComm::wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t wait_timeout_ns) {
   ISO_CHECK(flag_ptr != 0, "flag_ptr is a null device pointer");
   ISO_CHECK(flag_ptr % alignof(int) == 0, "flag_ptr must be 4-byte aligned (an int32 element)");
-  ISO_CHECK(timeout_ns > 0, "timeout_ns must be > 0, got ", timeout_ns);
+  ISO_CHECK(wait_timeout_ns > 0, "timeout_ns must be > 0, got ", wait_timeout_ns);
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("wait_flag");
   DeviceGuard guard(device);
-  launch_wait_flag(reinterpret_cast<const int*>(flag_ptr), target, static_cast<std::uint64_t>(timeout_ns),
+  launch_wait_flag(reinterpret_cast<const int*>(flag_ptr), target, static_cast<std::uint64_t>(wait_timeout_ns),
                    status_device_, stream_);
 }
 
 void OverlapComm::check_status() {
-  require_open();
-  volatile WaitStatus* report = status_;
-  if (report->timed_out != 0) {
-    const int observed = report->observed;
-    const int target = report->target;
-    report->timed_out = 0;
+  std::lock_guard<std::mutex> lock(mutex_);
+  require_open_locked("check_status");
+  // Acquire: the details below were written before timed_out (signal_wait.cu).
+  if (__atomic_load_n(&status_->timed_out, __ATOMIC_ACQUIRE) != 0) {
+    const volatile WaitStatus* report = status_;
     throw std::runtime_error(detail::concat(
-        "flag wait timed out: the flag held ", observed, " < target ", target,
-        " when its timeout expired; the collective after it ran on incomplete data"));
+        "flag wait timed out on rank ", rank, ": ", report->timeouts, " wait(s) timed out; the first held ",
+        report->observed, " < target ", report->target, " when its timeout expired, and the collective after ",
+        "it ran on incomplete data"));
   }
   ncclResult_t async = ncclSuccess;
   NCCL_CHECK(nccl().ncclCommGetAsyncError(comm_, &async));
   if (async != ncclSuccess && async != ncclInProgress) {
-    throw std::runtime_error(detail::concat("NCCL asynchronous error: ", nccl().ncclGetErrorString(async)));
+    throw std::runtime_error(detail::concat("NCCL asynchronous error on rank ", rank, ": ",
+                                            nccl().ncclGetErrorString(async)));
   }
 }
 
 void OverlapComm::synchronize() {
-  require_open();
-  DeviceGuard guard(device);
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  watch("synchronize", [&] { return stream_progress_locked(); });
   check_status();
 }
 
@@ -178,19 +248,37 @@ void OverlapComm::reset_flags(std::uintptr_t ptr, std::int64_t count, std::uintp
                              as_stream(stream)));
 }
 
+bool OverlapComm::closed() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return comm_ == nullptr;
+}
+
 void OverlapComm::destroy() {
+  if (closed()) return;
+  // Each step is bounded: a collective that never ends, or a finalize that waits on a dead peer, aborts.
+  watch("destroy (waiting for the comm stream)", [&] { return stream_progress_locked(); });
+  ncclResult_t finalizing = ncclSuccess;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    require_open_locked("destroy");
+    DeviceGuard guard(device);
+    finalizing = nccl().ncclCommFinalize(comm_);
+  }
+  finish_nccl(finalizing, "ncclCommFinalize");
   const std::string error = release(/*abort=*/false);
-  if (!error.empty()) throw std::runtime_error("OverlapComm.destroy: " + error);
+  if (!error.empty()) throw std::runtime_error(detail::concat("OverlapComm.destroy on rank ", rank, ": ", error));
 }
 
 void OverlapComm::abort() {
   const std::string error = release(/*abort=*/true);
-  if (!error.empty()) throw std::runtime_error("OverlapComm.abort: " + error);
+  if (!error.empty()) throw std::runtime_error(detail::concat("OverlapComm.abort on rank ", rank, ": ", error));
 }
 
-// Frees whatever exists, in dependency order, and keeps going after a failure; returns the first error.
+// Frees whatever exists and keeps going after a failure; returns the first error. Without `abort` the
+// communicator must be finalized already (destroy()). The comm stream is the caller's: it stays.
 std::string OverlapComm::release(bool abort) noexcept {
-  if (comm_ == nullptr && stream_ == nullptr && status_ == nullptr) return {};
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr && ready_ == nullptr && done_ == nullptr && status_ == nullptr) return {};
   std::string first_error;
   auto note = [&](const char* what, const char* why) {
     if (first_error.empty()) first_error = detail::concat(what, ": ", why);
@@ -201,17 +289,9 @@ std::string OverlapComm::release(bool abort) noexcept {
   try {
     if (comm_ != nullptr) {
       const NcclApi& api = nccl();
-      ncclResult_t result = ncclSuccess;
-      if (abort) {
-        result = api.ncclCommAbort(comm_);
-      } else {
-        result = api.ncclCommFinalize(comm_);
-        // After a failed finalize (a peer or the network broke) destroy can block on the broken comm; abort
-        // is NCCL's path out of an error.
-        result = result == ncclSuccess ? api.ncclCommDestroy(comm_) : api.ncclCommAbort(comm_);
-      }
-      if (result != ncclSuccess) {
-        note(abort ? "ncclCommAbort" : "ncclCommFinalize/Destroy", api.ncclGetErrorString(result));
+      const ncclResult_t result = abort ? api.ncclCommAbort(comm_) : api.ncclCommDestroy(comm_);
+      if (result != ncclSuccess && result != ncclInProgress) {
+        note(abort ? "ncclCommAbort" : "ncclCommDestroy", api.ncclGetErrorString(result));
       }
       comm_ = nullptr;
     }
@@ -219,23 +299,15 @@ std::string OverlapComm::release(bool abort) noexcept {
     note("NCCL", e.what());
     comm_ = nullptr;
   }
-  // The wait kernel writes status_: free it only once the comm stream is idle. After an abort a wait may
-  // still be spinning towards its timeout; then the 12 bytes are leaked rather than freed under it.
-  bool idle = true;
-  if (stream_ != nullptr) {
-    const cudaError_t state = abort ? cudaStreamQuery(stream_) : cudaStreamSynchronize(stream_);
-    idle = state == cudaSuccess;
-    if (!idle && state != cudaErrorNotReady) note("comm stream", cudaGetErrorString(state));
+  // A flag wait writes status_: free it only once the comm stream is idle. After an abort a wait may still be
+  // spinning towards its timeout; then the 16 bytes are leaked rather than freed under it.
+  const cudaError_t state = cudaStreamQuery(stream_);
+  if (state != cudaSuccess && state != cudaErrorNotReady) note("comm stream", cudaGetErrorString(state));
+  for (cudaEvent_t* event : {&ready_, &done_}) {
+    if (*event != nullptr) (void)cudaEventDestroy(*event);
+    *event = nullptr;
   }
-  for (auto& event : done_) {
-    if (event != nullptr) (void)cudaEventDestroy(event);
-    event = nullptr;
-  }
-  if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
-  ready_ = nullptr;
-  if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-  stream_ = nullptr;
-  if (status_ != nullptr && idle) (void)cudaFreeHost(status_);
+  if (status_ != nullptr && state == cudaSuccess) (void)cudaFreeHost(status_);
   status_ = nullptr;
   status_device_ = nullptr;
   (void)cudaGetLastError();

@@ -1,19 +1,31 @@
-// OverlapComm: one NCCL communicator with its own comm stream, so all-reduces run beside compute.
+// OverlapComm: one NCCL communicator that enqueues its collectives on a comm stream the caller owns, so
+// all-reduces run beside compute.
 //
-// Every cross-stream handoff goes through a CUDA event; nothing here blocks the host except
-// synchronize() and destroy(). Streams and device pointers arrive as integers (Python ints), so no
-// libtorch is involved.
+// Ownership: the caller (Python: a torch.cuda.Stream) creates the comm stream and keeps it alive; this object
+// never destroys it. Tensors recorded on that stream (record_stream) are freed later by torch's caching
+// allocator, which records an event on the stream then: the stream must outlive them, and torch's streams do.
+//
+// Bounded blocking: the communicator is created non-blocking (ncclConfig_t.blocking = 0), so NCCL returns
+// ncclInProgress instead of blocking in init, in a group's or a collective's first connection handshake and in
+// finalize; every such call, and every host wait for the comm stream, is polled (watchdog.h) against
+// `timeout_ns`. Past it, or on an NCCL asynchronous error, the communicator is aborted and the call throws a
+// std::runtime_error naming the call and the cause. NCCL_COMM_BLOCKING=1 in the environment overrides the
+// config; NCCL's own calls may then block without bound (the stream waits stay bounded).
+//
+// Threads: every method takes `mutex_`, and the polling loops release it between polls, so abort() from
+// another thread is the way to end a wait early; the waiting call then throws "aborted". Nothing reads the
+// communicator's state after release() without the lock.
 #pragma once
 
-#include <array>
 #include <cstdint>
-#include <optional>
+#include <mutex>
 #include <string>
 
 #include <cuda_runtime.h>
 #include <nccl.h>
 
 #include "signal_wait.h"
+#include "watchdog.h"
 
 namespace iso {
 
@@ -21,57 +33,63 @@ enum class DataType { float16, bfloat16, float32 };
 
 class OverlapComm {
  public:
-  // Completion events are a ring: ticket t uses slot t % kDoneEvents. Rewriting a slot that someone still
-  // means to wait on is harmless: the new record is later on the same in-order comm stream, so waiting on
-  // it waits for the old point too (only coarser). 16 covers every collective in flight in a layer.
-  static constexpr int kDoneEvents = 16;
-
-  // Blocks until all `world_size` ranks join (ncclCommInitRank). `unique_id`: NCCL_UNIQUE_ID_BYTES bytes
-  // from rank 0's nccl_unique_id(). Lower `stream_priority` values run first (CUDA clamps to its range).
-  OverlapComm(const std::string& unique_id, int world_size, int rank, int device, int stream_priority);
+  // Joins the `world_size` ranks, waiting at most `timeout_ns`. `unique_id`: NCCL_UNIQUE_ID_BYTES bytes from
+  // rank 0's nccl_unique_id(). `stream`: the comm stream (an int handle on `device`), owned by the caller.
+  // Also loads this extension's kernels (see preload_stream_kernels).
+  OverlapComm(const std::string& unique_id, int world_size, int rank, int device, std::uintptr_t stream,
+              std::int64_t timeout_ns);
   ~OverlapComm();
   OverlapComm(const OverlapComm&) = delete;
   OverlapComm& operator=(const OverlapComm&) = delete;
 
-  std::uintptr_t comm_stream() const;
+  std::uintptr_t comm_stream();
   // The comm stream waits for everything enqueued on `caller_stream` so far.
   void comm_wait_for(std::uintptr_t caller_stream);
-  // Marks the comm stream's current end; returns a ticket for caller_wait_for_comm.
-  std::uint64_t record_done();
-  // `caller_stream` waits for the comm stream up to `ticket` (default: everything enqueued so far).
-  void caller_wait_for_comm(std::uintptr_t caller_stream, std::optional<std::uint64_t> ticket);
+  // `caller_stream` waits for everything enqueued on the comm stream so far.
+  void caller_wait_for_comm(std::uintptr_t caller_stream);
   // In-place sum over the ranks of `count` elements at device pointer `ptr`, on the comm stream.
   void all_reduce(std::uintptr_t ptr, std::int64_t count, DataType dtype);
   void group_start();
   void group_end();
-  // The comm stream waits until the int32 at `flag_ptr` is >= target, for at most timeout_ns.
-  void wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t timeout_ns);
-  // Raises if a flag wait timed out (clearing the report) or NCCL reported an asynchronous error.
+  // The comm stream waits until the int32 at `flag_ptr` is >= target, for at most wait_timeout_ns.
+  void wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t wait_timeout_ns);
+  // Raises if a flag wait timed out (sticky: every later call raises too) or NCCL reported an asynchronous
+  // error. Sees only what the device has written so far: call it after the comm stream is idle.
   void check_status();
-  // Blocks the host until the comm stream is idle, then check_status().
+  // Blocks the host until the comm stream is idle (at most timeout_ns), then check_status().
   void synchronize();
   // Zeroes `count` int32 flags at `ptr` on `stream`.
   void reset_flags(std::uintptr_t ptr, std::int64_t count, std::uintptr_t stream);
-  // Finalizes NCCL (waiting for this rank's collectives) and frees everything; idempotent.
+  // Waits for the comm stream, finalizes NCCL and frees everything, each step bounded by timeout_ns; aborts
+  // instead when a step fails or times out. Idempotent.
   void destroy();
-  // Aborts NCCL without waiting (error paths); idempotent.
+  // Aborts NCCL without waiting (error paths; safe from another thread); idempotent.
   void abort();
-  bool closed() const { return comm_ == nullptr; }
+  bool closed();
+  std::int64_t timeout_ns() const { return timeout_ns_; }
 
   const int world_size;
   const int rank;
   const int device;
 
  private:
-  void require_open() const;
+  void require_open_locked(const char* call) const;
+  // Polls `step` (called under the lock) as watchdog.h says; on failure or timeout aborts and throws.
+  template <typename Step>
+  void watch(const char* what, Step&& step);
+  // Completes an NCCL call that may have returned ncclInProgress (non-blocking mode).
+  void finish_nccl(ncclResult_t result, const char* what);
+  Progress stream_progress_locked();
+  std::string status_error_locked();
   std::string release(bool abort) noexcept;
 
+  std::mutex mutex_;
+  const std::int64_t timeout_ns_;
   ncclComm_t comm_ = nullptr;
-  cudaStream_t stream_ = nullptr;
-  cudaEvent_t ready_ = nullptr;  // recorded on a caller stream and waited on at once: one suffices
-  std::array<cudaEvent_t, kDoneEvents> done_{};
-  std::uint64_t next_ticket_ = 0;
-  WaitStatus* status_ = nullptr;  // mapped pinned host memory: the host reads it without a copy
+  cudaStream_t stream_ = nullptr;  // borrowed from the caller
+  cudaEvent_t ready_ = nullptr;    // recorded and waited on at once (one suffices): caller -> comm
+  cudaEvent_t done_ = nullptr;     // likewise: comm -> caller
+  WaitStatus* status_ = nullptr;   // mapped pinned host memory: the host reads it without a copy
   WaitStatus* status_device_ = nullptr;  // the same memory as the device addresses it
 };
 

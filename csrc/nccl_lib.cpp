@@ -45,14 +45,26 @@ void* open_first(const std::vector<std::string>& paths, std::string& tried, std:
 }
 
 NcclApi load() {
-  std::vector<std::string> first;
-  if (const char* home = std::getenv("NCCL_HOME"); home != nullptr && *home != '\0') {
-    first.push_back(std::string(home) + "/lib/" + kSoname);
+  std::string tried, opened, found_by = "already loaded";
+  void* handle = dlopen(kSoname, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
+  if (handle != nullptr) {
+    opened = kSoname;
+  } else {
+    (void)dlerror();
+    tried += std::string("\n  ") + kSoname + " already in the process: no";
+    if (const char* home = std::getenv("NCCL_HOME"); home != nullptr && *home != '\0') {
+      found_by = "NCCL_HOME";
+      handle = open_first({std::string(home) + "/lib/" + kSoname}, tried, opened);
+    }
   }
-  first.push_back(kSoname);
-  std::string tried, opened;
-  void* handle = open_first(first, tried, opened);
-  if (handle == nullptr) handle = open_first(wheel_library_paths(), tried, opened);
+  if (handle == nullptr) {
+    found_by = "loader path";
+    handle = open_first({kSoname}, tried, opened);
+  }
+  if (handle == nullptr) {
+    found_by = "nvidia-nccl wheel";
+    handle = open_first(wheel_library_paths(), tried, opened);
+  }
   if (handle == nullptr) {
     throw std::runtime_error(std::string("cannot load NCCL's ") + kSoname + "; tried:" + tried +
                              "\nset NCCL_HOME or pip install nvidia-nccl-cu13");
@@ -69,6 +81,7 @@ NcclApi load() {
   Dl_info info{};
   const bool found = dladdr(reinterpret_cast<void*>(api.ncclGetVersion), &info) != 0 && info.dli_fname;
   api.path = found ? info.dli_fname : opened;
+  api.found_by = found_by;
   return api;
 }
 

@@ -16,7 +16,7 @@ namespace iso {
 #define ISO_NCCL_FUNCTIONS(X) \
   X(ncclGetVersion)           \
   X(ncclGetUniqueId)          \
-  X(ncclCommInitRank)         \
+  X(ncclCommInitRankConfig)   \
   X(ncclCommFinalize)         \
   X(ncclCommDestroy)          \
   X(ncclCommAbort)            \
@@ -31,12 +31,14 @@ struct NcclApi {
 #define ISO_NCCL_MEMBER(name) decltype(&::name) name = nullptr;
   ISO_NCCL_FUNCTIONS(ISO_NCCL_MEMBER)
 #undef ISO_NCCL_MEMBER
-  std::string path;  // the file the loader resolved
+  std::string path;      // the file the loader resolved
+  std::string found_by;  // "already loaded", "NCCL_HOME", "loader path" or "nvidia-nccl wheel"
 };
 
-// Loads libnccl.so.2 on the first call (then cached). Search order: $NCCL_HOME/lib; the soname (a copy
-// already loaded by torch or iso_kernels._ext, LD_LIBRARY_PATH, our RUNPATH, the loader cache); the
-// nvidia-nccl wheel found through importlib. Throws std::runtime_error listing every path tried.
+// Loads libnccl.so.2 on the first call (then cached). Search order: a copy already in the process (torch's
+// or iso_kernels._ext's: dlopen RTLD_NOLOAD), so that a second libnccl.so.2 of another version is never
+// mapped beside it; $NCCL_HOME/lib; the soname through the loader (LD_LIBRARY_PATH, our RUNPATH, the cache);
+// the nvidia-nccl wheel found through importlib. Throws std::runtime_error listing every path tried.
 const NcclApi& nccl();
 
 }  // namespace iso

@@ -17,6 +17,11 @@
 // status word in mapped pinned host memory, so a producer that never comes (a lost launch, or under CUDA's
 // lazy loading a producer module that cannot load while this kernel occupies the device) surfaces as a
 // RuntimeError from check_status() instead of a hung GPU. The collective then runs on incomplete data.
+//
+// The report's ordering: the kernel writes `observed`/`target`, __threadfence_system(), then `timed_out`;
+// the host loads `timed_out` with acquire semantics (an ldar on aarch64/GH200, where a plain load could be
+// reordered before it) and only then reads the details. Only the first timeout writes them; the host never
+// writes the status, so no host store can race a later wait's report.
 #include "signal_wait.h"
 
 #include "checks.h"
@@ -46,10 +51,13 @@ __global__ void wait_flag_kernel(const int* flag, int target, std::uint64_t time
   while (value < target) {
     if (global_timer_ns() - start >= timeout_ns) {
       volatile WaitStatus* report = status;
-      report->observed = value;
-      report->target = target;
-      __threadfence_system();  // the details reach host memory before the flag that announces them
-      report->timed_out = 1;
+      report->timeouts = report->timeouts + 1;  // waits are serialised on one stream: no atomic needed
+      if (report->timed_out == 0) {
+        report->observed = value;
+        report->target = target;
+        __threadfence_system();  // the details reach host memory before the flag that announces them
+        report->timed_out = 1;
+      }
       __threadfence_system();
       return;
     }
@@ -82,6 +90,13 @@ void launch_wait_flag(const int* flag, int target, std::uint64_t timeout_ns, Wai
 void launch_stream_sleep(std::uint64_t nanoseconds, cudaStream_t stream) {
   stream_sleep_kernel<<<1, 1, 0, stream>>>(nanoseconds);
   check_launch("stream_sleep_kernel");
+}
+
+void preload_stream_kernels() {
+  // cudaFuncGetAttributes loads the function's module (a no-op once loaded).
+  cudaFuncAttributes attributes{};
+  CUDA_CHECK(cudaFuncGetAttributes(&attributes, wait_flag_kernel));
+  CUDA_CHECK(cudaFuncGetAttributes(&attributes, stream_sleep_kernel));
 }
 
 #define ISO_STRINGIFY_(...) #__VA_ARGS__

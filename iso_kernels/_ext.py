@@ -1,8 +1,9 @@
 """Lazy loader of the native extension ``iso_kernels._C``.
 
-Nothing here runs at ``import iso_kernels``. ``load()`` preloads NCCL's library from the
-``nvidia-nccl-cu13``/``-cu12`` wheel (or ``NCCL_HOME``) with RTLD_GLOBAL, as torch does, because an
-editable install cannot rely on the RPATH written into ``_C``; then it imports ``_C``. When anything is
+Nothing here runs at ``import iso_kernels``. ``load()`` makes sure NCCL's library is in the process before it
+imports ``_C``, because an editable install cannot rely on the RPATH written into ``_C``: a ``libnccl.so.2``
+already loaded (torch's, typically) is used as it is, so no second copy of another version is mapped beside
+it; otherwise ``NCCL_HOME``'s, else the ``nvidia-nccl-cu13``/``-cu12`` wheel's, is loaded with RTLD_GLOBAL. When anything is
 missing, ``load()`` returns None and ``ext_reason()`` says why, so callers fall back to torch.distributed.
 """
 
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 _BUILD_RECORD = Path(__file__).with_name("_build_record.json")
+_nccl_preloaded = None  # what _preload_nccl chose, for build_info()
 
 
 def _nccl_library_candidates():
@@ -30,12 +32,23 @@ def _nccl_library_candidates():
                 yield Path(root) / "lib" / "libnccl.so.2"
 
 
-def _preload_nccl():
+NCCL_SONAME = "libnccl.so.2"
+ALREADY_LOADED = f"{NCCL_SONAME} already in the process"
+
+
+def _preload_nccl(open_library=ctypes.CDLL, exists=Path.exists):
+    """Which NCCL ``_C`` will use: the loaded one, else the first candidate that exists, else None (the
+    system loader may still find one). ``open_library``/``exists`` are seams for tests."""
+    try:
+        open_library(NCCL_SONAME, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        return ALREADY_LOADED
+    except OSError:
+        pass  # not loaded yet
     for candidate in _nccl_library_candidates():
-        if candidate.exists():
-            ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+        if exists(candidate):
+            open_library(str(candidate), mode=ctypes.RTLD_GLOBAL)
             return str(candidate)
-    return None  # the system loader may still find libnccl.so.2
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +57,8 @@ def _load():
         nccl_path = _preload_nccl()
     except OSError as exc:
         return None, f"could not load NCCL's library: {exc}"
+    global _nccl_preloaded
+    _nccl_preloaded = nccl_path
     try:
         from . import _C
     except ImportError as exc:
@@ -73,11 +88,13 @@ def _build_record():
 def build_info():
     """What was compiled and why anything was skipped.
 
-    Keys: ``ext`` ("built" / "skipped" / "unavailable"), ``reason``, and when ``_C`` loads, its own report
-    (CUDA runtime compiled against, NCCL version compiled and loaded, CUDA archs, device count).
+    Keys: ``ext`` ("built" / "skipped" / "unavailable"), ``reason``, ``nccl_preloaded`` (what ``load()``
+    chose), and when ``_C`` loads, its own report (CUDA runtime compiled against, NCCL version compiled and
+    loaded with the library's path and how it was found, CUDA archs, device count).
     """
     info = {"build": _build_record()}
     module = load()
+    info["nccl_preloaded"] = _nccl_preloaded
     if module is None:
         info["ext"] = "skipped" if info["build"].get("ext") == "skipped" else "unavailable"
         info["reason"] = ext_reason()

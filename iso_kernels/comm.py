@@ -9,6 +9,11 @@ Backends:
 
 Every all-reduce is an in-place sum. ``all_reduce_start`` returns a ``PendingAllReduce``; its ``wait()`` orders
 the caller after the collective (on GPU without blocking the host) and returns the reduced tensor.
+
+Failures: a backend whose collectives can fail without the host noticing (``nccl-ext``: a timed-out flag wait,
+an NCCL asynchronous error) reports them only at ``settle()``, which every rank calls at the same point (after a
+prefill); the ranks agree there (``agree_on_status``), so all of them raise the same error, having issued the
+same collectives, and none is left waiting in one that a failed peer never issues.
 """
 
 import math
@@ -91,14 +96,54 @@ class Communicator:
     def all_reduce(self, tensor) -> torch.Tensor:
         return self.all_reduce_start(tensor).wait()
 
+    def settle(self):
+        """Wait for every collective issued so far and raise, on every rank alike, if one failed on any rank.
+        Collective: every rank of the group calls it at the same point. Here a no-op: torch's collectives raise
+        through their own work handles and watchdog."""
+
     def close(self):
         pass
+
+    def abort(self):
+        """Tear down without waiting for peers (error paths)."""
+        self.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        # After an exception peers may never match this rank's collectives: waiting for them could hang.
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+class CommFailure(RuntimeError):
+    """A communicator failed on one or more ranks; raised with the same text on every rank of the group.
+    ``failures`` maps group rank -> cause."""
+
+    def __init__(self, what, failures, world_size):
+        self.failures = failures
+        causes = "; ".join(f"rank {rank}: {cause}" for rank, cause in sorted(failures.items()))
+        super().__init__(f"{what} failed on {len(failures)} of {world_size} rank(s): {causes}")
+
+
+def agree_on_status(local_error, group=None, *, what="the communicator"):
+    """Collective: share whether this rank failed (``local_error``: its cause, or None) and raise one
+    ``CommFailure`` naming every failed rank and its cause on every rank of ``group`` if any failed.
+
+    Costs one all-reduce of one integer when no rank failed (an all-gather of the causes only when one did);
+    works on any torch.distributed backend (gloo on CPU).
+    """
+    failed = torch.tensor([local_error is not None], dtype=torch.int32, device=group_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if not failed.item():
+        return
+    world_size = dist.get_world_size(group)
+    causes = [None] * world_size
+    dist.all_gather_object(causes, local_error, group=group)
+    raise CommFailure(what, {rank: cause for rank, cause in enumerate(causes) if cause is not None}, world_size)
 
 
 class TorchCommunicator(Communicator):
@@ -242,8 +287,14 @@ class EmulatedCommunicator(Communicator):
         pending.events = (started, done)
         return pending
 
+    def settle(self):
+        self.inner.settle()
+
     def close(self):
         self.inner.close()
+
+    def abort(self):
+        self.inner.abort()
 
 
 def _cycles_for(nanoseconds, device):
@@ -281,10 +332,11 @@ def parse_link(spec):
 
 def make_communicator(backend="auto", group=None, *, world_size=None, link=None, virtual_world_size=None,
                       verbose=True):
-    """Build the communicator for ``group``.
+    """Build the communicator for ``group``. Collective: every rank of ``group`` calls it.
 
-    backend: "auto" (nccl-ext when it can start, else torch), "torch", "nccl-ext", or "emulated" (needs
-    ``link``; wraps the auto choice). Passing ``link`` with another backend wraps that backend.
+    backend: "auto" (nccl-ext when it can start on every rank of ``group``, else torch on every rank), "torch",
+    "nccl-ext" (raises on every rank when a rank cannot start it), or "emulated" (needs ``link``; wraps the
+    auto choice). Passing ``link`` with another backend wraps that backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -292,9 +344,10 @@ def make_communicator(backend="auto", group=None, *, world_size=None, link=None,
         raise ValueError("backend='emulated' needs a link (a LinkModel)")
     real = "auto" if backend == "emulated" else backend
     if real in ("auto", "nccl-ext"):
-        from .native_comm import NcclExtCommunicator, nccl_ext_unavailable_reason
+        from .native_comm import NcclExtCommunicator, agreed_unavailable_reason
 
-        reason = nccl_ext_unavailable_reason(group_device(group), group)
+        # One choice for the whole group: ranks on different backends would never meet in a collective.
+        reason = agreed_unavailable_reason(group_device(group), group)
         if reason is None:
             comm = NcclExtCommunicator(group, world_size=world_size)
         elif real == "nccl-ext":

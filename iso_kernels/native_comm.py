@@ -16,38 +16,82 @@ Stream protocol of ``all_reduce_start(tensor, ready_flag=None, after=None)``:
 ``after`` without ``ready_flag`` is refused: nothing would then order the collective after its data.
 The flag protocol for ``gemm_signal`` is stated in its docstring: zero ``signal`` on the current stream,
 record ``after``, launch ``gemm_signal``, then ``all_reduce_start(rows, ready_flag=..., after=after)``.
-A flag wait that times out is reported by the next ``all_reduce_start``/``wait()``/``close()`` as a
-RuntimeError (the collective behind it ran on incomplete data).
+
+The comm stream is a ``torch.cuda.Stream`` that this object keeps (torch never destroys its streams), so
+tensors recorded on it may be freed after ``close()``.
+
+Failures: a flag wait that times out lets its collective run on incomplete data, and an NCCL error is
+asynchronous; neither is raised where it happens (the host is far ahead, and a rank raising alone would
+issue fewer collectives than its peers). ``settle()`` — called by every rank after a prefill — waits for the
+comm stream (bounded), checks, agrees across the group and, when any rank failed, aborts the communicator
+on every rank and raises one ``CommFailure`` naming each failed rank and its cause. Every blocking native
+call (init, a collective's connection handshake, synchronize, finalize) is bounded by ``timeout_s``: past it
+the communicator is aborted and the call raises.
 """
 
+import math
 import os
 
 import torch
 import torch.distributed as dist
 
 from . import _ext
-from .comm import Communicator, PendingAllReduce, _check_ready_flag
+from .comm import CommFailure, Communicator, PendingAllReduce, _check_ready_flag, agree_on_status
 
 # A producer normally raises its flag within milliseconds; seconds means it never will (lost launch, wrong
 # target, or CUDA lazy loading that cannot load the producer while the wait kernel runs). Generous, so a
 # slow first call is not mistaken for a hang.
 DEFAULT_FLAG_TIMEOUT_S = 5.0
+# Bound on every blocking native call (joining the ranks, a first collective's handshake, waiting for the comm
+# stream, finalize): the default of torch.distributed's NCCL process groups, 10 minutes. Override per
+# communicator (timeout_s=) or process-wide with this environment variable (seconds).
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "ISO_KERNELS_COMM_TIMEOUT_S"
+
+
+def comm_timeout_s(timeout_s=None, *, flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
+    """The watchdog bound in seconds: ``timeout_s``, else $ISO_KERNELS_COMM_TIMEOUT_S, else DEFAULT_TIMEOUT_S.
+
+    It must exceed ``flag_timeout_s``: a flag wait that gives up reports its timeout only if the watchdog
+    waiting for the comm stream outlasts it.
+    """
+    source = "timeout_s"
+    if timeout_s is None:
+        text = os.environ.get(TIMEOUT_ENV, "").strip()
+        source, timeout_s = (TIMEOUT_ENV, text) if text else ("DEFAULT_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+    try:
+        value = float(timeout_s)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source} must be a number of seconds, got {timeout_s!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{source} must be a positive, finite number of seconds, got {timeout_s!r}")
+    if not value > flag_timeout_s:
+        raise ValueError(f"{source}={value:g} must exceed flag_timeout_s={flag_timeout_s:g}: the watchdog would "
+                         "abort before a timed-out flag wait could report")
+    return value
 
 
 def nccl_ext_unavailable_reason(device, group=None, *, world_size=None):
-    """Why the ``nccl-ext`` communicator cannot start for ``device`` and ``group``, or None when it can.
+    """Why the ``nccl-ext`` communicator cannot start on this rank for ``device`` and ``group``, or None.
 
-    Pure: reads the environment, ``_ext`` and torch's device/process-group state; creates nothing.
+    Pure: reads the environment, ``_ext`` and torch's device/process-group state; creates nothing. Ranks can
+    differ (a driver, a device): ``agreed_unavailable_reason`` makes one answer for the group.
     """
     if os.environ.get("ISO_KERNELS_DISABLE_NATIVE_COMM", "0") not in ("", "0"):
         return "disabled by ISO_KERNELS_DISABLE_NATIVE_COMM"
-    if _ext.load() is None:
+    native = _ext.load()
+    if native is None:
         return f"the native extension iso_kernels._C is unavailable: {_ext.ext_reason()}"
     device = torch.device(device)
     if device.type != "cuda":
         return f"device {device} is not a CUDA device (NCCL works on CUDA tensors only)"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
+    if native.device_count() == 0:
+        info = native.build_info()
+        return (f"iso_kernels._C sees no CUDA device although torch does: its static CUDA runtime "
+                f"{info['cuda_runtime']} needs a newer driver than this one ({info['driver']}; CUDA 13 needs "
+                "r580+); rebuild _C with the toolkit torch uses")
     if not dist.is_available() or not dist.is_initialized():
         return "torch.distributed is not initialised (the NCCL id is shared through the process group)"
     group_size = dist.get_world_size(group)
@@ -56,36 +100,68 @@ def nccl_ext_unavailable_reason(device, group=None, *, world_size=None):
     return None
 
 
+def agreed_unavailable_reason(device, group=None, *, world_size=None):
+    """``nccl_ext_unavailable_reason`` for the whole group: None only when every rank can start nccl-ext,
+    else every rank's reason ("rank R: ..."), the same string on every rank. Collective over ``group``."""
+    local = nccl_ext_unavailable_reason(device, group, world_size=world_size)
+    if not dist.is_available() or not dist.is_initialized():
+        return local  # no group to agree with (and the reason says so)
+    reasons = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reasons, local, group=group)
+    failing = {rank: reason for rank, reason in enumerate(reasons) if reason is not None}
+    if not failing:
+        return None
+    if len(set(failing.values())) == 1 and len(failing) == len(reasons):
+        return next(iter(failing.values()))  # one reason everywhere: say it once
+    return "; ".join(f"rank {rank}: {reason}" for rank, reason in failing.items())
+
+
+def highest_stream_priority(device):
+    """The device's greatest stream priority (CUDA: lower numbers run first), e.g. -5 on H100."""
+    native = _ext.load()
+    return native.stream_priority_range(torch.device(device).index)[1]
+
+
 class NcclExtCommunicator(Communicator):
     """One NCCL communicator per rank of ``group`` on ``torch.cuda.current_device()``, built by ``_C``.
 
-    Rank 0 of ``group`` makes the NCCL unique id and broadcasts it over ``group`` (any backend).
-    ``stream_priority``: the comm stream's CUDA priority (lower runs first; e.g. -1 to let collectives
-    pre-empt compute blocks). ``flag_timeout_s``: bound on each flag wait.
+    Rank 0 of ``group`` makes the NCCL unique id and broadcasts it over ``group`` (any backend). Collective:
+    every rank constructs it; when any rank cannot, every rank raises the same error.
+    ``stream_priority``: the comm stream's CUDA priority; default (None) the device's highest, so NCCL's blocks
+    are scheduled ahead of the compute stream's queued GEMM blocks instead of behind them (torch maps a value
+    outside its stream pool's range to the nearest one it has). ``flag_timeout_s``: bound on each flag wait.
+    ``timeout_s``: bound on every blocking native call (``comm_timeout_s``: default 600 s, or
+    $ISO_KERNELS_COMM_TIMEOUT_S).
     """
 
     name = "nccl-ext"
     supports_ready_flag = True
 
-    def __init__(self, group=None, *, world_size=None, stream_priority=0,
-                 flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
-        reason = nccl_ext_unavailable_reason("cuda", group, world_size=world_size)
+    def __init__(self, group=None, *, world_size=None, stream_priority=None,
+                 flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S, timeout_s=None):
+        self._comm = None
+        if not flag_timeout_s > 0:
+            raise ValueError(f"flag_timeout_s must be positive, got {flag_timeout_s}")
+        timeout_s = comm_timeout_s(timeout_s, flag_timeout_s=flag_timeout_s)
+        reason = agreed_unavailable_reason("cuda", group, world_size=world_size)
         if reason is not None:
             raise RuntimeError(f"the nccl-ext communicator cannot start: {reason}")
         super().__init__(group, world_size=world_size)
         native = _ext.load()
-        if not flag_timeout_s > 0:
-            raise ValueError(f"flag_timeout_s must be positive, got {flag_timeout_s}")
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self.timeout_s = timeout_s
         self._flag_timeout_ns = int(flag_timeout_s * 1e9)
         self._dtypes = {torch.float16: native.DataType.float16, torch.bfloat16: native.DataType.bfloat16,
                         torch.float32: native.DataType.float32}
+        if stream_priority is None:
+            stream_priority = highest_stream_priority(self.device)
+        # torch owns the stream: it outlives this communicator and every tensor recorded on it.
+        self.comm_stream = torch.cuda.Stream(device=self.device, priority=stream_priority)
         unique_id = [native.nccl_unique_id() if self.rank == 0 else None]
         root = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
         dist.broadcast_object_list(unique_id, src=root, group=group)
         self._comm = native.OverlapComm(unique_id[0], self.world_size, self.rank, self.device.index,
-                                        stream_priority)
-        self.comm_stream = torch.cuda.ExternalStream(self._comm.comm_stream, device=self.device)
+                                        self.comm_stream.cuda_stream, int(timeout_s * 1e9))
 
     def all_reduce_start(self, tensor, *, ready_flag=None, after=None) -> PendingAllReduce:
         self._check_tensor(tensor)
@@ -102,8 +178,9 @@ class NcclExtCommunicator(Communicator):
                              "the producer that follows the event")
         if after is not None and not isinstance(after, torch.cuda.Event):
             raise TypeError(f"after must be a torch.cuda.Event, got {type(after).__name__}")
+        # No status check here: a rank that raised on its own flag timeout would issue fewer collectives than
+        # its peers. Failures are raised, by every rank together, at settle().
         comm = self._open()
-        comm.check_status()
 
         if after is None:
             comm.comm_wait_for(torch.cuda.current_stream(self.device).cuda_stream)
@@ -112,25 +189,45 @@ class NcclExtCommunicator(Communicator):
         if ready_flag is not None:
             comm.wait_flag(signal.data_ptr() + index * signal.element_size(), target, self._flag_timeout_ns)
             signal.record_stream(self.comm_stream)
-        # One event pair per collective (not the extension's ring of reused events): a wait long after the
-        # start, with many row-group collectives in between, must still wait for this collective only.
+        # One event pair per collective: a wait long after the start, with many row-group collectives in
+        # between, must still wait for this collective only.
         started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         started.record(self.comm_stream)
         if tensor.numel() > 0:
             comm.all_reduce(tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype])
         done.record(self.comm_stream)
         tensor.record_stream(self.comm_stream)
-        pending = PendingAllReduce(tensor, lambda: self._caller_waits(done))
+        pending = PendingAllReduce(tensor, lambda: torch.cuda.current_stream(self.device).wait_event(done))
         pending.events = (started, done)
         return pending
 
-    def _caller_waits(self, done):
-        torch.cuda.current_stream(self.device).wait_event(done)
-        self._open().check_status()
-
     def synchronize(self):
-        """Block the host until every collective issued so far has finished; raise on a timed-out flag."""
+        """Block the host (at most ``timeout_s``) until every collective issued so far has finished; raise on
+        a timed-out flag wait or an NCCL error, on this rank only (``settle()`` is the collective version)."""
         self._open().synchronize()
+
+    def settle(self):
+        """Collective: wait for this rank's collectives (bounded), check them, and agree with the group. When
+        any rank failed, every rank aborts its communicator and raises the same ``CommFailure``."""
+        local_error = None
+        try:
+            self.synchronize()
+        except RuntimeError as exc:
+            # Abort before agreeing: a collective of ours still stuck must not hold up the peers.
+            local_error = str(exc) + self._abort_noting_errors()
+        try:
+            agree_on_status(local_error, self.group, what=f"the {self.name} communicator")
+        except CommFailure:
+            self._abort_noting_errors()
+            raise
+
+    def _abort_noting_errors(self):
+        """abort(), turning its failure into a note for the error being raised anyway."""
+        try:
+            self.abort()
+        except RuntimeError as exc:
+            return f" (then abort failed too: {exc})"
+        return ""
 
     def _open(self):
         if self._comm is None:
@@ -138,12 +235,19 @@ class NcclExtCommunicator(Communicator):
         return self._comm
 
     def close(self):
-        """Finish this rank's collectives and free the communicator (idempotent); raises on a pending
-        flag timeout after freeing."""
-        comm, self._comm = getattr(self, "_comm", None), None
+        """Finish this rank's collectives and free the communicator (idempotent; each step bounded by
+        ``timeout_s``); raises on a pending flag timeout after freeing."""
+        comm, self._comm = self._comm, None
         if comm is None:
             return
         try:
             comm.synchronize()
         finally:
             comm.destroy()
+
+    def abort(self):
+        """Abort NCCL without waiting for peers (idempotent). Safe while another thread waits in
+        ``synchronize()``/``close()``, which then raises."""
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            comm.abort()
