@@ -22,13 +22,18 @@ PRESETS = {
                         num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
     # GPU benchmarks (bench/bench_iso_prefill.py): a 1B-class Llama (0.89 B parameters), chosen so that on one
     # H100 a bf16 block of a few thousand tokens takes far longer than launching its kernels, as llama-small's
-    # do not. Its random fp32 checkpoint is 3.4 GB and took 22 s to write on the 2-core dev machine.
+    # do not. Its random checkpoint is stored in bf16, the dtype GPU runs use: 1.8 GB, made in 10 s on the
+    # 2-core dev machine (fp32 after nn.Linear's default init: 3.6 GB, 27 s in the same run).
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192),
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192,
+                     torch_dtype="bfloat16"),
     # Tests: seconds for a whole TP=4 run.
     "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
 }
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def preset_config(name):
@@ -166,17 +171,23 @@ def to_hf_state_dict(model):
 
 
 def save_random_checkpoint(config, folder, *, seed=0, std=0.02):
-    """Write ``config`` and normal(0, std) weights (norm weights around 1) as a HF checkpoint; returns folder."""
+    """Write ``config`` and normal(0, std) weights (norm weights around 1) as a HF checkpoint; returns folder.
+    The weights are drawn and stored in the config's ``torch_dtype`` (default float32)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    model = Transformer(ModelArgs.from_hf_config(config))
+    dtype = STORAGE_DTYPES[config.get("torch_dtype", "float32")]
+    # Allocated uninitialised: nn.Linear's default init of llama-1b takes 13 s on the dev machine, and every
+    # weight is drawn again below.
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(config))
+    model = model.to(dtype).to_empty(device="cpu")
     for name, param in model.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+                param.normal_(1.0, 0.1, generator=generator)
             else:
-                param.copy_(std * torch.randn(param.shape, generator=generator))
+                param.normal_(0.0, std, generator=generator)
     save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

@@ -4,8 +4,10 @@ import csv
 import json
 
 import pytest
+from safetensors import safe_open
 
 from bench import bench_iso_prefill as bench
+from iso_kernels import checkpoint
 
 GPU_COUNTS = [(2, 2), (3, 2), (6, 4), (8, 8), (16, 8)]
 
@@ -105,3 +107,14 @@ def test_quick_run_on_the_tiny_preset(tmp_path, capsys):
     assert all(float(by_key[p, "ms"]["p50"]) > 0 for p in bench.PROVIDERS)
     assert csv_path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "| 40 | ratio:1.0 |" in printed
+
+
+def test_the_gpu_benchmark_model_is_drawn_and_stored_in_bf16(tmp_path):
+    assert checkpoint.preset_config(bench.DEFAULTS["cuda"]["model"])["torch_dtype"] == "bfloat16"
+    config = dict(checkpoint.preset_config("llama-tiny"), torch_dtype="bfloat16")
+    folder = checkpoint.save_random_checkpoint(config, tmp_path / "tiny-bf16")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    model = checkpoint.load_checkpoint(folder)
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.norm.weight.mean().item() == pytest.approx(1.0, abs=0.05)
