@@ -1,12 +1,14 @@
 """``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group) and ``simulate``."""
 
 import argparse
+import importlib.util
 import json
 import os
+import signal
 import sys
 
 from . import engine, simulate
-from .launch import RankError
+from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
 
 DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
 
@@ -47,6 +49,17 @@ def _prefill_arguments(parser):
     parser.add_argument("--trace", metavar="FILE", help="Chrome trace JSON of both schedules, every rank")
     parser.add_argument("--plot", metavar="FILE", help="PNG Gantt chart of both schedules")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds before ranks are killed")
+
+
+# Options that need an optional extra: option -> (extra, the module it provides).
+OPTION_EXTRAS = {"plot": ("plot", "matplotlib")}
+
+
+def _check_extras(args):
+    """Fail before any work when a chosen option's extra is not installed."""
+    for option, (extra, module) in OPTION_EXTRAS.items():
+        if getattr(args, option, None) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"--{option} needs {module}: pip install 'iso-kernels[{extra}]'")
 
 
 def _config(args):
@@ -116,22 +129,37 @@ def main(argv=None):
     _prefill_arguments(sub.add_parser("prefill", help="serial vs ISO prefill on a TP group"))
     simulate.add_arguments(sub.add_parser("simulate", help="predict ISO on the paper's hardware"))
     args = parser.parse_args(argv)
+    one_line_warnings()
     try:
-        return _prefill(args) if args.command == "prefill" else simulate.run(args)
+        with _stop_signals():
+            if args.command == "simulate":
+                return simulate.run(args)
+            _check_extras(args)
+            return _prefill(args)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print("interrupted" if signum == signal.SIGINT else f"terminated by {signum.name}", file=sys.stderr)
+        return 128 + signum
     except RankError as exc:
-        print(f"error: {_last_line(exc)}", file=sys.stderr)
+        print(f"error: {exc.first_line()}", file=sys.stderr)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 2
 
 
-def _last_line(exc: RankError):
-    """The exception line of the first real failure, not the 'killed after the failure' notes."""
-    for rank in sorted(exc.failures):
-        text = exc.failures[rank].strip()
-        if "Traceback" in text or "Error" in text:
-            return f"rank {rank}: {text.splitlines()[-1]}"
-    return str(exc).splitlines()[0]
+def _under_torchrun():
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _stop_signals():
+    """Stop signals end the job with one line and status 128 + signal. A rank under torchrun keeps the
+    default actions instead: torchrun stops its ranks with SIGTERM, and the default action ends a rank at
+    once, even one blocked in a collective whose peer is gone (a Python handler would run only after it)."""
+    return handle_stop_signals(signal.SIG_DFL if _under_torchrun() else _raise_stopped)
 
 
 def exit_process(status):
@@ -139,7 +167,7 @@ def exit_process(status):
     a normal interpreter exit there ran C++ static destructors that sometimes aborted (SIGABRT, "terminate
     called without an active exception") after the job had finished and its report was written; cause not
     pinned down, seen in about 1 of 5 torchrun runs that calibrated."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if _under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import CACHE_ENV, cache_root, locked, write_text_atomically  # noqa: F401 (CACHE_ENV: API)
+
 # Chunked prefill pays these per block whatever the chunk size: ~5 kernels (norm, GEMM, RoPE, attention,
 # GEMM) at ~4 us of launch and tail each. Our estimate, not a measurement; a fit replaces it.
 BLOCK_OVERHEAD_US = 20.0
@@ -38,7 +40,6 @@ BLOCK_OVERHEAD_US = 20.0
 EFFICIENCY = 0.7
 # Pattern-search steps for >2 chunks stop after this many moves; each move strictly lowers the time.
 MAX_SEARCH_MOVES = 200
-CACHE_ENV = "ISO_KERNELS_CACHE_DIR"
 
 
 # --- model shapes ---
@@ -257,8 +258,7 @@ def fit_layer_costs(measure_attention: Callable[[int, int], float], measure_mlp:
 
 
 def default_cache_path() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "iso_kernels"
-    return Path(root) / "calibration.json"
+    return cache_root() / "calibration.json"
 
 
 def _normalized_key(key: dict) -> dict:
@@ -270,26 +270,38 @@ def _normalized_key(key: dict) -> dict:
         raise TypeError(f"key must be JSON-serialisable: {exc}") from None
 
 
-def _read_entries(path: Path) -> list:
+def _read_entries(path: Path, *, warn=True) -> list:
+    """The file's entries as (key, LayerCosts); an unreadable, truncated or malformed file counts as empty
+    (with a warning when loading), so the caller calibrates again and its save replaces the file."""
     try:
-        return json.loads(path.read_text())["entries"]
+        entries = json.loads(path.read_text())["entries"]
+        return [(entry["key"], LayerCosts(**entry["costs"])) for entry in entries]
     except FileNotFoundError:
         return []
-    except (ValueError, KeyError, TypeError) as exc:
-        warnings.warn(f"ignoring unreadable calibration cache {path}: {exc}", stacklevel=3)
-        return []
+    except OSError as exc:
+        problem = exc.strerror
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, cut short, or not our layout
+        problem = f"{type(exc).__name__}: {exc}"
+    if warn:
+        warnings.warn(f"ignoring unreadable calibration cache {path} ({problem}); calibrating again", stacklevel=3)
+    return []
 
 
-def save_calibration(path: os.PathLike | None, costs: LayerCosts, key: dict) -> Path:
-    """Store ``costs`` under ``key`` (replacing an entry with the same key); ``path=None`` = default cache."""
+def save_calibration(path: os.PathLike | None, costs: LayerCosts, key: dict) -> Path | None:
+    """Store ``costs`` under ``key`` (replacing an entry with the same key); ``path=None`` = default cache.
+    Returns the path, or None (with a warning) when it cannot be written: the costs are then just not cached.
+    """
     path = Path(path) if path is not None else default_cache_path()
     key = _normalized_key(key)
-    entries = [e for e in _read_entries(path) if e.get("key") != key]
-    entries.append({"key": key, "costs": dataclasses.asdict(costs)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1))
-    os.replace(tmp, path)  # readers never see a half-written file
+    try:
+        with locked(path):  # read, add, write as one step, so runs saving at once keep each other's entries
+            entries = [{"key": k, "costs": dataclasses.asdict(c)} for k, c in _read_entries(path, warn=False)
+                       if k != key]
+            entries.append({"key": key, "costs": dataclasses.asdict(costs)})
+            write_text_atomically(path, json.dumps({"version": 1, "entries": entries}, indent=1))
+    except OSError as exc:
+        warnings.warn(f"calibration not cached: cannot write {path} ({exc.strerror or exc})", stacklevel=2)
+        return None
     return path
 
 
@@ -297,10 +309,7 @@ def load_calibration(path: os.PathLike | None, key: dict) -> LayerCosts | None:
     """The costs stored under exactly ``key``, else None."""
     path = Path(path) if path is not None else default_cache_path()
     key = _normalized_key(key)
-    for entry in _read_entries(path):
-        if entry.get("key") == key:
-            return LayerCosts(**entry["costs"])
-    return None
+    return next((costs for k, costs in _read_entries(path) if k == key), None)
 
 
 # --- schedule simulation ---

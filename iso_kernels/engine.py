@@ -8,8 +8,8 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +19,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, comm, costmodel, launch, schedule
+from . import cache, checkpoint, comm, costmodel, launch, schedule
 from .model import ModelArgs
 from .timeline import Timeline, busy_ms
+
+# A thread lock only: tqdm's default lock adds a multiprocessing semaphore, which a rank stopped by a signal
+# never releases (resource_tracker's "leaked semaphore" warning at exit). Only rank 0 draws a bar.
+tqdm.set_lock(threading.RLock())
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Logits of the ISO and serial prefill must agree to this, relative to the largest logit. fp32 differences
@@ -103,16 +107,7 @@ def resolve(cfg: PrefillConfig):
 def model_folder(model):
     """A checkpoint folder, or a preset's random checkpoint made once in the cache folder."""
     if model in checkpoint.PRESETS:
-        folder = costmodel.default_cache_path().parent / "models" / model
-        if not (folder / "model.safetensors").exists():
-            # Written aside and renamed, so ranks started by torchrun that race here never read half a file.
-            scratch = folder.with_name(f"{model}.tmp{os.getpid()}")
-            checkpoint.save_random_checkpoint(checkpoint.preset_config(model), scratch)
-            try:
-                scratch.rename(folder)
-            except OSError:  # another process won the race; its checkpoint is identical (same seed)
-                shutil.rmtree(scratch, ignore_errors=True)
-        return folder
+        return cache.preset_checkpoint(model)  # safe when several runs or torchrun's ranks make it at once
     folder = Path(model)
     if not folder.is_dir():
         raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(checkpoint.PRESETS))}) "
@@ -318,7 +313,8 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
         traces = {mode: [] for mode in modes}
         logits = {}
         steps = range(cfg.warmup + cfg.repeats)
-        for step in (tqdm(steps, desc="prefill runs", leave=False) if rank == 0 else steps):
+        # disable=None: no bar when stderr is not a terminal (logs, tests)
+        for step in (tqdm(steps, desc="prefill runs", leave=False, disable=None) if rank == 0 else steps):
             for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
                 logits[mode], elapsed, intervals = _traced_run(
                     lambda t, plan=plans[mode]: prefill(*plan, timeline=t), device)
