@@ -30,17 +30,18 @@ from bench import common
 from iso_kernels import engine
 from iso_kernels.launch import RankError
 
-# Per device kind: model, prompt lengths, quick lengths, links. CPU lengths stop at 1024 because a 2-rank
-# llama-small prefill of 1024 tokens already takes 1.2-1.8 s per serial run on 2 cores. On GPUs, llama-1b:
-# llama-small's blocks (hidden 512) are too small to keep an H100 busy, so launches rather than the overlap
-# would dominate.
+# Per device kind: model, prompt lengths, quick lengths, links, quick links. CPU lengths stop at 1024 because
+# a 2-rank llama-small prefill of 1024 tokens already takes 1.2-1.8 s per serial run on 2 cores. On GPUs,
+# llama-1b: llama-small's blocks (hidden 512) are too small to keep an H100 busy, so launches rather than the
+# overlap would dominate. One GPU's quick run (bench/gpu_check.sh) keeps one link, the paper's RTX 4090 PCIe
+# link: at 4096 tokens its all-reduce takes about twice a block's compute, so there is much to hide.
 DEFAULTS = {
     "cpu": dict(model="llama-small", seq_lens=[256, 512, 1024], quick=[512],
-                links=["ratio:0.5", "ratio:1.0"]),
+                links=["ratio:0.5", "ratio:1.0"], quick_links=["ratio:0.5", "ratio:1.0"]),
     "cuda": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
-                 links=["ratio:0.5", "ratio:1.0", "pcie4"]),
+                 links=["ratio:0.5", "ratio:1.0", "pcie4"], quick_links=["pcie4"]),
     "multigpu": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
-                     links=["none", "pcie4", "a800-nvlink"]),
+                     links=["none", "pcie4", "a800-nvlink"], quick_links=["none", "pcie4", "a800-nvlink"]),
 }
 # provider -> (chunks, split) handed to PrefillConfig
 VARIANTS = {"iso-auto": ("auto", "auto"), "iso-2even": ("2", "0.5")}
@@ -58,6 +59,14 @@ def device_defaults(device, gpu_count):
     if gpu_count < 2:
         return DEFAULTS["cuda"], 1
     return DEFAULTS["multigpu"], min(8, 1 << (gpu_count.bit_length() - 1))
+
+
+def points(args, settings):
+    """(prompt lengths, links) to measure: the command line's, else the device kind's (quick) defaults."""
+    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
+                else settings["quick"] if args.quick else settings["seq_lens"])
+    links = args.links.split(",") if args.links else settings["quick_links" if args.quick else "links"]
+    return seq_lens, links
 
 
 def quantiles(samples):
@@ -163,7 +172,8 @@ def measure_point(args, device, tp, seq_len, link):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one prompt length per link")
+    parser.add_argument("--quick", action="store_true",
+                        help="one prompt length per link; one link on one GPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--csv", type=Path,
                         help="append rows here (default bench/results/iso_prefill_<device>.csv)")
@@ -188,9 +198,7 @@ def main(argv=None):
     settings, default_tp = device_defaults(device, torch.cuda.device_count() if device == "cuda" else 0)
     args.model = args.model or settings["model"]
     tp = args.tp or default_tp
-    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
-                else settings["quick"] if args.quick else settings["seq_lens"])
-    links = args.links.split(",") if args.links else settings["links"]
+    seq_lens, links = points(args, settings)
     if tp == 1 and "none" in links:
         raise SystemExit("--links none needs --tp >= 2: "
                          "one rank without an emulated link has nothing to overlap")

@@ -7,7 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from bench import bench_iso_prefill as bench
-from iso_kernels import checkpoint
+from iso_kernels import checkpoint, comm
 
 GPU_COUNTS = [(2, 2), (3, 2), (6, 4), (8, 8), (16, 8)]
 
@@ -44,6 +44,16 @@ def test_device_defaults_for_cpu_and_one_gpu():
     one, one_tp = bench.device_defaults("cuda", 1)
     assert cpu_tp == 2 and cpu["links"] == ["ratio:0.5", "ratio:1.0"]
     assert one_tp == 1 and "none" not in one["links"]  # one rank hides only an emulated link
+
+
+def test_one_gpu_quick_run_measures_one_link_preset_at_one_length():
+    settings, _ = bench.device_defaults("cuda", 1)
+    seq_lens, links = bench.points(bench.parse_args(["--quick"]), settings)
+    assert len(seq_lens) == 1 and len(links) == 1 and links[0] in comm.LINK_PRESETS
+    full_lens, full_links = bench.points(bench.parse_args([]), settings)
+    assert len(full_links) > 1 and len(full_lens) > 1
+    assert bench.points(bench.parse_args(["--quick", "--links", "none,pcie4", "--seq-lens", "64"]), settings) \
+        == ([64], ["none", "pcie4"])
 
 
 def test_compute_busy_takes_the_slowest_rank_per_schedule():
