@@ -13,6 +13,7 @@ their logits are bitwise equal; only the waiting differs.
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,8 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
                          "that setup_caches allocated")
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
+    if reducer.row_signal_rows is not None and tokens.is_cuda:
+        _warm_row_signal_kernels(model, tokens, bounds, reducer.row_signal_rows)
     offset = bounds[0][0]
     embedded = model.tok_embeddings(tokens)
     chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset].contiguous()) for s, e in bounds]
@@ -166,8 +169,43 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
             if all_logits or c == last:
                 normed = normed if all_logits else normed[:, -1:]
                 logits.append(torch.nn.functional.linear(normed, model.output.weight).float())
+    # Every rank, after its last collective: a failure on any rank (a timed-out flag wait, an NCCL error) is
+    # raised here on all of them alike. Duck-typed stand-ins (tests) need not have it.
+    settle = getattr(comm, "settle", None)
+    if settle is not None:
+        settle()
     logits = torch.cat(logits, dim=1)
     return logits if all_logits else logits[:, -1]
+
+
+# model -> the (batch, chunk lengths, rows per signal, device) whose row-signal kernels have run once
+_WARMED_ROW_SIGNAL = weakref.WeakKeyDictionary()
+
+
+def _warm_row_signal_kernels(model, tokens, bounds, row_signal_rows):
+    """Run the row-signal pass's compute kernels once, without collectives, before its first flag wait.
+
+    A kernel's first launch can stall behind a flag wait spinning on the comm stream, until the wait times out:
+    CUDA's lazy module loading loads the module then, and Triton compiles and autotunes (synchronising the
+    device) at a shape's first launch. A pass with the same chunks and row signals but no collective does all
+    of that up front. It writes the KV cache at the same positions, which the real pass overwrites before it
+    reads them.
+    """
+    key = (tokens.shape[0], tuple(end - start for start, end in bounds), row_signal_rows, tokens.device)
+    warmed = _WARMED_ROW_SIGNAL.setdefault(model, set())
+    if key not in warmed:
+        warmed.add(key)  # first: the warm-up pass itself must not warm up again
+        forward(model, tokens, _NoCollectives(), bounds, schedule="serial", all_logits=False,
+                row_signal_rows=row_signal_rows)
+
+
+class _NoCollectives:
+    """A flag-capable stand-in communicator that reduces nothing and never waits (the warm-up pass)."""
+
+    supports_ready_flag = True
+
+    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
+        return _Done(tensor)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from iso_kernels import _ext, native_comm
 
-FAKE_EXT = types.SimpleNamespace(name="fake _C")
+FAKE_EXT = types.SimpleNamespace(name="fake _C", device_count=lambda: 1)
 
 
 @pytest.fixture
@@ -55,6 +55,15 @@ def test_non_cuda_device_is_refused(startable, device):
 def test_no_visible_gpu_is_refused(startable):
     startable.setattr(torch.cuda, "is_available", lambda: False)
     assert "no CUDA device" in native_comm.nccl_ext_unavailable_reason("cuda")
+
+
+def test_extension_without_devices_is_refused_although_torch_sees_one(startable):
+    """A cu12 torch can see GPUs that the CUDA 13 runtime inside _C cannot use (driver older than r580)."""
+    no_devices = types.SimpleNamespace(device_count=lambda: 0,
+                                       build_info=lambda: {"cuda_runtime": 13000, "driver": 12080})
+    startable.setattr(_ext, "load", lambda: no_devices)
+    reason = native_comm.nccl_ext_unavailable_reason("cuda")
+    assert "sees no CUDA device although torch does" in reason and "12080" in reason and "r580" in reason
 
 
 def test_uninitialised_process_group_is_refused(startable):

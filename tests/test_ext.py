@@ -2,6 +2,7 @@
 was built for, makes NCCL ids without a GPU, rejects bad arguments with ValueError and turns the missing
 driver into RuntimeError. And the build's pure "should we build" decision."""
 
+import ctypes
 import importlib.util
 import os
 import subprocess
@@ -13,14 +14,18 @@ import pytest
 from iso_kernels import _ext
 
 ROOT = Path(__file__).resolve().parents[1]
-BAD_COMM_ARGS = [  # (unique_id length, world_size, rank, device, word the message must contain)
-    (1, 2, 0, 0, "unique_id"),
-    (127, 2, 0, 0, "unique_id"),
-    (128, 0, 0, 0, "world_size"),
-    (128, 2, 2, 0, "rank"),
-    (128, 2, -1, 0, "rank"),
-    (128, 2, 0, -1, "device"),
+BAD_COMM_ARGS = [  # (unique_id length, world_size, rank, device, stream, timeout_ns, word in the message)
+    (1, 2, 0, 0, 1, 10**9, "unique_id"),
+    (127, 2, 0, 0, 1, 10**9, "unique_id"),
+    (128, 0, 0, 0, 1, 10**9, "world_size"),
+    (128, 2, 2, 0, 1, 10**9, "rank"),
+    (128, 2, -1, 0, 1, 10**9, "rank"),
+    (128, 2, 0, -1, 1, 10**9, "device"),
+    (128, 2, 0, 0, 0, 10**9, "stream"),
+    (128, 2, 0, 0, 1, 0, "timeout_ns"),
 ]
+# NCCL entry points _C needs (ncclCommInitRankConfig with ncclConfig_t.blocking, ncclCommFinalize): 2.14.
+NCCL_MIN_VERSION = 21400
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,12 @@ def test_build_info_matches_the_build(native):
     info = native.build_info()
     assert info["cuda_compiled"] >= 12000 and info["cuda_runtime"] > 0
     assert info["nccl_compiled"] > 20000
-    assert info["nccl_loaded"] // 100 == info["nccl_compiled"] // 100, info  # same major.minor
+    # The loaded NCCL may be older than the header (torch's copy, loaded first): what matters is that it has
+    # every entry point _C resolves and the same major version.
+    assert info["nccl_loaded"] >= NCCL_MIN_VERSION, info
+    assert info["nccl_loaded"] // 10000 == info["nccl_compiled"] // 10000, info
     assert Path(info["nccl_library"]).name == "libnccl.so.2"
+    assert info["nccl_found_by"] in ("already loaded", "NCCL_HOME", "loader path", "nvidia-nccl wheel")
     record = _ext._build_record()
     expected = sorted(int(arch) * 10 for arch in record["cuda_archs"].split(";"))
     assert sorted(int(arch) for arch in info["archs"].split(",")) == expected
@@ -71,11 +80,11 @@ def test_nccl_unique_ids_are_fresh_bytes(native):
     assert first != second
 
 
-@pytest.mark.parametrize("id_len, world_size, rank, device, word", BAD_COMM_ARGS)
-def test_overlap_comm_rejects_bad_arguments(native, id_len, world_size, rank, device, word):
+@pytest.mark.parametrize("id_len, world_size, rank, device, stream, timeout_ns, word", BAD_COMM_ARGS)
+def test_overlap_comm_rejects_bad_arguments(native, id_len, world_size, rank, device, stream, timeout_ns, word):
     unique_id = native.nccl_unique_id()[:id_len].ljust(id_len, b"\0")
     with pytest.raises(ValueError, match=word):
-        native.OverlapComm(unique_id, world_size, rank, device)
+        native.OverlapComm(unique_id, world_size, rank, device, stream, timeout_ns)
 
 
 def test_stream_sleep_rejects_negative_time(native):
@@ -85,12 +94,45 @@ def test_stream_sleep_rejects_negative_time(native):
 
 def test_overlap_comm_without_driver_raises_runtime_error(native, no_driver):
     with pytest.raises(RuntimeError, match="driver"):
-        native.OverlapComm(native.nccl_unique_id(), 1, 0, 0)
+        native.OverlapComm(native.nccl_unique_id(), 1, 0, 0, 1, 10**9)
 
 
 def test_stream_sleep_without_driver_raises_runtime_error(native, no_driver):
     with pytest.raises(RuntimeError, match="stream_sleep_kernel.*driver"):
         native.stream_sleep(0, 1000)
+
+
+def test_stream_priority_range_without_driver_raises_runtime_error(native, no_driver):
+    with pytest.raises(RuntimeError, match="driver"):
+        native.stream_priority_range(0)
+
+
+def test_module_keeps_its_symbols(native):
+    """Not stripped (pybind11 strips Release modules unless NO_EXTRAS): compute-sanitizer, Nsight and gdb
+    can name _C's functions."""
+    data = Path(native.__file__).read_bytes()
+    assert b".symtab" in data and b"poll_for_test" in data
+
+
+def _run_python(script, env, *args):
+    return subprocess.run([sys.executable, *args, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_nccl_already_in_the_process_is_used_before_nccl_home(native, tmp_path):
+    """A libnccl.so.2 mapped before _C (torch's, here the wheel's loaded by ctypes) is the one _C uses, even
+    with NCCL_HOME naming another: its copy is never tried (a broken file would make dlopen fail loudly)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libnccl.so.2").write_text("not a shared object")
+    wheel = native.build_info()["nccl_library"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD")}
+    env["NCCL_HOME"] = str(tmp_path)
+    script = (f"import ctypes; ctypes.CDLL({wheel!r}, mode=ctypes.RTLD_GLOBAL)\n"
+              "import iso_kernels._C as c; info = c.build_info()\n"
+              "print(info['nccl_found_by'], info['nccl_library'], sep='|')")
+    done = _run_python(script, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"already loaded|{wheel}"
 
 
 def test_raw_import_finds_nccl_without_loader_path(native):
@@ -120,6 +162,34 @@ def test_missing_nccl_is_a_runtime_error_not_an_import_error(native):
     if done.stdout.startswith("system NCCL:"):
         pytest.skip(f"libnccl.so.2 is on the system loader path ({done.stdout.split()[-1]})")
     assert "cannot load NCCL's libnccl.so.2" in done.stdout and "NCCL_HOME" in done.stdout
+
+
+def test_preload_uses_the_nccl_already_loaded_first(monkeypatch, tmp_path):
+    monkeypatch.setenv("NCCL_HOME", str(tmp_path))
+    opened = []
+
+    def loaded_already(name, mode):
+        opened.append((name, mode))  # succeeds: the soname is in the process
+
+    assert _ext._preload_nccl(loaded_already, exists=lambda path: True) == _ext.ALREADY_LOADED
+    assert opened == [(_ext.NCCL_SONAME, os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)]
+
+
+def test_preload_falls_back_to_nccl_home_then_the_wheel(monkeypatch, tmp_path):
+    monkeypatch.setenv("NCCL_HOME", str(tmp_path))
+    home = str(tmp_path / "lib" / _ext.NCCL_SONAME)
+    opened = []
+
+    def nothing_loaded_yet(name, mode):
+        opened.append(name)
+        if mode & os.RTLD_NOLOAD:
+            raise OSError(f"{name}: not loaded")
+
+    assert _ext._preload_nccl(nothing_loaded_yet, exists=lambda path: True) == home
+    assert opened == [_ext.NCCL_SONAME, home]
+    opened.clear()
+    wheel = _ext._preload_nccl(nothing_loaded_yet, exists=lambda path: str(path) != home)
+    assert opened == [_ext.NCCL_SONAME, wheel] and "nvidia" in wheel
 
 
 # --- the build decision (setup.py), without building ---
