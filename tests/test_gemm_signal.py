@@ -9,14 +9,16 @@ from helpers import assert_close_to_ref
 
 from iso_kernels.ops import gemm_signal, signal_targets
 from iso_kernels.reference import gemm_ref
-from triton_ops.gemm_signal import _GPU_CONFIGS, _fit_rows_per_signal, _tile_coords
+from triton_ops.gemm_signal import _candidates, _tile_coords
 
-# (M, N, K, rows_per_signal); the interpreter's tiles are 16 x 64 x 32, so none of these is a multiple.
+# (M, N, K, rows_per_signal); the interpreter's tiles are 16 x 64 x 32, so none of these is a multiple, and
+# row groups of 7, 24 and 100 rows make tiles straddle two or three groups.
 SHAPES = [
     (1, 33, 40, 16),
-    (17, 130, 96, 16),
+    (17, 130, 96, 7),
     (97, 33, 96, 48),
-    (200, 130, 40, 64),
+    (200, 130, 40, 24),
+    (300, 130, 96, 100),
     (300, 130, 96, 128),
 ]
 DTYPES = [torch.float32, torch.float16]
@@ -25,12 +27,13 @@ GPU_CASES = [
     (4096 + 17, 8192, 2048, 128, torch.bfloat16),
     (1000, 8192, 3584, 64, torch.bfloat16),
     (333, 1024, 7168, 48, torch.bfloat16),
+    (1000, 8192, 2048, 16, torch.bfloat16),  # groups far smaller than the tiles
     (1000, 8192, 3584, 64, torch.float16),
     (1000, 1000, 1000, 128, torch.float32),
 ]
 # (num_pid_m, num_pid_n, GROUP_M)
 TILE_GRIDS = [(19, 3, 4), (1, 5, 8), (8, 8, 8), (7, 1, 2), (13, 9, 1)]
-BAD_ROWS_PER_SIGNAL = [0, 8, 24, -16, 100]
+BAD_ROWS_PER_SIGNAL = [0, -16]
 
 
 def make_inputs(m, n, k, dtype, device):
@@ -171,18 +174,19 @@ def test_tile_order(num_pid_m, num_pid_n, group_m, device):
     assert [last[g] for g in sorted(last)] == sorted(last.values())
 
 
-@pytest.mark.parametrize("rows_per_signal", [16, 48, 64, 96, 128, 256, 384])
-def test_configs_fit_rows_per_signal(rows_per_signal):
-    fitted = _fit_rows_per_signal(_GPU_CONFIGS, {"rows_per_signal": rows_per_signal})
-    assert fitted
-    assert all(rows_per_signal % cfg.kwargs["BLOCK_M"] == 0 for cfg in fitted)
-    if rows_per_signal % 128 == 0:
-        assert len(fitted) == len(_GPU_CONFIGS)
-    # With a signal, the row tiles that finish together (GROUP_M of them) fit inside one row group.
-    signalled = _fit_rows_per_signal(_GPU_CONFIGS, {"rows_per_signal": rows_per_signal, "signal_ptr": object()})
-    assert all(cfg.kwargs["GROUP_M"] * cfg.kwargs["BLOCK_M"] <= max(rows_per_signal, cfg.kwargs["BLOCK_M"])
-               for cfg in signalled)
-    assert all(cfg.kwargs["GROUP_M"] == 8 for cfg in fitted)  # no signal: L2 grouping untouched
+@pytest.mark.parametrize("is_fp32", [False, True])
+@pytest.mark.parametrize("rows_per_signal", [1, 16, 48, 64, 100, 128, 256, 384])
+def test_signal_granularity_keeps_the_tile_shapes(rows_per_signal, is_fp32):
+    """Row-group size never changes a tile (small groups keep the tensor-core tiles); it only caps how many
+    row tiles are issued together, so that those fit inside one row group when the group allows it."""
+    plain, signalled = _candidates(is_fp32), _candidates(is_fp32, rows_per_signal)
+    assert len(signalled) == len(plain)
+    for cfg, cfg_signalled in zip(plain, signalled, strict=True):
+        block_m = cfg.kwargs["BLOCK_M"]
+        assert {**cfg_signalled.kwargs, "GROUP_M": cfg.kwargs["GROUP_M"]} == cfg.kwargs
+        assert (cfg_signalled.num_warps, cfg_signalled.num_stages) == (cfg.num_warps, cfg.num_stages)
+        assert cfg_signalled.kwargs["GROUP_M"] * block_m <= max(rows_per_signal, block_m)
+        assert cfg_signalled.kwargs["GROUP_M"] == max(1, min(cfg.kwargs["GROUP_M"], rows_per_signal // block_m))
 
 
 # --- GPU: bf16, large shapes, TF32 off, and a real waiter on another stream ---
@@ -222,9 +226,9 @@ def test_waiter_on_side_stream_sees_finished_rows():
     m, n, k, rows_per_signal = 8192, 8192, 4096, 1024
     max_spins = 50_000_000
     x, weight = make_inputs(m, n, k, torch.bfloat16, "cuda")
-    gemm_signal(x, weight, rows_per_signal=rows_per_signal)  # autotune before the race
     groups = m // rows_per_signal
     signal = torch.zeros(groups, dtype=torch.int32, device="cuda")
+    gemm_signal(x, weight, signal, rows_per_signal=rows_per_signal)  # autotune this very key before the race
     targets = signal_targets(m, n, rows_per_signal, device="cuda")
     seen = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     spins = torch.full((groups,), -1, dtype=torch.int32, device="cuda")

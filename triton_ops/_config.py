@@ -1,9 +1,28 @@
-"""Autotune config factories. Under the interpreter, ``@triton.autotune`` with two or more configs crashes
-(its benchmarking asks for a GPU driver), so each factory returns a single config there."""
+"""Autotune config factories and the pruner that keeps only configs that fit the device.
+
+Under the interpreter, ``@triton.autotune`` with two or more configs crashes (its benchmarking asks for a GPU
+driver), so each factory returns a single config there.
+
+On a GPU, ``keep_fitting`` compiles every candidate for the device the launch runs on (the autotuner would
+compile each one to benchmark it anyway, and the compiled kernel stays in the JIT cache for that benchmark)
+and drops the ones the device cannot run well: shared memory over the block's opt-in limit, or registers
+spilled to local memory. Estimating either from the block shape misses what the compiler actually does —
+at head_dim 128, 128x64 tiles at 4 warps spill 688 bytes per thread on sm_90 but none at 8 warps.
+"""
+
+import os
 
 import triton
+from triton.runtime.errors import OutOfResources, PTXASError
 
-from iso_kernels._env import interpreting  # noqa: F401  (re-exported for the kernel launchers)
+# Local memory per thread (the driver's CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, which Triton reports as n_spills
+# words) that still counts as "no spilling": ptxas sometimes keeps a few words of stack for 64-bit address
+# temporaries in clean kernels; real spills in these kernels start at a few hundred bytes.
+MAX_LOCAL_BYTES = 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def configs(gpu_configs, interpreter_config):
@@ -13,3 +32,32 @@ def configs(gpu_configs, interpreter_config):
 
 def config(num_warps=4, num_stages=2, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_arguments(named_args, kwargs):
+    """The kernel arguments of an ``early_config_prune`` call: the autotuner also passes its own
+    ``grid`` and ``warmup`` keywords, which are not kernel arguments."""
+    return {**named_args, **{k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}}
+
+
+def fits_device(kernel, cfg, arguments) -> bool:
+    """Compile ``kernel`` (a ``triton.jit`` function) with ``cfg`` for the current device and say whether it
+    loads within the device's shared memory and spills at most ``MAX_LOCAL_BYTES`` per thread."""
+    try:
+        compiled = kernel.warmup(grid=(1,), **arguments, **cfg.all_kwargs())
+        compiled._init_handles()  # loads the module: checks shared memory and reads the local-memory size
+    except (OutOfResources, PTXASError):
+        return False
+    return compiled.n_spills * 4 <= MAX_LOCAL_BYTES
+
+
+def keep_fitting(kernel, candidates, arguments, *, first_fit=False):
+    """The candidates that fit the device (only the first one with ``first_fit``), in order; the last
+    candidate when none does, so a launch still runs (the compile checks flag that case)."""
+    kept = []
+    for cfg in candidates:
+        if fits_device(kernel, cfg, arguments):
+            kept.append(cfg)
+            if first_fit:
+                break
+    return kept or [candidates[-1]]

@@ -10,53 +10,47 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import config, configs, interpreting
+from ._config import config, configs, interpreting, keep_fitting, launch_arguments
 
 # --- constants ---
 # tl.dot needs K >= 16; above 256 the q tile and fp32 accumulator no longer fit one program's registers.
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 # exp(x) == exp2(x * log2(e)); exp2 is the native special-function instruction.
 LOG2_E = tl.constexpr(1.4426950408889634)
-# Hopper gives a block at most 227 KiB of shared memory; leave room for the compiler's own scratch.
-SMEM_BUDGET_BYTES = 200 * 1024
-# An sm_90 thread has 255 registers; the fp32 accumulator may take half, the score tile needs the rest.
-ACC_REGS_PER_THREAD = 128
-
-# Modest sweep around the shapes that suit Hopper at head_dim 64/128 (BLOCK_M 128 at 8 warps = two wgmma
-# warpgroups of 64 rows); the last config is the fallback that fits fp32 and head_dim 256. The interpreter gets
-# one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows see none of.
-_CONFIGS = configs(
-    [
-        config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
-        config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-        config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-        config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    ],
-    config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-)
+# Candidates for 16-bit inputs, best first for the common head_dims; ``_keep`` compiles each for the device
+# and drops what spills or overflows shared memory there (``_config.keep_fitting``). Measured at head_dim 128
+# (bf16, causal, Triton 3.9): 128x64 at 8 warps fits sm_80/90 without spills (two wgmma warpgroups of 64 rows
+# on sm_90) while 4 warps spill 350-690 bytes; 128x128 suits head_dim 64 only; stage 4 and 128-row tiles
+# overflow sm_89's 99 KiB; 64x32 at 8 warps is the one that fits every arch at head_dim 256.
+_CONFIGS_16BIT = [
+    config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+    config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    config(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    config(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+]
+# fp32 runs exact (ieee) dots on the FMA units: operand tiles live in registers, so tiles are small, and the
+# first that fits is taken without tuning (a correctness path, not worth compiling a sweep). 64x32 spills
+# 2 KB per thread at head_dim 128; 16x16 fits head_dim 256 everywhere.
+_CONFIGS_FP32 = [
+    config(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1),
+    config(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
+    config(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
+]
+# The interpreter gets one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows
+# see none of.
+_CONFIGS = configs(_CONFIGS_16BIT + _CONFIGS_FP32, config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
 
 
 def _keep(configs_, named_args, **kwargs):
-    """Drop configs whose K/V pipeline overflows shared memory or whose accumulator spills (head_dim 256).
-
-    fp32 keeps only the smallest config: its exact (ieee) dots run on the FMA units, a correctness path that is
-    not worth the minute of compiling a sweep.
-    """
-    args = {**named_args, **kwargs}
-    head_dim, elem_bytes = args["HEAD_DIM"], args["q_ptr"].element_size()
-    smallest = min(configs_, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
-    if args["q_ptr"].dtype == torch.float32:
-        return [smallest]
-    kept = []
-    for conf in configs_:
-        block_m, block_n = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"]
-        smem = (block_m + 2 * conf.num_stages * block_n) * head_dim * elem_bytes
-        regs = block_m * head_dim // (conf.num_warps * 32)
-        if smem <= SMEM_BUDGET_BYTES and regs <= ACC_REGS_PER_THREAD:
-            kept.append(conf)
-    return kept or [smallest]
+    """The configs of the input's dtype that compile for this device without spilling and within its shared
+    memory (see ``_config.keep_fitting``)."""
+    arguments = launch_arguments(named_args, kwargs)
+    if arguments["q_ptr"].dtype == torch.float32:
+        return keep_fitting(_chunked_attention_fwd_kernel.fn, _CONFIGS_FP32, arguments, first_fit=True)
+    return keep_fitting(_chunked_attention_fwd_kernel.fn, _CONFIGS_16BIT, arguments)
 
 
 @triton.jit

@@ -15,37 +15,49 @@ import triton.language as tl
 from . import _config
 
 # --- configs ---
-# Hopper bf16 tiles: 128x256 and 128x128 with BLOCK_K=64 keep the tensor cores fed at 3-4 pipeline stages
-# within 228 KB of shared memory; 64-row tiles give short chunks (M ~ 1k) enough programs for 132 SMs.
+# 16-bit candidates, best first; ``_prune`` compiles each for the device and keeps those without spills and
+# within its shared memory (``_config.keep_fitting``). Hopper: 128x256 and 128x128 with BLOCK_K=64 keep the
+# tensor cores fed at 3-4 pipeline stages within 227 KiB; sm_89 (99 KiB) keeps only the <= 96 KiB pipelines
+# (128x128 at 3 stages, 64x128 at 4); 64-row tiles give short chunks (M ~ 1k) enough programs for 132 SMs.
 # GROUP_M=8 row tiles share each weight tile through L2, which matters once the weight outgrows L2
 # (down_proj at TP4: 8192 x 7168 bf16 = 117 MB).
-_GPU_CONFIGS = [
+_CONFIGS_16BIT = [
     _config.config(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
     for block_m, block_n, warps, stages in [
-        (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4),
+        (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4),
     ]
 ]
-# Interpreter: BLOCK_M=16 divides every legal rows_per_signal (a multiple of 16); GROUP_M=4 with the test
-# shapes leaves a partial last group, which the tile-order mapping must handle.
+# fp32 (exact ieee dots on the FMA units unless torch allows TF32): operand tiles sit in registers, so only
+# small tiles avoid spilling (128x128 spills 1.6-9.6 KB per thread); the first that fits is taken untuned.
+_CONFIGS_FP32 = [
+    _config.config(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=stages)
+    for block_m, block_n, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
+]
+# Interpreter: GROUP_M=4 with the test shapes leaves a partial last group, which the tile-order mapping must
+# handle; BLOCK_M=16 makes tiles straddle row groups whenever rows_per_signal is not a multiple of 16.
 _INTERPRETER_CONFIG = _config.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
 
 
-def _fit_rows_per_signal(configs, named_args, **kwargs):
-    """A tile must not straddle two row groups: BLOCK_M must divide rows_per_signal. Configs whose BLOCK_M
-    does not are shrunk to gcd(BLOCK_M, rows_per_signal) (>= 16, as both are multiples of 16). With a signal,
-    GROUP_M row tiles finish together, so GROUP_M * BLOCK_M is capped at rows_per_signal: otherwise a group's
-    counter would complete only when GROUP_M * BLOCK_M rows do, not rows_per_signal."""
-    rows_per_signal = named_args["rows_per_signal"]
-    has_signal = named_args.get("signal_ptr") is not None
-    fitted = {}
-    for cfg in configs:
-        block_m = math.gcd(cfg.kwargs["BLOCK_M"], rows_per_signal)
-        group_m = max(1, min(cfg.kwargs["GROUP_M"], rows_per_signal // block_m)) if has_signal \
-            else cfg.kwargs["GROUP_M"]
-        meta = {**cfg.kwargs, "BLOCK_M": block_m, "GROUP_M": group_m}
-        key = (tuple(sorted(meta.items())), cfg.num_warps, cfg.num_stages)
-        fitted.setdefault(key, triton.Config(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return list(fitted.values())
+def _candidates(is_fp32, rows_per_signal=None):
+    """The candidate configs for one dtype class. With a signal (``rows_per_signal`` given), GROUP_M row
+    tiles finish together, so GROUP_M * BLOCK_M is capped at rows_per_signal: otherwise a group's counter
+    would complete only when GROUP_M * BLOCK_M rows do, not rows_per_signal."""
+    candidates = _CONFIGS_FP32 if is_fp32 else _CONFIGS_16BIT
+    if rows_per_signal is None:
+        return candidates
+    return [triton.Config({**cfg.kwargs, "GROUP_M": max(1, min(cfg.kwargs["GROUP_M"],
+                                                               rows_per_signal // cfg.kwargs["BLOCK_M"]))},
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            for cfg in candidates]
+
+
+def _prune(configs, named_args, **kwargs):
+    """The candidates of the input's dtype that fit this device (``_config.keep_fitting``)."""
+    arguments = _config.launch_arguments(named_args, kwargs)
+    is_fp32 = arguments["x_ptr"].dtype == torch.float32
+    rows_per_signal = arguments["rows_per_signal"] if arguments["signal_ptr"] is not None else None
+    return _config.keep_fitting(_gemm_signal_kernel.fn, _candidates(is_fp32, rows_per_signal), arguments,
+                                first_fit=is_fp32)
 
 
 def _zero_signal(named_args, reset_only=False):
@@ -78,10 +90,10 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_config.configs(_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    configs=_config.configs(_CONFIGS_16BIT + _CONFIGS_FP32, _INTERPRETER_CONFIG),
     # ISO chunks come in arbitrary lengths: tune once per power-of-two bucket of M, not per length.
     key=["M_bucket", "N", "K", "rows_per_signal", "HAS_SIGNAL"],
-    prune_configs_by={"early_config_prune": _fit_rows_per_signal},
+    prune_configs_by={"early_config_prune": _prune},
     pre_hook=_zero_signal,
     post_hook=_zero_signal_after_tuning,
 )
@@ -124,12 +136,18 @@ def _gemm_signal_kernel(
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if HAS_SIGNAL:
-        stored = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M) * tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
-        # The release is issued by one thread: the barrier puts every thread's stores before it, and the
-        # release (cumulative at gpu scope) makes them visible to whoever acquires the counter.
+        # A tile may hold rows of several row groups (the group size does not shape the tiles): each group
+        # gets the count of the elements stored in it. The releases are issued by one thread: the barrier
+        # puts every thread's stores before them, and a release (cumulative at gpu scope) makes them visible
+        # to whoever acquires the counter.
+        row_start = pid_m * BLOCK_M
+        row_end = tl.minimum(row_start + BLOCK_M, M)
+        cols_stored = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
         tl.debug_barrier()
-        tl.atomic_add(signal_ptr + (pid_m * BLOCK_M) // rows_per_signal, stored.to(tl.int32),
-                      sem="release", scope="gpu")
+        for group in range(row_start // rows_per_signal, (row_end - 1) // rows_per_signal + 1):
+            rows_stored = (tl.minimum(row_end, (group + 1) * rows_per_signal)
+                           - tl.maximum(row_start, group * rows_per_signal))
+            tl.atomic_add(signal_ptr + group, (rows_stored * cols_stored).to(tl.int32), sem="release", scope="gpu")
 
 
 # --- launcher ---

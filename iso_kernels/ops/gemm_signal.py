@@ -7,8 +7,6 @@ from .. import reference
 from .._env import use_triton
 from ._checks import check_same_device, check_tensor
 
-# The smallest tile height the kernel uses; a row group must be a whole number of tiles.
-ROWS_PER_SIGNAL_MULTIPLE = 16
 _INT32_MAX = 2**31 - 1
 
 
@@ -33,9 +31,8 @@ def _(x, weight, signal, rows_per_signal):
 def _check_groups(m, n, rows_per_signal):
     if isinstance(rows_per_signal, bool) or not isinstance(rows_per_signal, int):
         raise TypeError(f"rows_per_signal must be an int, got {type(rows_per_signal).__name__}")
-    if rows_per_signal <= 0 or rows_per_signal % ROWS_PER_SIGNAL_MULTIPLE:
-        raise ValueError(f"rows_per_signal must be a positive multiple of {ROWS_PER_SIGNAL_MULTIPLE}, "
-                         f"got {rows_per_signal}")
+    if rows_per_signal <= 0:
+        raise ValueError(f"rows_per_signal must be positive, got {rows_per_signal}")
     if min(m, rows_per_signal) * n > _INT32_MAX:
         raise ValueError(f"rows_per_signal={rows_per_signal} with N={n} overflows an int32 counter")
 
@@ -76,7 +73,8 @@ def gemm_signal(x, weight, signal=None, *, rows_per_signal=128):
     release-adds (gpu scope) the number of elements it stored to its group's counter, so group g is
     complete exactly when ``signal[g] == signal_targets(M, N, rows_per_signal)[g]`` (rows_in_group * N),
     whatever tiles the autotuner chose. Tiles are issued rows-first, so early row groups finish first.
-    rows_per_signal: a positive multiple of 16.
+    rows_per_signal: any positive int; it does not shape the tiles (a tile that holds rows of several groups
+    adds to each the elements it stored there), so small groups keep the tensor-core tiles.
 
     Counter contract (reuse without a generation count):
       * This call first zeroes ``signal`` on the current stream, then launches the GEMM on it, so a buffer

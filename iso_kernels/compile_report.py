@@ -1,0 +1,458 @@
+"""Compile every Triton kernel for GPUs that are not here, through its real launcher, and report what ptxas made.
+
+``python -m iso_kernels compile-report [--arch 80,89,90 | native] [--matrix main | full] [--csv FILE]``
+
+Each case calls a kernel's launcher (``triton_ops``) on meta tensors at a shape users run, so the launch goes
+through the same argument binding, specialization, constexprs and config pruning as on a GPU; only the
+driver is replaced. ``CompileOnlyDriver`` reports the target architecture and its shared-memory limit, reads
+a compiled module's registers and local memory from the cubin as the CUDA driver would when loading it, and
+launches nothing. So the launcher's own pruning (``triton_ops._config.keep_fitting``) runs against that
+architecture. For each compiled config the report gives ptxas' register and spill report, shared memory and
+its limit, warps, stages, whether the launcher kept it, and the SASS instruction mix (tensor-core ops, FMAs,
+local loads/stores). ``--arch native`` uses the real GPU and its driver instead.
+
+One process per architecture: Triton caches compiled kernels per device ordinal, with the target fixed when
+the first kernel binds, so two targets cannot share a process.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and SM counts, per compute
+# capability: A100/A800, RTX 4090, H100/H200.
+SHARED_MEMORY_LIMITS = {80: 166912, 89: 101376, 90: 232448}
+MULTIPROCESSORS = {80: 108, 89: 128, 90: 132}
+ARCH_NAMES = {80: "sm_80 (A100/A800)", 89: "sm_89 (RTX 4090)", 90: "sm_90 (H100/H200)"}
+# ptxas spill stores per thread that still count as no real spilling (see triton_ops._config.MAX_LOCAL_BYTES).
+MAX_SPILL_STORE_BYTES = 64
+# SASS opcodes counted in the instruction mix: Hopper warpgroup MMA, Ampere/Ada warp MMA, FP32 FMA,
+# async global->shared copies (cp.async), TMA loads, and local-memory traffic (spills).
+SASS_OPCODES = ("HGMMA", "HMMA", "FFMA", "LDGSTS", "UTMALDG", "LDL", "STL")
+# Bump when the report's cache entries change shape: every cached kernel must carry its ptxas log.
+_CACHE_SCHEMA = 1
+
+
+# --- a driver that compiles for a target and launches nothing ---
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+class _CompileOnlyUtils:
+    def __init__(self, capability):
+        self.capability = capability
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SHARED_MEMORY_LIMITS[self.capability],
+                "multiprocessor_count": MULTIPROCESSORS[self.capability],
+                "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 0, "mem_clock_rate": 0,
+                "mem_bus_width": 0}
+
+    def load_binary(self, name, cubin, shared, device):
+        """What cuModuleLoad + cuFuncGetAttribute would give Triton: registers, local bytes / 4, max threads."""
+        usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(cubin, "-res-usage"))
+        registers, stack, local = (int(v) for v in usage.groups())
+        return None, None, registers, (stack + local) // 4, 1024
+
+    def unload_module(self, module):
+        pass
+
+
+class _NoLaunch:
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        pass
+
+
+class CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver on a machine without one: compiles for ``GPUTarget("cuda", cc, 32)``
+    and treats every launch, including the autotuner's timing runs, as a no-op."""
+
+    def __init__(self, capability):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, 32)
+        self.utils = _CompileOnlyUtils(capability)
+        self.launcher_cls = _NoLaunch
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+    def get_benchmarker(self):
+        def run_once(fn, quantiles=None, **kwargs):
+            fn()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+        return run_once
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.empty(0, device="meta")
+
+    def clear_cache(self, cache):
+        pass
+
+
+def _keep_ptxas_log_in_metadata():
+    """Make every compile store ptxas' -v report in the kernel's metadata (and so in Triton's cache)."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    make_cubin = CUDABackend.make_cubin
+    if getattr(make_cubin, "keeps_ptxas_log", False):
+        return
+
+    def make_cubin_keeping_log(self, src, metadata, opt, capability):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), knobs.nvidia.scope():
+            knobs.nvidia.dump_ptxas_log = True
+            cubin = make_cubin(self, src, metadata, opt, capability)
+        metadata["ptxas_log"] = printed.getvalue()
+        return cubin
+
+    make_cubin_keeping_log.keeps_ptxas_log = True
+    CUDABackend.make_cubin = make_cubin_keeping_log
+
+
+# --- cases: launchers on meta tensors at the shapes users run ---
+@dataclass(frozen=True)
+class Case:
+    kernel: str
+    name: str
+    dtype: torch.dtype
+    launch: object  # () -> None: calls the launcher
+    tf32: bool = False
+
+
+def _meta(*shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start, causal=True):
+    from triton_ops.chunked_attention import chunked_attention_fwd
+
+    q_len = seq_len - q_start
+    q = _meta(1, q_len, n_heads, head_dim, dtype=dtype)
+    kv = _meta(1, seq_len, n_kv_heads, head_dim, dtype=dtype)
+    part = "full" if q_start == 0 else f"chunk [{q_start},{seq_len})"
+    name = f"hd{head_dim} {n_heads}/{n_kv_heads} heads S={seq_len} {part}{'' if causal else ' non-causal'}"
+    return Case("chunked_attention", name, dtype,
+                lambda: chunked_attention_fwd(q, kv, kv, q_start, causal, head_dim ** -0.5))
+
+
+# Llama-2/3-70B (hidden 8192, intermediate 28672) row-parallel GEMMs: (label, N, K) at TP 4 and 8.
+LLAMA_70B_ROW_PARALLEL = [("o_proj TP4", 8192, 2048), ("down_proj TP4", 8192, 7168),
+                          ("o_proj TP8", 8192, 1024), ("down_proj TP8", 8192, 3584)]
+
+
+def _gemm_case(dtype, label, n, k, m, rows_per_signal, tf32=False):
+    from triton_ops.gemm_signal import gemm_signal
+
+    x, weight = _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype)
+    signal = None if rows_per_signal is None else _meta(-(-m // rows_per_signal), dtype=torch.int32)
+    signal_name = "no signal" if signal is None else f"rows_per_signal={rows_per_signal}"
+    return Case("gemm_signal", f"{label} M={m} {signal_name}{' tf32' if tf32 else ''}", dtype,
+                lambda: gemm_signal(x, weight, signal, rows_per_signal or 128), tf32)
+
+
+def _norm_case(dtype, hidden, rows, residual):
+    from triton_ops.fused_norm import add_rms_norm
+
+    x = _meta(rows, hidden, dtype=dtype)
+    return Case("add_rms_norm", f"hidden={hidden} rows={rows}{' + residual' if residual else ''}", dtype,
+                lambda: add_rms_norm(x, x if residual else None, _meta(hidden, dtype=dtype), 1e-5))
+
+
+def _merge_case(dtype, head_dim, n_heads, q_len):
+    from triton_ops.merge_states import merge_states
+
+    out = _meta(1, q_len, n_heads, head_dim, dtype=dtype)
+    lse = _meta(1, n_heads, q_len, dtype=torch.float32)
+    return Case("merge_attention_states", f"hd{head_dim} {n_heads} heads q_len={q_len}", dtype,
+                lambda: merge_states(out, lse, out, lse))
+
+
+def cases(matrix="main"):
+    """``main``: the shapes of a Llama-70B-class ISO prefill in bf16 (and fp32's exact path) — what the
+    default test suite checks. ``full``: every dtype, head_dim 64/128/256, causal and not, 4k-16k tokens
+    with ISO chunk boundaries that are not multiples of 16, all row-parallel GEMMs and signal sizes."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    if matrix == "main":
+        return [
+            _attention_case(bf16, 128, 8, 1, 4096, 1536),  # 70B at TP8: 64/8 heads -> 8/1 per rank
+            _attention_case(bf16, 64, 32, 8, 4096, 1536),
+            _attention_case(fp32, 128, 8, 1, 4096, 1536),
+            _gemm_case(bf16, "o_proj TP8", 8192, 1024, 4096, None),
+            _gemm_case(bf16, "down_proj TP4", 8192, 7168, 4096, 128),
+            _gemm_case(fp32, "o_proj TP8", 8192, 1024, 4096, None),
+            _norm_case(bf16, 8192, 4096, residual=True),
+            _merge_case(bf16, 128, 8, 2560),
+        ]
+    if matrix != "full":
+        raise ValueError(f"matrix must be 'main' or 'full', got {matrix!r}")
+    found = []
+    for dtype in (fp16, bf16, fp32):
+        for head_dim, n_heads, n_kv_heads in ((64, 32, 8), (128, 8, 1), (256, 16, 8)):
+            for seq_len, q_start in ((4096, 0), (4096, 1536), (16384, 7001)):
+                found.append(_attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start))
+            found.append(_attention_case(dtype, head_dim, n_heads, n_kv_heads, 4096, 0, causal=False))
+        for label, n, k in LLAMA_70B_ROW_PARALLEL:
+            for m in (4096, 16384, 9383):
+                found.append(_gemm_case(dtype, label, n, k, m, None))
+            for rows_per_signal in (16, 128, 1000):
+                found.append(_gemm_case(dtype, label, n, k, 9383, rows_per_signal))
+        for hidden in (4096, 8192):
+            found += [_norm_case(dtype, hidden, 4096, residual) for residual in (False, True)]
+        found += [_merge_case(dtype, head_dim, 8, 9383) for head_dim in (64, 128, 256)]
+    found += [_gemm_case(fp32, label, n, k, 4096, 128, tf32=True) for label, n, k in LLAMA_70B_ROW_PARALLEL]
+    return found
+
+
+# --- one row per compiled config ---
+@dataclass
+class Row:
+    triton: str
+    arch: int
+    kernel: str
+    case: str
+    dtype: str
+    config: str
+    num_warps: int
+    num_stages: int
+    kept: bool
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    tensor_core_op: str  # HGMMA (wgmma), HMMA (mma.sync) or none
+    sass: str  # JSON: counts of SASS_OPCODES and the total
+
+
+def _ptxas_numbers(log):
+    """(registers, stack frame, spill stores, spill loads) from ptxas -v."""
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = re.search(r"Used (\d+) registers", log)
+    if frame is None or registers is None:
+        raise RuntimeError(f"no ptxas register report in the kernel's metadata:\n{log}")
+    return int(registers[1]), int(frame[1]), int(frame[2]), int(frame[3])
+
+
+def _sass_mix(cubin):
+    sass = _cuobjdump(cubin, "-sass")
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    counts = {op: sum(1 for o in opcodes if o == op) for op in SASS_OPCODES}
+    counts["total"] = len(opcodes)
+    return counts
+
+
+def _config_key(num_warps, num_stages, meta):
+    return num_warps, num_stages, tuple(sorted(meta.items()))
+
+
+def _compiled_config(kernel, meta_names):
+    constants = {kernel.src.fn.arg_names[path[0]]: value for path, value in kernel.src.constants.items()}
+    meta = {name: constants[name] for name in meta_names if name in constants}
+    return _config_key(kernel.metadata.num_warps, kernel.metadata.num_stages, meta), meta
+
+
+def _jit_functions():
+    """(autotuner or None, jit function) of every kernel a case may launch."""
+    from triton.runtime.autotuner import Autotuner
+
+    from triton_ops import chunked_attention, fused_norm, gemm_signal, merge_states
+
+    kernels = [chunked_attention._chunked_attention_fwd_kernel, gemm_signal._gemm_signal_kernel,
+               fused_norm._add_rms_norm_kernel, merge_states._merge_states_kernel]
+    return [(k, k.fn) if isinstance(k, Autotuner) else (None, k) for k in kernels]
+
+
+def _cached_kernels(jit_fn):
+    caches = jit_fn.device_caches
+    return dict(caches[0][0]) if 0 in caches else {}
+
+
+def _run_case(case, capability, kernels):
+    """Launch one case; return its rows (one per config compiled for it)."""
+    import triton
+
+    kept_configs = {}
+    for tuner, jit_fn in kernels:
+        # Every case binds and prunes afresh (compiles come from Triton's disk cache after the first run), so
+        # its rows are exactly the configs its own launch compiled.
+        jit_fn.device_caches.clear()
+        if tuner is not None:
+            tuner.cache.clear()
+
+            def capture(kwargs, tuner=tuner, prune=type(tuner).prune_configs):
+                pruned = prune(tuner, kwargs)
+                kept_configs[tuner] = {_config_key(c.num_warps, c.num_stages, c.kwargs) for c in pruned}
+                return pruned
+
+            tuner.prune_configs = capture
+    precision = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if case.tf32 else "ieee"
+    try:
+        case.launch()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = precision
+        for tuner, _ in kernels:
+            if tuner is not None:
+                del tuner.prune_configs
+    rows = []
+    for tuner, jit_fn in kernels:
+        meta_names = tuner.configs[0].kwargs.keys() if tuner is not None else ()
+        for kernel in _cached_kernels(jit_fn).values():
+            key, meta = _compiled_config(kernel, meta_names)
+            # A single-config kernel, or an autotuner whose one config skipped pruning, keeps what it ran.
+            kept = tuner not in kept_configs or key in kept_configs[tuner]
+            rows.append(_row(case, capability, kernel, meta, kept, triton.__version__))
+    return rows
+
+
+def _row(case, capability, kernel, meta, kept, triton_version):
+    registers, stack, spill_stores, spill_loads = _ptxas_numbers(getattr(kernel.metadata, "ptxas_log", ""))
+    sass = _sass_mix(kernel.asm["cubin"])
+    tensor_core_op = "HGMMA" if sass["HGMMA"] else "HMMA" if sass["HMMA"] else "none"
+    return Row(
+        triton=triton_version, arch=capability, kernel=case.kernel, case=case.name,
+        dtype=str(case.dtype).removeprefix("torch."), config=" ".join(f"{k}={v}" for k, v in sorted(meta.items())),
+        num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, kept=kept,
+        registers=registers, stack_bytes=stack, spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
+        shared_bytes=kernel.metadata.shared, shared_limit=SHARED_MEMORY_LIMITS.get(capability, 0),
+        tensor_core_op=tensor_core_op, sass=json.dumps(sass, sort_keys=True),
+    )
+
+
+def default_cache_dir():
+    import triton
+
+    root = os.environ.get("ISO_KERNELS_COMPILE_CACHE") or os.path.join(Path.home(), ".cache", "iso_kernels",
+                                                                      "compile-report")
+    return os.path.join(root, f"triton-{triton.__version__}-v{_CACHE_SCHEMA}")
+
+
+def report_arch(arch, matrix="main"):
+    """Rows for one architecture (an int compute capability, or "native" for the local GPU), in this
+    process. Must run in a process that has not launched Triton kernels for another target."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile report needs TRITON_INTERPRET unset: interpreted kernels do not compile")
+    os.environ.setdefault("TRITON_CACHE_DIR", default_cache_dir())
+    import triton
+
+    _keep_ptxas_log_in_metadata()
+    if arch == "native":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--arch native needs a CUDA device")
+        major, minor = torch.cuda.get_device_capability()
+        capability = 10 * major + minor
+    else:
+        capability = int(arch)
+        triton.runtime.driver.set_active(CompileOnlyDriver(capability))
+    kernels = _jit_functions()
+    rows = []
+    for case in cases(matrix):
+        rows += _run_case(case, capability, kernels)
+    return rows
+
+
+def _report_arch_in_child(arch, matrix):
+    return [asdict(row) for row in report_arch(arch, matrix)]
+
+
+def report(archs, matrix="main", jobs=2):
+    """Rows for every arch in ``archs``, each compiled in its own process, ``jobs`` at a time."""
+    if archs == ["native"]:
+        return [asdict(row) for row in report_arch("native", matrix)]
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(archs))),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        per_arch = list(pool.map(_report_arch_in_child, archs, [matrix] * len(archs)))
+    return [row for rows in per_arch for row in rows]
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Row)])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary(rows):
+    """Per kernel, arch and dtype, over the kept configs: the registers, shared memory, stages and spills
+    range, and the tensor-core op."""
+    groups = {}
+    for row in rows:
+        if row["kept"]:
+            groups.setdefault((row["kernel"], row["arch"], row["dtype"]), []).append(row)
+    lines = [f"{'kernel':<24}{'arch':>5} {'dtype':<9}{'kept':>5}{'regs':>9}{'smem KiB':>14}{'stages':>8}"
+             f"{'max spill B':>12}  tensor cores"]
+    for (kernel, arch, dtype), kept in sorted(groups.items()):
+        regs = sorted({r["registers"] for r in kept})
+        smem = sorted({r["shared_bytes"] // 1024 for r in kept})
+        stages = sorted({r["num_stages"] for r in kept})
+        ops = "/".join(sorted({r["tensor_core_op"] for r in kept}))
+        lines.append(f"{kernel:<24}{arch:>5} {dtype:<9}{len(kept):>5}{_span(regs):>9}{_span(smem):>14}"
+                     f"{_span(stages):>8}{max(r['spill_store_bytes'] for r in kept):>12}  {ops}")
+    return "\n".join(lines)
+
+
+def _span(values):
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="80,89,90",
+                        help="compute capabilities to compile for, comma-separated (default 80,89,90: A100/A800, "
+                             "RTX 4090, H100/H200), or 'native' for this machine's GPU")
+    parser.add_argument("--matrix", choices=("main", "full"), default="main",
+                        help="main: a Llama-70B-class bf16 prefill's shapes; full: every dtype, head_dim and shape")
+    parser.add_argument("--csv", help="write one row per compiled config to this file")
+    parser.add_argument("--jobs", type=int, default=2, help="architectures compiled at once, one process each")
+
+
+def run(args: argparse.Namespace) -> int:
+    archs = ["native"] if args.arch == "native" else [a.strip() for a in args.arch.split(",") if a.strip()]
+    for arch in archs:
+        if arch != "native" and (not arch.isdigit() or int(arch) not in SHARED_MEMORY_LIMITS):
+            raise ValueError(f"--arch: {arch!r} is not one of {sorted(SHARED_MEMORY_LIMITS)} or 'native'")
+    rows = report(archs, args.matrix, args.jobs)
+    if args.csv:
+        write_csv(rows, args.csv)
+    print(summary(rows))
+    return 0
