@@ -1,4 +1,5 @@
-"""``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group) and ``simulate``."""
+"""``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group), ``simulate`` and
+``compile-report``."""
 
 import argparse
 import importlib.util
@@ -7,13 +8,14 @@ import os
 import signal
 import sys
 
-from . import engine, simulate
+from . import compile_report, engine, simulate
 from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
 
 DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
 
 prefill   run serial and ISO prefill on the same prompt over a TP group, check they agree, report timings
 simulate  predict serial vs ISO prefill on the paper's hardware (RTX 4090 PCIe, A800 NVLink) from datasheets
+compile-report  compile every Triton kernel for sm_80/89/90 (no GPU needed): registers, spills, shared memory
 """
 
 
@@ -128,12 +130,15 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     _prefill_arguments(sub.add_parser("prefill", help="serial vs ISO prefill on a TP group"))
     simulate.add_arguments(sub.add_parser("simulate", help="predict ISO on the paper's hardware"))
+    compile_report.add_arguments(sub.add_parser("compile-report", help="compile the kernels for sm_80/89/90"))
     args = parser.parse_args(argv)
     one_line_warnings()
     try:
         with _stop_signals():
             if args.command == "simulate":
                 return simulate.run(args)
+            if args.command == "compile-report":
+                return compile_report.run(args)
             _check_extras(args)
             return _prefill(args)
     except (KeyboardInterrupt, Stopped) as exc:
