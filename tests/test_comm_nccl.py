@@ -1,9 +1,14 @@
-"""The nccl-ext path on real GPUs: ``_C``'s stream kernels and flag timeout in this process (@gpu), and
-``NcclExtCommunicator`` in spawned ranks — exact sums, collectives in flight together, flag-gated starts
-(emulated producer and ``gemm_signal``), CUDA-graph capture — at world 1 (@gpu: NCCL runs a one-rank
-communicator on a single GPU) and world 2 (@multigpu). Timing is asserted only as lower bounds set by
-``stream_sleep`` (proof that a stream really waited), never as a speedup."""
+"""The nccl-ext path on real GPUs: ``_C``'s stream kernels, flag waits and failure paths in this process
+(@gpu: sticky timeout reports, the watchdog aborting a synchronize/destroy/init past its timeout, abort from
+another thread, a with-block that raised), and ``NcclExtCommunicator`` in spawned ranks — exact sums,
+collectives in flight together, flag-gated starts (emulated producer and ``gemm_signal``), CUDA-graph capture,
+a recorded tensor freed after close(), a flag timeout raised by every rank at settle(), both NCCL_COMM_BLOCKING
+settings — at world 1 (@gpu: NCCL runs a one-rank communicator on a single GPU) and world 2 (@multigpu).
+Timing is asserted only against quantities of the same run (``stream_sleep`` lengths, the timeouts under
+test), never as a speedup."""
 
+import threading
+import time
 import traceback
 
 import pytest
@@ -17,10 +22,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (17, 33), (3, 5, 64), (4097,)]
 # Long enough to dwarf launch jitter, short enough to keep the suite quick.
 SLEEP_NS = 30_000_000
+# A flag wait's bound where it is expected to succeed.
+WAIT_TIMEOUT_NS = 5_000_000_000
+# A stream kept busy "forever" next to the short timeouts under test (and still bounded).
+HANG_NS = 3_000_000_000
 # The caller's work queued after a flag-gated start: the collective must finish well before it does.
 TAIL_NS = 300_000_000
 GEMM_SHAPE = (200, 96, 64, 32)  # M (not a multiple of rows_per_signal), N, K, rows_per_signal
-CASES = ("exact_sum", "in_flight", "flag_gated", "gemm_signal_gated", "graph_capture")
+CASES = ("exact_sum", "in_flight", "flag_gated", "gemm_signal_gated", "graph_capture", "stream_outlives_close",
+         "flag_timeout_is_raised_by_every_rank", "blocking_setting_from_the_environment")
 
 
 @pytest.fixture(scope="module")
@@ -51,34 +61,50 @@ def test_stream_sleep_occupies_the_stream_not_the_host(native):
     assert start.elapsed_time(end) >= 0.95 * SLEEP_NS / 1e6
 
 
+def _one_rank_comm(native, timeout_s=60.0):
+    """A one-rank OverlapComm on a fresh torch stream (the caller keeps the stream alive)."""
+    stream = torch.cuda.Stream()
+    comm = native.OverlapComm(native.nccl_unique_id(), 1, 0, torch.cuda.current_device(), stream.cuda_stream,
+                              int(timeout_s * 1e9))
+    return comm, stream
+
+
 @pytest.mark.gpu
 def test_flag_wait_holds_the_comm_stream_until_the_flag(native):
-    device = torch.cuda.current_device()
     caller = torch.cuda.current_stream()
-    with native.OverlapComm(native.nccl_unique_id(), 1, 0, device) as comm:
-        comm_stream = torch.cuda.ExternalStream(comm.comm_stream, device=device)
+    comm, comm_stream = _one_rank_comm(native)
+    with comm:
         flag = torch.zeros(3, dtype=torch.int32, device="cuda")
+        flag[1].fill_(5)  # loads the fill kernel now, not while the wait below spins (lazy module loading)
+        flag.zero_()
         start, released = _timed_event(), _timed_event()
         start.record(caller)
-        comm.comm_wait_for(caller.cuda_stream)
-        comm.wait_flag(flag[1:].data_ptr(), 5, 5_000_000_000)
+        comm.comm_wait_for(caller.cuda_stream)  # after the zeroing: the wait must not read the old memory
+        comm.wait_flag(flag[1:].data_ptr(), 5, WAIT_TIMEOUT_NS)
         released.record(comm_stream)
-        native.stream_sleep(caller.cuda_stream, SLEEP_NS)
+        native.stream_sleep(caller.cuda_stream, SLEEP_NS)  # its kernel was loaded when comm was created
         flag[1].fill_(5)
         comm.caller_wait_for_comm(caller.cuda_stream)
         torch.cuda.synchronize()
         comm.check_status()
-        assert start.elapsed_time(released) >= 0.95 * SLEEP_NS / 1e6
+        held_ms = start.elapsed_time(released)
+        assert held_ms >= 0.95 * SLEEP_NS / 1e6
+        assert held_ms < 0.5 * WAIT_TIMEOUT_NS / 1e6, "the wait ran into its timeout: a launch stalled behind it"
 
 
 @pytest.mark.gpu
-def test_flag_wait_timeout_is_reported_once(native):
+def test_flag_wait_timeouts_are_reported_and_stay_reported(native):
+    caller = torch.cuda.current_stream()
+    comm, _ = _one_rank_comm(native)
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
-    comm = native.OverlapComm(native.nccl_unique_id(), 1, 0, torch.cuda.current_device())
+    comm.comm_wait_for(caller.cuda_stream)
     comm.wait_flag(flag.data_ptr(), 1, 2_000_000)
-    with pytest.raises(RuntimeError, match="flag wait timed out: the flag held 0 < target 1"):
+    with pytest.raises(RuntimeError, match="flag wait timed out on rank 0: 1 wait.s. timed out; the first held "
+                                           "0 < target 1"):
         comm.synchronize()
-    comm.check_status()  # the report was consumed
+    comm.wait_flag(flag.data_ptr(), 3, 2_000_000)
+    with pytest.raises(RuntimeError, match="2 wait.s. timed out; the first held 0 < target 1"):
+        comm.synchronize()
     with pytest.raises(ValueError, match="timeout_ns"):
         comm.wait_flag(flag.data_ptr(), 1, 0)
     with pytest.raises(ValueError, match="flag_ptr"):
@@ -89,7 +115,70 @@ def test_flag_wait_timeout_is_reported_once(native):
     comm.destroy()
     assert comm.closed
     with pytest.raises(RuntimeError, match="closed"):
-        comm.comm_wait_for(torch.cuda.current_stream().cuda_stream)
+        comm.comm_wait_for(caller.cuda_stream)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("call", ["synchronize", "destroy"])
+def test_watchdog_aborts_a_wait_that_outlasts_its_timeout(native, call):
+    timeout_s = 0.5
+    comm, comm_stream = _one_rank_comm(native, timeout_s)
+    native.stream_sleep(comm_stream.cuda_stream, HANG_NS)  # a collective that never ends, as far as we know
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"on rank 0: not finished within the timeout of {timeout_s:g} s.*"
+                                           "the communicator was aborted"):
+        getattr(comm, call)()
+    waited = time.perf_counter() - start
+    assert comm.closed
+    assert timeout_s <= waited < HANG_NS / 1e9, "the watchdog must stop the wait at its timeout"
+    comm_stream.synchronize()
+
+
+@pytest.mark.gpu
+def test_abort_from_another_thread_ends_a_synchronize(native):
+    comm, comm_stream = _one_rank_comm(native)
+    native.stream_sleep(comm_stream.cuda_stream, HANG_NS)
+    errors = []
+
+    def waiter():
+        try:
+            comm.synchronize()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=waiter)
+    start = time.perf_counter()
+    thread.start()
+    time.sleep(0.2)  # the waiter is polling by now (it holds no lock between polls)
+    comm.abort()
+    thread.join(timeout=HANG_NS / 1e9)
+    assert not thread.is_alive() and time.perf_counter() - start < HANG_NS / 1e9
+    assert len(errors) == 1 and "aborted while this call waited" in errors[0], errors
+    assert comm.closed
+    comm_stream.synchronize()
+
+
+@pytest.mark.gpu
+def test_with_block_aborts_without_waiting_when_the_body_raises(native):
+    comm, comm_stream = _one_rank_comm(native)
+    start = time.perf_counter()
+    with pytest.raises(KeyError):
+        with comm:
+            native.stream_sleep(comm_stream.cuda_stream, HANG_NS)
+            raise KeyError("the body broke")
+    assert comm.closed and time.perf_counter() - start < HANG_NS / 1e9
+    comm_stream.synchronize()
+
+
+@pytest.mark.gpu
+def test_init_without_its_peers_gives_up_at_the_timeout(native):
+    """Rank 0 of 2 alone: the non-blocking init is polled to the deadline, aborted, and raises."""
+    stream = torch.cuda.Stream()
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="ncclCommInitRankConfig on rank 0: not finished within the timeout"):
+        native.OverlapComm(native.nccl_unique_id(), 2, 0, torch.cuda.current_device(), stream.cuda_stream,
+                           500_000_000)
+    assert time.perf_counter() - start >= 0.5
 
 
 # --- NcclExtCommunicator in spawned ranks ---
@@ -198,6 +287,68 @@ def _case_graph_capture(comm, rank, world_size):
         torch.cuda.synchronize()
         expected = 2 * (world_size * (world_size - 1) / 2 + world_size * step)
         assert torch.equal(static, torch.full_like(static, expected)), (step, static[:4])
+
+
+def _case_stream_outlives_close(comm, rank, world_size):
+    """A tensor recorded on a closed communicator's comm stream is freed later: torch records an event on
+    that stream then, which must still exist. The stream has the device's highest priority."""
+    from iso_kernels.native_comm import NcclExtCommunicator
+
+    native = _ext.load()
+    with NcclExtCommunicator() as other:
+        y = other.all_reduce(torch.full((1 << 20,), float(rank), device=comm.device))
+        torch.cuda.synchronize()
+        least, greatest = native.stream_priority_range(comm.device.index)
+        priority = other.comm_stream.priority
+    assert torch.equal(y, torch.full_like(y, world_size * (world_size - 1) / 2))
+    del y  # freed after close(): the caching allocator records an event on the comm stream
+    reused = torch.empty(1 << 20, device=comm.device)
+    reused.fill_(1.0)
+    torch.cuda.synchronize()
+    assert priority < least or greatest == least, (priority, least, greatest)
+
+
+def _case_flag_timeout_is_raised_by_every_rank(comm, rank, world_size):
+    """The last rank's flag is never raised: its wait times out and its collective runs on stale data. Every
+    rank issues the same collectives; settle() raises the same error on all of them and aborts each."""
+    from iso_kernels.comm import CommFailure
+    from iso_kernels.native_comm import NcclExtCommunicator
+
+    failing = world_size - 1
+    short = NcclExtCommunicator(flag_timeout_s=0.2, timeout_s=60)
+    signal = torch.zeros(1, dtype=torch.int32, device=comm.device)
+    if rank != failing:
+        signal.fill_(1)
+    x = torch.ones(64, device=comm.device)
+    after = torch.cuda.Event()
+    after.record()
+    short.all_reduce_start(x, ready_flag=(signal, 0, 1), after=after).wait()
+    short.all_reduce_start(torch.ones(8, device=comm.device)).wait()  # one more: nobody raised early
+    with pytest.raises(CommFailure) as info:
+        short.settle()
+    assert set(info.value.failures) == {failing}
+    assert f"rank {failing}: flag wait timed out on rank {failing}" in str(info.value)
+    with pytest.raises(RuntimeError, match="closed"):
+        short.all_reduce_start(x)
+    short.close()
+
+
+def _case_blocking_setting_from_the_environment(comm, rank, world_size):
+    """NCCL_COMM_BLOCKING overrides the non-blocking config; both settings must work end to end."""
+    import os
+
+    from iso_kernels.native_comm import NcclExtCommunicator
+
+    for value in ("1", "0"):
+        os.environ["NCCL_COMM_BLOCKING"] = value
+        try:
+            with NcclExtCommunicator() as other:
+                y = other.all_reduce(torch.full((4097,), float(rank + 1), device=comm.device))
+                torch.cuda.synchronize()
+                other.settle()
+        finally:
+            del os.environ["NCCL_COMM_BLOCKING"]
+        assert torch.equal(y, torch.full_like(y, world_size * (world_size + 1) / 2)), value
 
 
 def _run_cases(rank, world_size):
