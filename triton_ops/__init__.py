@@ -4,3 +4,6 @@ Internal: users call ``iso_kernels.ops``. Set ``TRITON_INTERPRET=1`` before impo
 the kernels on CPU tensors.
 """
 
+from ._config import backport_interpreter_loop_bounds
+
+backport_interpreter_loop_bounds()

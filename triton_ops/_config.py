@@ -25,6 +25,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def backport_interpreter_loop_bounds():
+    """Let Triton 3.6's interpreter take a loop bound computed from kernel arguments, as 3.9's does.
+
+    The interpreter holds a scalar as a one-element array and converts a ``range`` bound with
+    ``int(array)``, which NumPy 2.x refuses ("only 0-dimensional arrays can be converted to Python scalars"):
+    ``range(tl.cdiv(K, BLOCK_K))`` raises TypeError. Triton 3.7+ squeezes the array first; this installs
+    the same conversion for older versions. Compiled kernels are unaffected: there, such a ``range`` is an
+    scf.for loop, which the software pipeliner needs (a ``while`` loop would work here but not be pipelined).
+    """
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if not interpreting() or version >= (3, 7):
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "squeezes_loop_bounds", False):
+        return
+
+    def patch_tensor_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_tensor_squeezing_index.squeezes_loop_bounds = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing_index
+
+
 def configs(gpu_configs, interpreter_config):
     """``gpu_configs`` on a GPU; ``[interpreter_config]`` under the interpreter."""
     return [interpreter_config] if interpreting() else list(gpu_configs)
