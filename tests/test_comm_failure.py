@@ -1,14 +1,12 @@
-"""Failure handling of the communicators, decided on CPU: the watchdog's timeout policy and its polling loop
-(the C++ one, driven by a Python step), the cross-rank agreement over gloo (a rank that fails makes every rank
+"""Failure handling of the communicators, decided on CPU: the watchdog's timeout policy (its polling loop is
+tested with _C in tests/test_ext.py), the cross-rank agreement over gloo (a rank that fails makes every rank
 raise the same error and abort), the ``__exit__`` abort, and the row-signal warm-up pass. What needs real NCCL
 or real flag waits is in tests/test_comm_nccl.py (@gpu / @multigpu)."""
-
-import time
 
 import pytest
 import torch
 
-from iso_kernels import _ext, checkpoint, comm, launch, native_comm, schedule
+from iso_kernels import checkpoint, comm, launch, native_comm, schedule
 
 BAD_TIMEOUTS = ["0", "-1", "nan", "inf", "soon"]
 SLOW_LINK = comm.LinkModel("test", latency_s=1e-3, bus_bandwidth=1e12)
@@ -36,50 +34,6 @@ def test_timeout_must_outlast_the_flag_wait():
     with pytest.raises(ValueError, match="must exceed flag_timeout_s=5"):
         native_comm.comm_timeout_s(5.0, flag_timeout_s=5.0)
     assert native_comm.comm_timeout_s(5.5, flag_timeout_s=5.0) == 5.5
-
-
-# --- the watchdog's polling loop (csrc/watchdog.h), without a GPU ---
-@pytest.fixture(scope="module")
-def native():
-    module = _ext.load()
-    if module is None:
-        pytest.skip(f"iso_kernels._C is unavailable: {_ext.ext_reason()}")
-    return module
-
-
-def _counting_step(answers):
-    """A step that gives `answers` in turn, then keeps the last; counts its calls."""
-    calls = []
-
-    def step():
-        calls.append(time.perf_counter())
-        return answers[min(len(calls), len(answers)) - 1]
-
-    return step, calls
-
-
-def test_poll_returns_when_the_step_finishes(native):
-    step, calls = _counting_step([False, False, False, True])
-    assert native._poll_for_test(step, 60.0) == "done"
-    assert len(calls) == 4
-
-
-def test_poll_reports_the_steps_failure_at_once(native):
-    step, calls = _counting_step([False, "NCCL asynchronous error: remote process exited"])
-    assert native._poll_for_test(step, 60.0) == "failed: NCCL asynchronous error: remote process exited"
-    assert len(calls) == 2
-
-
-def test_poll_gives_up_at_the_deadline_having_polled_throughout(native):
-    timeout_s = 0.3
-    step, calls = _counting_step([False])
-    start = time.perf_counter()
-    assert native._poll_for_test(step, timeout_s) == "timed out"
-    assert time.perf_counter() - start >= timeout_s
-    assert calls[-1] - start >= timeout_s, "the last poll must come at or after the deadline"
-    assert len(calls) >= 3, "the loop must keep polling until the deadline, not sleep through it"
-    with pytest.raises(ValueError, match="timeout_s"):
-        native._poll_for_test(step, 0.0)
 
 
 # --- agreement across ranks, over gloo ---

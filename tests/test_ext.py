@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,6 @@ def test_module_keeps_its_symbols(native):
     assert b".symtab" in data and b"poll_for_test" in data
 
 
-def _run_python(script, env, *args):
-    return subprocess.run([sys.executable, *args, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
-
-
 def test_nccl_already_in_the_process_is_used_before_nccl_home(native, tmp_path):
     """A libnccl.so.2 mapped before _C (torch's, here the wheel's loaded by ctypes) is the one _C uses, even
     with NCCL_HOME naming another: its copy is never tried (a broken file would make dlopen fail loudly)."""
@@ -135,14 +131,18 @@ def test_nccl_already_in_the_process_is_used_before_nccl_home(native, tmp_path):
     assert done.stdout.strip() == f"already loaded|{wheel}"
 
 
+def _run_python(script, env, *args):
+    return subprocess.run([sys.executable, *args, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
 def test_raw_import_finds_nccl_without_loader_path(native):
     """`import iso_kernels._C` alone (no _ext preload, no LD_LIBRARY_PATH) imports and reaches NCCL."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "NCCL_HOME")}
     script = ("import iso_kernels._C as c; "
               "assert 'libnccl' not in open('/proc/self/maps').read(), 'NCCL mapped at import'; "
               "print(len(c.nccl_unique_id()), c.build_info()['nccl_loaded'])")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = _run_python(script, env)
     assert done.returncode == 0, done.stderr
     length, loaded = done.stdout.split()
     assert int(length) == 128 and int(loaded) == native.build_info()["nccl_loaded"]
@@ -154,8 +154,7 @@ def test_missing_nccl_is_a_runtime_error_not_an_import_error(native):
     script = ("import iso_kernels._C as c\n"
               "if c.build_info()['nccl_loaded']:\n    print('system NCCL:', c.build_info()['nccl_library'])\n"
               "try:\n    c.nccl_unique_id()\nexcept RuntimeError as e:\n    print(e)\n")
-    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = _run_python(script, env, "-S")
     if done.returncode != 0 and "No module named" in done.stderr:
         pytest.skip(f"cannot import the package without site-packages here: {done.stderr.splitlines()[-1]}")
     assert done.returncode == 0, done.stderr
@@ -190,6 +189,42 @@ def test_preload_falls_back_to_nccl_home_then_the_wheel(monkeypatch, tmp_path):
     opened.clear()
     wheel = _ext._preload_nccl(nothing_loaded_yet, exists=lambda path: str(path) != home)
     assert opened == [_ext.NCCL_SONAME, wheel] and "nvidia" in wheel
+
+
+# --- the watchdog's polling loop (csrc/watchdog.h), driven by a Python step ---
+def _counting_step(answers):
+    """A step that gives `answers` in turn, then keeps the last; counts its calls."""
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+        return answers[min(len(calls), len(answers)) - 1]
+
+    return step, calls
+
+
+def test_poll_returns_when_the_step_finishes(native):
+    step, calls = _counting_step([False, False, False, True])
+    assert native._poll_for_test(step, 60.0) == "done"
+    assert len(calls) == 4
+
+
+def test_poll_reports_the_steps_failure_at_once(native):
+    step, calls = _counting_step([False, "NCCL asynchronous error: remote process exited"])
+    assert native._poll_for_test(step, 60.0) == "failed: NCCL asynchronous error: remote process exited"
+    assert len(calls) == 2
+
+
+def test_poll_gives_up_at_the_deadline_having_polled_throughout(native):
+    timeout_s = 0.3
+    step, calls = _counting_step([False])
+    start = time.perf_counter()
+    assert native._poll_for_test(step, timeout_s) == "timed out"
+    assert time.perf_counter() - start >= timeout_s
+    assert calls[-1] - start >= timeout_s, "the last poll must come at or after the deadline"
+    assert len(calls) >= 3, "the loop must keep polling until the deadline, not sleep through it"
+    with pytest.raises(ValueError, match="timeout_s"):
+        native._poll_for_test(step, 0.0)
 
 
 # --- the build decision (setup.py), without building ---
