@@ -208,7 +208,8 @@ class NcclExtCommunicator(Communicator):
 
     def settle(self):
         """Collective: wait for this rank's collectives (bounded), check them, and agree with the group. When
-        any rank failed, every rank aborts its communicator and raises the same ``CommFailure``."""
+        any rank failed, every rank aborts its communicator and raises the same ``CommFailure``. It blocks the
+        host, so not inside CUDA-graph capture."""
         local_error = None
         try:
             self.synchronize()
