@@ -10,7 +10,8 @@
 # benchmarks' PNGs). A failed or timed-out step is recorded and the next one still runs. Exit status: 0 all
 # steps passed, 1 a step failed, timed out or was skipped, 2 no CUDA device (the steps measured nothing).
 # Environment: PYTHON (default python, else python3), ISO_KERNELS_CUDA_ARCHS (default 90: H100/H200 only, one
-# architecture to compile instead of three), ISO_KERNELS_BUILD_EXT (default 1: a missing toolkit fails).
+# architecture to compile instead of three), ISO_KERNELS_BUILD_EXT (default 1: a missing toolkit fails),
+# GPU_CHECK_PLAN (replaces the plan below).
 set -uo pipefail
 
 BUDGET_S=540
@@ -31,6 +32,7 @@ bench_chunked_attention  55 \$PYTHON bench/bench_chunked_attention.py --quick --
 bench_gemm_signal        40 \$PYTHON bench/bench_gemm_signal.py --quick --csv \"\$OUT/gemm_signal.csv\"
 bench_iso_prefill       130 \$PYTHON bench/bench_iso_prefill.py --quick --device cuda --csv \"\$OUT/iso_prefill.csv\"
 summary                  15 \$PYTHON bench/gpu_check_report.py summary \"\$OUT\""
+PLAN=${GPU_CHECK_PLAN:-$PLAN}  # another plan in the same format, for tests of the runner
 
 DRY_RUN=0
 if [ "${1:-}" = --dry-run ]; then
@@ -42,10 +44,21 @@ if [ $# -ne 1 ]; then
   exit 64
 fi
 
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+if [ -z "$PYTHON" ]; then
+  echo "gpu_check: neither python nor python3 is on PATH" >&2
+  exit 64
+fi
 TOTAL_S=0
-while read -r _ limit _; do TOTAL_S=$((TOTAL_S + limit)); done <<< "$PLAN"
+while read -r name limit _; do
+  if [ "$limit" -le "$KILL_GRACE_S" ]; then
+    echo "gpu_check: step $name's limit ${limit} s leaves no time within the ${KILL_GRACE_S} s kill grace" >&2
+    exit 64
+  fi
+  TOTAL_S=$((TOTAL_S + limit))
+done <<< "$PLAN"
 if [ "$DRY_RUN" -eq 1 ]; then
-  echo "gpu_check plan (step, limit s, command):"
+  echo "gpu_check plan (step, limit s, command), PYTHON=$PYTHON:"
   echo "$PLAN"
   echo "total: ${TOTAL_S} s of a ${BUDGET_S} s budget"
   exit 0
@@ -57,11 +70,6 @@ fi
 
 mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 64
 cd "$(dirname "$0")/.." || exit 64
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-if [ -z "$PYTHON" ]; then
-  echo "gpu_check: neither python nor python3 is on PATH" >&2
-  exit 64
-fi
 export PYTHON OUT PYTHONUNBUFFERED=1
 export ISO_KERNELS_CUDA_ARCHS=${ISO_KERNELS_CUDA_ARCHS:-90}
 export ISO_KERNELS_BUILD_EXT=${ISO_KERNELS_BUILD_EXT:-1}
@@ -69,7 +77,7 @@ LOG=$OUT/gpu_check.log
 : > "$LOG"
 # The benchmarks append: start clean.
 rm -f "$OUT"/compile_report.csv "$OUT"/chunked_attention.csv "$OUT"/gemm_signal.csv "$OUT"/iso_prefill.csv
-{ echo "gpu_check plan, ${TOTAL_S} s of a ${BUDGET_S} s budget:"; echo "$PLAN"; } | tee -a "$LOG"
+{ echo "gpu_check plan, ${TOTAL_S} s of a ${BUDGET_S} s budget, PYTHON=$PYTHON:"; echo "$PLAN"; } | tee -a "$LOG"
 GPU_CHECK_STEPS=""  # one "name<TAB>status<TAB>seconds<TAB>limit" line per step, for the summary
 FAILED=0
 
@@ -80,6 +88,7 @@ run_step() {
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -le "$KILL_GRACE_S" ]; then
     GPU_CHECK_STEPS+="$name	SKIPPED (budget spent)	0	0"$'\n'
+    echo "=== $name: SKIPPED (budget spent)" | tee -a "$LOG"
     FAILED=1
     return
   fi

@@ -25,6 +25,17 @@ def dry_run(tmp_path_factory):
     return done.stdout, steps, out
 
 
+@pytest.mark.parametrize("on_path, chosen", [(("python", "python3"), "python"), (("python3",), "python3")])
+def test_python3_is_used_when_python_is_absent(tmp_path, monkeypatch, on_path, chosen):
+    for name in on_path:
+        (tmp_path / name).symlink_to(sys.executable)
+    monkeypatch.delenv("PYTHON", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # the dry run needs nothing else: bash runs it from builtins
+    done = subprocess.run(["/bin/bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert f"PYTHON={tmp_path / chosen}:" in done.stdout
+
+
 def gpu_test_files(steps):
     (command,) = [command for name, _, command in steps if name == "pytest_gpu"]
     return sorted(word for word in command.split() if word.startswith("tests/"))
@@ -143,3 +154,24 @@ def test_summary_packs_the_plots_and_reports_steps_and_iso_points(tmp_path, monk
                                 "gemm_signal 0.80x").split()
     assert lines[6].startswith("iso pcie4      S=4096  serial 100.00 ms; no-comm 50.00 ms; iso-auto 66.00 ms "
                                "(3 chunks) R 34.0%")
+
+
+def test_a_step_is_killed_at_its_limit_and_the_next_step_still_runs(tmp_path, monkeypatch):
+    plan = ("ignores_term 7 trap '' TERM; sleep 60; echo not; echo reached\n"
+            "fails 7 exit 3\n"
+            "after 7 echo ran in \"$OUT\"")
+    monkeypatch.setenv("GPU_CHECK_PLAN", plan)
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out dir")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "=== ignores_term: TIMEOUT after 7s" in done.stdout and "\nnot\n" not in done.stdout
+    assert "=== fails: FAILED (exit 3)" in done.stdout
+    assert f"ran in {tmp_path / 'out dir'}" in done.stdout
+    assert (tmp_path / "out dir" / "gpu_check.log").read_text().count("\n===") == 6
+
+
+def test_a_limit_within_the_kill_grace_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_CHECK_PLAN", "instant 5 true")  # timeout 0 would mean no limit at all
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 64 and "kill grace" in done.stderr
