@@ -22,9 +22,9 @@ from . import ops
 
 SCHEDULES = ("serial", "iso")
 # At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
-# the schedule's issue path (~3 us on the 2-core dev CPU with a no-op communicator: tests/test_row_signal.py)
-# plus the native communicator's checks, two CUDA events, a flag-wait and an NCCL launch (not yet measured),
-# and costs the comm stream one collective latency. The gain is bounded by the block's all-reduce: G groups
+# the schedule's issue path (tests/test_row_signal.py, no-op communicator, 2-core dev CPU: 3 us, 7-12 us at
+# load 12) plus the native communicator's checks, two CUDA events, a flag-wait and an NCCL launch (not yet
+# measured), and costs the comm stream one collective latency. The gain is bounded by the block's all-reduce: G groups
 # leave about 1/G of it exposed after the GEMM, so 8 groups hide 7/8 and 32 only 9 points more. A llama-1b
 # block of 4k tokens computes for ~0.3-0.5 ms on one H200 (its FLOPs at ~600 TFLOP/s): 32 groups of 128 rows
 # (1024 collectives per prefill) at 10-30 us each would keep the host as busy as the GPU; 8 take a quarter.
