@@ -24,12 +24,12 @@ SCHEDULES = ("serial", "iso")
 # At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
 # the schedule's issue path (tests/test_row_signal.py, no-op communicator, 2-core dev CPU: 3 us, 7-12 us at
 # load 12) plus the native communicator's checks, two CUDA events, a flag-wait and an NCCL launch (not yet
-# measured), and costs the comm stream one collective latency. The gain is bounded by the block's all-reduce: G groups
-# leave about 1/G of it exposed after the GEMM, so 8 groups hide 7/8 and 32 only 9 points more. A llama-1b
-# block of 4k tokens computes for ~0.3-0.5 ms on one H200 (its FLOPs at ~600 TFLOP/s): 32 groups of 128 rows
-# (1024 collectives per prefill) at 10-30 us each would keep the host as busy as the GPU; 8 take a quarter.
-# Larger groups also help the GEMM: gemm_signal caps GROUP_M * BLOCK_M (row tiles sharing weight tiles
-# through L2) at rows_per_signal.
+# measured), and costs the comm stream one collective latency. The gain is bounded by the block's all-reduce:
+# G groups leave about 1/G of it exposed after the GEMM, so 8 groups hide 7/8 and 32 only 9 points more. A
+# llama-1b block of 4k tokens computes for ~0.3-0.5 ms on one H200 (its FLOPs at ~600 TFLOP/s): 32 groups of
+# 128 rows (1024 collectives per prefill) at 10-30 us each would keep the host as busy as the GPU; 8 take a
+# quarter. Larger groups also help the GEMM: gemm_signal caps GROUP_M * BLOCK_M (row tiles sharing weight
+# tiles through L2) at rows_per_signal.
 MAX_ROW_GROUPS = 8
 # Group sizes on the 16-row grid of gemm_signal's smallest row tile: a tile that straddles two groups
 # completes the first only once it has computed rows of the second too.
