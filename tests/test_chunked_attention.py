@@ -4,7 +4,7 @@ with an explicit bottom-right / q_start mask; the ISO chunk split; the prefix + 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, assert_close_to_ref
+from helpers import ATOL, assert_close_to_ref, assert_comparison_can_fail
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -236,6 +236,20 @@ GPU_SHAPES = [  # (batch, q_len, kv_len, n_heads, n_kv_heads, head_dim)
     (2, 1031, 1031, 8, 8, 64),
     (1, 517, 1000, 4, 1, 256),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,q_len,kv_len,n_heads,n_kv_heads,head_dim", GPU_SHAPES)
+def test_gpu_shapes_leave_the_comparison_able_to_fail(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, dtype):
+    """On CPU, at the GPU test's shapes and dtypes: the tolerance that test allows (2x torch's own error +
+    atol) stays under half the reference's largest value, so a correct kernel can pass and zeros cannot.
+    Two heads stand for all (more heads only add samples; torch's error is far below atol here)."""
+    q, k, v = make_qkv(q_len, kv_len, 2, 1, head_dim, dtype, "cpu", batch=1)
+    ref = sdpa_oracle(q, k, v, dtype=torch.float32)
+    torch_out = sdpa_oracle(q, k, v, dtype=dtype)
+    bound = 2 * (torch_out.double() - ref.double()).abs().max().item() + ATOL[dtype]
+    assert_comparison_can_fail(ref, bound)
+    assert (torch.zeros_like(ref) - ref).abs().max().item() > bound
 
 
 @pytest.mark.gpu
