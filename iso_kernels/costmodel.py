@@ -276,7 +276,7 @@ def _read_entries(path: Path, *, warn=True) -> list:
     try:
         entries = json.loads(path.read_text())["entries"]
         return [(entry["key"], LayerCosts(**entry["costs"])) for entry in entries]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder for one: saving will say)
         return []
     except OSError as exc:
         problem = exc.strerror

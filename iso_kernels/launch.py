@@ -210,8 +210,8 @@ def handle_stop_signals(handler):
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 class _Deadline:

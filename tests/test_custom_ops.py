@@ -51,9 +51,12 @@ def test_ops_run_without_gpu_or_interpreter():
         "s = torch.full((2,), 9, dtype=torch.int32)\n"
         "assert torch.allclose(ops.gemm_signal(x, w, s, rows_per_signal=16), x @ w.T, atol=1e-5)\n"
         "assert s.tolist() == [16 * 12, 4 * 12], s\n"
-        "out, res = ops.add_rms_norm(x, x, torch.ones(8), 1e-6)\n"
+        "w8 = torch.rand(8) + 0.5\n"
+        "def rms(h): return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w8\n"
+        "out, res = ops.add_rms_norm(x, x, w8, 1e-6)\n"
         "assert torch.equal(res, x + x)\n"
-        "assert torch.allclose(out, ops.rms_norm(res, torch.ones(8), 1e-6))\n"
+        "assert torch.allclose(out, rms(x + x), atol=1e-5)\n"
+        "assert torch.allclose(ops.rms_norm(x, w8, 1e-6), rms(x), atol=1e-5)\n"
         "import sys; assert 'triton_ops.gemm_signal' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ISO_KERNELS_BACKEND")}

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from iso_kernels import checkpoint, comm, launch, schedule
@@ -32,8 +33,8 @@ FAMILIES = {
 def hf_checkpoints(tmp_path_factory):
     """Each family saved with save_pretrained, with HF's logits for a prompt and its greedy continuation."""
     made = {}
-    for family, (config_cls, model_cls, extra) in FAMILIES.items():
-        torch.manual_seed(hash(family) % 1000)
+    for seed, (family, (config_cls, model_cls, extra)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(seed)  # the same weights and prompt every run
         model = model_cls(config_cls(**COMMON, **extra)).eval()
         if family == "qwen2":
             assert model.config.tie_word_embeddings
@@ -117,19 +118,29 @@ def test_iso_is_bitwise_equal_to_serial_on_same_chunks(tmp_path, world_size):
 
 
 def test_tp_shards_reassemble(tmp_path):
-    """The TP=2 column/row pieces of every layer concatenate back to the TP=1 weights."""
+    """The TP=2 pieces of every layer concatenate back to the checkpoint's own tensors: gate/up by rows,
+    o/down by columns, and the fused qkv by whole heads, each rank holding its query heads, then its K heads,
+    then its V heads."""
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
-    full = checkpoint.load_checkpoint(folder)
+    stored = safetensors.torch.load_file(folder / "model.safetensors")
     halves = [checkpoint.load_checkpoint(folder, rank=r, world_size=2) for r in range(2)]
-    for i, layer in enumerate(full.layers):
+    args = halves[0].args
+    q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    for i in range(args.n_layer):
         parts = [h.layers[i] for h in halves]
-        torch.testing.assert_close(torch.cat([p.feed_forward.w1.weight for p in parts]),
-                                   layer.feed_forward.w1.weight, rtol=0, atol=0)
-        torch.testing.assert_close(torch.cat([p.feed_forward.w2.weight for p in parts], dim=1),
-                                   layer.feed_forward.w2.weight, rtol=0, atol=0)
-        torch.testing.assert_close(torch.cat([p.attention.wo.weight for p in parts], dim=1),
-                                   layer.attention.wo.weight, rtol=0, atol=0)
-        assert parts[0].attention.n_head == layer.attention.n_head // 2
+        hf = f"model.layers.{i}."
+        for ours, theirs, dim in (("feed_forward.w1.weight", "mlp.gate_proj.weight", 0),
+                                  ("feed_forward.w3.weight", "mlp.up_proj.weight", 0),
+                                  ("feed_forward.w2.weight", "mlp.down_proj.weight", 1),
+                                  ("attention.wo.weight", "self_attn.o_proj.weight", 1)):
+            torch.testing.assert_close(torch.cat([p.get_parameter(ours) for p in parts], dim=dim),
+                                       stored[hf + theirs], rtol=0, atol=0, msg=ours)
+        pieces = [p.attention.wqkv.weight.split([q_size // 2, kv_size // 2, kv_size // 2]) for p in parts]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            torch.testing.assert_close(torch.cat([piece[j] for piece in pieces]),
+                                       stored[f"{hf}self_attn.{name}.weight"], rtol=0, atol=0, msg=name)
+        assert parts[0].attention.n_head == args.n_head // 2
+        assert parts[0].attention.n_kv_head == args.n_local_heads // 2
 
 
 def test_sharded_index_checkpoint_loads_like_single_file(tmp_path, hf_checkpoints):
@@ -139,8 +150,10 @@ def test_sharded_index_checkpoint_loads_like_single_file(tmp_path, hf_checkpoint
     assert (tmp_path / "model.safetensors.index.json").exists()
     sharded = checkpoint.load_checkpoint(tmp_path, rank=1, world_size=2)
     single = checkpoint.load_checkpoint(made["folder"], rank=1, world_size=2)
-    for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
-        assert torch.equal(a, b), name
+    sharded, single = sharded.state_dict(), single.state_dict()
+    assert sharded.keys() == single.keys()
+    for name, tensor in single.items():
+        assert torch.equal(sharded[name], tensor), name
 
 
 def test_checkpoint_errors(tmp_path, hf_checkpoints):
