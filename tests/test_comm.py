@@ -1,6 +1,7 @@
 """iso_kernels.comm over gloo on loopback: exact sums, the emulated link's time and overlap, bad input,
 and the multi-rank harness's own failure handling."""
 
+import math
 import time
 
 import pytest
@@ -12,8 +13,9 @@ from iso_kernels import comm, launch
 WORLD_SIZES = [2, 4]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (17, 33), (3, 5, 64)]
-# A link slow enough that 60 ms collectives dominate scheduling noise on a loaded 2-core machine.
-SLOW_LINK = comm.LinkModel("test", latency_s=60e-3, bus_bandwidth=1e12)
+# A link slow enough that 100 ms collectives dominate scheduling noise on a loaded 2-core machine.
+SLOW_LINK = comm.LinkModel("test", latency_s=100e-3, bus_bandwidth=1e12)
+OVERLAP_TRIES = 3
 
 
 def _exact_sums(rank, world_size):
@@ -65,22 +67,29 @@ def _emulated_link_timing(rank, world_size):
     queued = time.perf_counter() - start
     cpu_waiting = time.process_time() - cpu_before
 
-    # Compute issued right after the start runs while the link is busy.
-    start = time.perf_counter()
-    pending = communicator.all_reduce_start(x.clone())
-    _busy_compute(modelled)
-    pending.wait()
-    overlapped = time.perf_counter() - start
-    return modelled, alone, queued, cpu_waiting, overlapped
+    # Compute issued right after the start runs while the link is busy, against the same compute issued after
+    # the collective has finished. Load only adds time, so the fastest of a few tries is each one's own cost.
+    overlapped, serial = math.inf, math.inf
+    for _ in range(OVERLAP_TRIES):
+        start = time.perf_counter()
+        pending = communicator.all_reduce_start(x.clone())
+        _busy_compute(modelled)
+        pending.wait()
+        overlapped = min(overlapped, time.perf_counter() - start)
+        start = time.perf_counter()
+        communicator.all_reduce(x.clone())
+        _busy_compute(modelled)
+        serial = min(serial, time.perf_counter() - start)
+    return modelled, alone, queued, cpu_waiting, overlapped, serial
 
 
 def test_emulated_link_takes_its_time_and_overlaps():
-    for modelled, alone, queued, cpu_waiting, overlapped in launch.spawn_ranks(_emulated_link_timing, 2):
+    for modelled, alone, queued, cpu_waiting, overlapped, serial in launch.spawn_ranks(_emulated_link_timing, 2):
         assert alone >= 0.95 * modelled
         assert queued >= 1.9 * modelled, "two collectives must share the link one after the other"
         assert cpu_waiting < 0.5 * queued, "waiting on the emulated link must sleep, not spin"
-        # Serial would take >= 2x modelled; generous slack for a loaded 2-core machine.
-        assert overlapped < 1.6 * modelled
+        # Serially the compute (modelled seconds long) follows the collective; overlapped, most of it hides.
+        assert overlapped < serial - 0.5 * modelled, (overlapped, serial, modelled)
 
 
 def test_link_for_ratio_hits_the_ratio():
@@ -140,11 +149,10 @@ def _one_rank_hangs(rank, world_size):
 
 
 def test_failing_rank_does_not_hang_the_others():
-    start = time.perf_counter()
     with pytest.raises(launch.RankError) as info:
         launch.spawn_ranks(_one_rank_raises, 2, timeout_s=60)
     assert "rank one broke" in info.value.failures[1]
-    assert time.perf_counter() - start < 30
+    assert "timed out" not in str(info.value)  # the launcher stopped rank 0, not the deadline
 
 
 def test_hanging_rank_times_out():
