@@ -3,8 +3,9 @@
 Nothing here runs at ``import iso_kernels``. ``load()`` makes sure NCCL's library is in the process before it
 imports ``_C``, because an editable install cannot rely on the RPATH written into ``_C``: a ``libnccl.so.2``
 already loaded (torch's, typically) is used as it is, so no second copy of another version is mapped beside
-it; otherwise ``NCCL_HOME``'s, else the ``nvidia-nccl-cu13``/``-cu12`` wheel's, is loaded with RTLD_GLOBAL. When anything is
-missing, ``load()`` returns None and ``ext_reason()`` says why, so callers fall back to torch.distributed.
+it; otherwise ``NCCL_HOME``'s, else the ``nvidia-nccl-cu13``/``-cu12`` wheel's, is loaded with RTLD_GLOBAL.
+When anything is missing, ``load()`` returns None and ``ext_reason()`` says why, so callers fall back to
+torch.distributed.
 """
 
 import ctypes
@@ -14,26 +15,25 @@ import json
 import os
 from pathlib import Path
 
+from . import envs
+
 _BUILD_RECORD = Path(__file__).with_name("_build_record.json")
 _nccl_preloaded = None  # what _preload_nccl chose, for build_info()
+NCCL_SONAME = "libnccl.so.2"
+ALREADY_LOADED = f"{NCCL_SONAME} already in the process"
 
 
 def _nccl_library_candidates():
-    home = os.environ.get("NCCL_HOME")
+    home = envs.nccl_home()
     if home:
-        yield Path(home) / "lib" / "libnccl.so.2"
-    for package in ("nvidia.nccl",):
-        try:
-            spec = importlib.util.find_spec(package)
-        except ModuleNotFoundError:
-            spec = None
-        if spec and spec.submodule_search_locations:
-            for root in spec.submodule_search_locations:
-                yield Path(root) / "lib" / "libnccl.so.2"
-
-
-NCCL_SONAME = "libnccl.so.2"
-ALREADY_LOADED = f"{NCCL_SONAME} already in the process"
+        yield home / "lib" / NCCL_SONAME
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")  # the nvidia-nccl-cu13 (or -cu12) wheel
+    except ModuleNotFoundError:  # no "nvidia" namespace package at all
+        spec = None
+    if spec and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            yield Path(root) / "lib" / NCCL_SONAME
 
 
 def _preload_nccl(open_library=ctypes.CDLL, exists=Path.exists):

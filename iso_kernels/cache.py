@@ -14,11 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-CACHE_ENV = "ISO_KERNELS_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "iso_kernels")
+from . import envs
 
 
 @contextlib.contextmanager
@@ -49,7 +45,7 @@ def preset_checkpoint(name) -> Path:
     from . import checkpoint
 
     config = checkpoint.preset_config(name)
-    folder = cache_root() / "models" / name
+    folder = envs.cache_dir() / "models" / name
     if (folder / "model.safetensors").exists():
         return folder
     try:
@@ -64,5 +60,5 @@ def preset_checkpoint(name) -> Path:
                     shutil.rmtree(scratch, ignore_errors=True)
     except OSError as exc:
         raise ValueError(f"cannot make the {name} checkpoint in {folder.parent}: {exc.strerror or exc} "
-                         f"(set {CACHE_ENV} to a writable folder)") from None
+                         f"(set {envs.CACHE_DIR_VAR} to a writable folder)") from None
     return folder

@@ -1,8 +1,9 @@
 """Cost model of a tensor-parallel prefill, serial or ISO-chunked, and the solver that picks the split.
 
-Theory: design note ``iso-cost-model.md``. Per layer each chunk runs an attention block (norm, QKV, RoPE,
-attention, ``o_proj``) and an MLP block (norm, gate/up, SiLU*mul, ``down_proj``); each block's output is
-all-reduced on a communication stream. A chunk's MLP waits for its own attention all-reduce (AR1), its next
+How the schedule, this model and the solver fit together, and what is measured or assumed:
+``docs/cost-model.md``. Per layer each chunk runs an attention block (norm, QKV, RoPE, attention, ``o_proj``)
+and an MLP block (norm, gate/up, SiLU*mul, ``down_proj``); each block's output is all-reduced on a
+communication stream. A chunk's MLP waits for its own attention all-reduce (AR1), its next
 attention block for its own MLP all-reduce (AR2). Times are seconds throughout.
 
 Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a prefix of ``p`` tokens, with
@@ -17,7 +18,7 @@ Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a 
 ``n * (p + n)`` counts all pairs, which an implementation that scores the masked future too (the CPU
 reference) also pays for. A kernel that skips masked blocks has ``attn_per_key = 0`` (the datasheet model).
 RMSNorm, RoPE, SiLU and residual adds are not modelled apart: they are linear in tokens, so they are folded
-into the per-token terms (a fit absorbs them; the datasheet model ignores them, as the design note does).
+into the per-token terms (a fit absorbs them; the datasheet model ignores them).
 """
 
 import dataclasses
@@ -31,13 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import CACHE_ENV, cache_root, locked, write_text_atomically  # noqa: F401 (CACHE_ENV: API)
+from . import envs
+from .cache import locked, write_text_atomically
+from .hardware import HardwareSpec, ring_factor
 
-# Chunked prefill pays these per block whatever the chunk size: ~5 kernels (norm, GEMM, RoPE, attention,
-# GEMM) at ~4 us of launch and tail each. Our estimate, not a measurement; a fit replaces it.
-BLOCK_OVERHEAD_US = 20.0
-# Fraction of peak tensor throughput large prefill GEMMs reach; the design note's assumption.
-EFFICIENCY = 0.7
 # Pattern-search steps for >2 chunks stop after this many moves; each move strictly lowers the time.
 MAX_SEARCH_MOVES = 200
 
@@ -45,6 +43,8 @@ MAX_SEARCH_MOVES = 200
 # --- model shapes ---
 @dataclass(frozen=True)
 class ModelShape:
+    """A decoder-only transformer's sizes, as the cost model needs them (``simulate.PAPER_MODELS``)."""
+
     hidden: int
     n_layers: int
     n_heads: int
@@ -53,17 +53,6 @@ class ModelShape:
     intermediate: int
     vocab: int
     dtype_bytes: int = 2
-
-    @classmethod
-    def from_model_args(cls, args, *, dtype_bytes: int = 2) -> "ModelShape":
-        """From a gpt-fast-style ``ModelArgs`` (``n_local_heads`` is the KV-head count; <= 0 means MHA)."""
-        n_head = int(args.n_head)
-        n_kv = int(getattr(args, "n_local_heads", -1) or -1)
-        head_dim = int(getattr(args, "head_dim", 0) or args.dim // n_head)
-        return cls(hidden=int(args.dim), n_layers=int(args.n_layer), n_heads=n_head,
-                   n_kv_heads=n_kv if n_kv > 0 else n_head, head_dim=head_dim,
-                   intermediate=int(args.intermediate_size), vocab=int(args.vocab_size),
-                   dtype_bytes=dtype_bytes)
 
     @property
     def attention_gemm_flops(self) -> float:
@@ -87,63 +76,6 @@ class ModelShape:
         q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
         return (self.n_layers * per_layer + 2 * self.vocab * h + h) * self.dtype_bytes
-
-
-MODEL_PRESETS = {
-    "llama2-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 32000),
-    # The ~30B class of the paper: LLaMA-1-33B's shape (MHA).
-    "llama-30b": ModelShape(6656, 60, 52, 52, 128, 17920, 32000),
-    "llama3-8b": ModelShape(4096, 32, 32, 8, 128, 14336, 128256),
-    "llama3-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 128256),
-}
-
-
-# --- hardware ---
-@dataclass(frozen=True)
-class HardwareSpec:
-    """``link_gbps`` is NCCL *bus* bandwidth (GB/s); all-reduce time is bytes * 2(t-1)/t / bus bandwidth."""
-
-    name: str
-    peak_tflops: float
-    link_gbps: float
-    link_latency_us: float
-    memory_gib: float
-    efficiency: float = EFFICIENCY
-    block_overhead_us: float = BLOCK_OVERHEAD_US
-
-
-# Sources (peak = dense bf16 tensor throughput with fp32 accumulation):
-# - RTX 4090: 165.2 TFLOP/s (waredb.com/processor/nvidia-geforce-rtx-4090). 20 GB/s: stock driver has no P2P
-#   so NCCL stages PCIe 4.0 traffic through host memory (NVIDIA/nccl-tests#117, NVIDIA/nccl#814); a
-#   P2P-patched driver reached ~25.9 GB/s on 4 cards (tinygrad/open-gpu-kernel-modules#36). 40 us: an
-#   8-byte all-reduce on 8x4090 took ~42 us (NVIDIA/nccl#1530). 24 GiB.
-# - A800: A100 silicon, 312 TFLOP/s (glennklockwood.com/garden/processors/A100); NVLink cut to 400 GB/s
-#   bidirectional (aiwiki.ai/wiki/nvidia_a800); 150 GB/s bus bandwidth assumed as in the design note.
-# - A100 SXM: 312 TFLOP/s; ~200-208 GB/s bus bandwidth measured on 8-GPU NVLink nodes (NVIDIA/nccl-tests#149,
-#   #178).
-# - H100 SXM: 989 TFLOP/s (NVIDIA H100 datasheet); 340 GB/s from NCCL's 348 us for a 64 MiB bf16 all-reduce
-#   on 8xH100 (TokenWeave artifact, see anchors.md).
-# - NVLink latency 10 us: small all-reduces take a few us at 2 GPUs and grow with GPU count
-#   (NVIDIA/nccl#1259); an order-of-magnitude assumption, negligible at prefill message sizes.
-def ring_factor(world_size):
-    """Bytes a ring all-reduce moves per rank, per byte of message: 2 (w - 1) / w (1 for a lone rank whose
-    link is emulated, which moves the message once)."""
-    return 2 * (world_size - 1) / world_size if world_size > 1 else 1.0
-
-
-HARDWARE_PRESETS = {
-    "rtx4090-pcie4": HardwareSpec("rtx4090-pcie4", 165.2, 20.0, 40.0, 24.0),
-    "a800-nvlink": HardwareSpec("a800-nvlink", 312.0, 150.0, 10.0, 80.0),
-    "a100-nvlink": HardwareSpec("a100-nvlink", 312.0, 200.0, 10.0, 80.0),
-    "h100-nvlink": HardwareSpec("h100-nvlink", 989.0, 340.0, 10.0, 80.0),
-}
-
-
-def preset(table: dict, name: str, arg: str):
-    """``table[name]``, or a ValueError naming ``arg`` and the known names."""
-    if name not in table:
-        raise ValueError(f"{arg}: unknown preset {name!r}; known: {', '.join(sorted(table))}")
-    return table[name]
 
 
 # --- per-op time model ---
@@ -258,7 +190,7 @@ def fit_layer_costs(measure_attention: Callable[[int, int], float], measure_mlp:
 
 
 def default_cache_path() -> Path:
-    return cache_root() / "calibration.json"
+    return envs.cache_dir() / "calibration.json"
 
 
 def _normalized_key(key: dict) -> dict:
@@ -465,7 +397,7 @@ def predict(costs: LayerCosts, n_layers: int, seq_len: int, boundaries: Sequence
 def balanced_split(costs: LayerCosts, seq_len: int, n_chunks: int) -> list:
     """Chunk ends that equalise chunk compute. Tokens [0, x) cost W(x) = a*x^2 + b*x beyond fixed terms
     (a = attn_per_pair / 2, b = per-token terms + a); boundary i solves W(x) = i/k * W(S). Later chunks
-    attend over more keys, so earlier chunks come out longer; two chunks give the design note's x*."""
+    attend over more keys, so earlier chunks come out longer (docs/cost-model.md derives the two-chunk case)."""
     _check_int("n_chunks", n_chunks)
     _check_int("seq_len", seq_len)
     if seq_len < n_chunks:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import cache, checkpoint, comm, costmodel, launch, schedule
+from . import cache, checkpoint, comm, costmodel, hardware, launch, schedule
 from .model import ModelArgs
 from .timeline import Timeline, busy_ms
 
@@ -295,7 +295,7 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
                 # An emulated link's cost is known exactly; a fit of timed collectives would add the ranks'
                 # skew to it as a spurious latency, paid once more per extra chunk.
                 costs = dataclasses.replace(costs, ar_latency=link_model.latency_s, ar_bandwidth=(
-                    link_model.bus_bandwidth / costmodel.ring_factor(communicator.traffic_world_size)))
+                    link_model.bus_bandwidth / hardware.ring_factor(communicator.traffic_world_size)))
             scale_comm = serial_comm_s > 0 and modelled.comm_s > 0
             costs = costs.scaled(compute=compute_only_s / modelled.compute_s,
                                  comm=serial_comm_s / modelled.comm_s if scale_comm else 1.0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .comm import PendingAllReduce
 
 SCHEDULES = ("serial", "iso")
 # At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
@@ -208,24 +209,12 @@ class _NoCollectives:
     supports_ready_flag = True
 
     def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
-        return _Done(tensor)
+        return PendingAllReduce(tensor)
 
 
 @contextlib.contextmanager
 def _no_span(*_):
     yield
-
-
-class _Done:
-    """A finished 'all-reduce' (TP=1 without a link, or serial mode after its wait)."""
-
-    events = interval = None
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def wait(self):
-        return self.tensor
 
 
 class _Reducer:
@@ -252,7 +241,7 @@ class _Reducer:
     def start(self, out, chunk, layer, kind, signal=None):
         """All-reduce ``out`` (the block's partial output); with ``signal``, per row group as it is stored."""
         if self.comm is None:
-            return _Done(out)
+            return PendingAllReduce(out)  # TP=1 without a link: nothing to reduce
         if signal is not None:
             # The flags describe ``out`` itself: a copy would be ordered by neither them nor ``after``.
             if not out.is_contiguous():
@@ -274,18 +263,4 @@ def _start_by_row_group(comm, out, signal):
     group_pending = [comm.all_reduce_start(flat[g * signal.rows_per_signal:(g + 1) * signal.rows_per_signal],
                                            ready_flag=(signal.counters, g, target), after=signal.after)
                      for g, target in enumerate(targets)]
-    return _Group(out, group_pending)
-
-
-class _Group:
-    """The row-group all-reduces of one block, seen as one: from the first start to the last end."""
-
-    def __init__(self, tensor, parts):
-        self.tensor, self.parts = tensor, parts
-        self.events = (parts[0].events[0], parts[-1].events[1]) if parts[0].events else None
-        self.interval = None
-
-    def wait(self):
-        for part in self.parts:
-            part.wait()
-        return self.tensor
+    return PendingAllReduce.of_parts(out, group_pending)

@@ -4,7 +4,8 @@
     python -m iso_kernels.simulate --gpu rtx4090-pcie4 --tp 8 --seq-len 4096 --bandwidth 10 --chunks 2,3,auto
 
 Every number comes from ``costmodel``'s event simulation with ``LayerCosts.from_datasheet``; the
-assumptions behind the presets are listed in ``costmodel.HARDWARE_PRESETS`` and bench/README.md.
+assumptions behind the presets are listed in ``hardware.HARDWARE_PRESETS``, docs/cost-model.md and
+bench/README.md.
 """
 
 import argparse
@@ -12,8 +13,19 @@ import dataclasses
 import json
 import sys
 
-from .costmodel import HARDWARE_PRESETS, MODEL_PRESETS, LayerCosts, choose_split, predict, preset
+from .costmodel import LayerCosts, ModelShape, choose_split, predict
+from .hardware import HARDWARE_PRESETS
 from .schedule import chunk_bounds
+
+# The paper's model sizes, simulated only: the models that run (random weights made locally) are
+# ``checkpoint.PRESETS``.
+PAPER_MODELS = {
+    "llama2-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 32000),
+    # The ~30B class of the paper: LLaMA-1-33B's shape (MHA).
+    "llama-30b": ModelShape(6656, 60, 52, 52, 128, 17920, 32000),
+    "llama3-8b": ModelShape(4096, 32, 32, 8, 128, 14336, 128256),
+    "llama3-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 128256),
+}
 
 # The abstract of arXiv 2409.11155: prefill time cut by ~35% on RTX 4090 and ~15% on A800, for 30B and 70B
 # models; which TP degree, model and length gave each number is not stated.
@@ -25,6 +37,13 @@ DEFAULT_SEQ_LENS = "1024,2048,4096,8192"
 GIB = 2**30
 
 
+def _preset(table: dict, name: str, arg: str):
+    """``table[name]``, or a ValueError naming ``arg`` and the known names."""
+    if name not in table:
+        raise ValueError(f"{arg}: unknown preset {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]
+
+
 def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gbps=None, chunks=(2, "auto"),
                    batch=1, max_chunks=4, granularity=16) -> list:
     """One dict per (gpu, model, tp, seq_len). ``chunks``: ints (even splits into that many chunks) and/or
@@ -33,13 +52,13 @@ def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gb
     (chunking only adds fixed costs and latencies)."""
     rows = []
     for gpu in gpus:
-        hardware = preset(HARDWARE_PRESETS, gpu, "gpus")
+        hardware = _preset(HARDWARE_PRESETS, gpu, "gpus")
         if efficiency is not None:
             hardware = dataclasses.replace(hardware, efficiency=efficiency)
         if bandwidth_gbps is not None:
             hardware = dataclasses.replace(hardware, link_gbps=bandwidth_gbps)
         for model in models:
-            shape = preset(MODEL_PRESETS, model, "models")
+            shape = _preset(PAPER_MODELS, model, "models")
             for tp in tps:
                 costs = LayerCosts.from_datasheet(shape, hardware, tp)
                 weights = shape.weight_bytes / tp / GIB
@@ -132,7 +151,7 @@ def _chunk_specs(text):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=_names(HARDWARE_PRESETS, "gpu"), default=DEFAULT_GPUS,
                         help=f"hardware presets, comma-separated (default {DEFAULT_GPUS})")
-    parser.add_argument("--model", type=_names(MODEL_PRESETS, "model"), default=DEFAULT_MODELS,
+    parser.add_argument("--model", type=_names(PAPER_MODELS, "model"), default=DEFAULT_MODELS,
                         help=f"model presets, comma-separated (default {DEFAULT_MODELS})")
     parser.add_argument("--tp", type=_ints, default=DEFAULT_TPS, help=f"TP degrees (default {DEFAULT_TPS})")
     parser.add_argument("--seq-len", type=_ints, default=DEFAULT_SEQ_LENS,

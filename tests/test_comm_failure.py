@@ -6,7 +6,8 @@ or real flag waits is in tests/test_comm_nccl.py (@gpu / @multigpu)."""
 import pytest
 import torch
 
-from iso_kernels import checkpoint, comm, launch, native_comm, schedule
+from iso_kernels import checkpoint, comm, envs, launch, schedule
+from iso_kernels.comm import nccl_ext
 
 BAD_TIMEOUTS = ["0", "-1", "nan", "inf", "soon"]
 SLOW_LINK = comm.LinkModel("test", latency_s=1e-3, bus_bandwidth=1e12)
@@ -14,26 +15,26 @@ SLOW_LINK = comm.LinkModel("test", latency_s=1e-3, bus_bandwidth=1e12)
 
 # --- the watchdog's timeout policy ---
 def test_timeout_comes_from_the_argument_else_the_environment_else_the_default(monkeypatch):
-    monkeypatch.delenv(native_comm.TIMEOUT_ENV, raising=False)
-    assert native_comm.comm_timeout_s() == native_comm.DEFAULT_TIMEOUT_S == 600.0
-    monkeypatch.setenv(native_comm.TIMEOUT_ENV, "42.5")
-    assert native_comm.comm_timeout_s() == 42.5
-    assert native_comm.comm_timeout_s(7) == 7.0
+    monkeypatch.delenv(envs.COMM_TIMEOUT_VAR, raising=False)
+    assert nccl_ext.comm_timeout_s() == nccl_ext.DEFAULT_TIMEOUT_S == 600.0
+    monkeypatch.setenv(envs.COMM_TIMEOUT_VAR, "42.5")
+    assert nccl_ext.comm_timeout_s() == 42.5
+    assert nccl_ext.comm_timeout_s(7) == 7.0
 
 
 @pytest.mark.parametrize("value", BAD_TIMEOUTS)
 def test_bad_timeouts_are_refused_naming_their_source(monkeypatch, value):
-    monkeypatch.setenv(native_comm.TIMEOUT_ENV, value)
-    with pytest.raises(ValueError, match=native_comm.TIMEOUT_ENV):
-        native_comm.comm_timeout_s()
+    monkeypatch.setenv(envs.COMM_TIMEOUT_VAR, value)
+    with pytest.raises(ValueError, match=envs.COMM_TIMEOUT_VAR):
+        nccl_ext.comm_timeout_s()
     with pytest.raises(ValueError, match="timeout_s"):
-        native_comm.comm_timeout_s(value)
+        nccl_ext.comm_timeout_s(value)
 
 
 def test_timeout_must_outlast_the_flag_wait():
     with pytest.raises(ValueError, match="must exceed flag_timeout_s=5"):
-        native_comm.comm_timeout_s(5.0, flag_timeout_s=5.0)
-    assert native_comm.comm_timeout_s(5.5, flag_timeout_s=5.0) == 5.5
+        nccl_ext.comm_timeout_s(5.0, flag_timeout_s=5.0)
+    assert nccl_ext.comm_timeout_s(5.5, flag_timeout_s=5.0) == 5.5
 
 
 # --- agreement across ranks, over gloo ---
@@ -80,7 +81,7 @@ class _FakeOverlapComm:
 
 def _nccl_ext_shell(native_comm_object, rank, world_size):
     """An NcclExtCommunicator on the current (gloo) group around a fake native communicator."""
-    shell = native_comm.NcclExtCommunicator.__new__(native_comm.NcclExtCommunicator)
+    shell = nccl_ext.NcclExtCommunicator.__new__(nccl_ext.NcclExtCommunicator)
     shell.group, shell.rank, shell.world_size, shell.device = None, rank, world_size, torch.device("cpu")
     shell._comm = native_comm_object
     return shell
@@ -113,8 +114,8 @@ def test_settle_aborts_every_rank_when_one_rank_failed():
 
 def _agreed_reason(rank, world_size, reasons):
     """Each rank believes its own reason (None: it could start nccl-ext); the group's answer."""
-    native_comm.nccl_ext_unavailable_reason = lambda *args, **kwargs: reasons[rank]
-    return native_comm.agreed_unavailable_reason("cuda")
+    nccl_ext.nccl_ext_unavailable_reason = lambda *args, **kwargs: reasons[rank]
+    return nccl_ext.agreed_unavailable_reason("cuda")
 
 
 def _backend_choice(rank, world_size, reasons):
@@ -233,7 +234,7 @@ class _SettleCounter:
         self.settled = 0
 
     def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
-        return schedule._Done(tensor)
+        return comm.PendingAllReduce(tensor)
 
     def settle(self):
         self.settled += 1
@@ -254,7 +255,7 @@ def test_row_signal_warm_up_runs_once_and_leaves_the_results_unchanged(tiny_mode
     model, tokens, bounds = tiny_model
     starts = []
     monkeypatch.setattr(schedule._NoCollectives, "all_reduce_start",
-                        lambda self, tensor, **kwargs: starts.append(tensor.shape) or schedule._Done(tensor))
+                        lambda self, tensor, **kwargs: starts.append(tensor.shape) or comm.PendingAllReduce(tensor))
     with torch.inference_mode():
         plain = schedule.forward(model, tokens, None, bounds)
         schedule._warm_row_signal_kernels(model, tokens, bounds, 16)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from iso_kernels import _ext, native_comm
+from iso_kernels import _ext
+from iso_kernels.comm import nccl_ext
 
 FAKE_EXT = types.SimpleNamespace(name="fake _C", device_count=lambda: 1)
 
@@ -24,37 +25,37 @@ def startable(monkeypatch):
 
 
 def test_starts_when_everything_is_present(startable):
-    assert native_comm.nccl_ext_unavailable_reason("cuda") is None
-    assert native_comm.nccl_ext_unavailable_reason(torch.device("cuda", 1), world_size=2) is None
+    assert nccl_ext.nccl_ext_unavailable_reason("cuda") is None
+    assert nccl_ext.nccl_ext_unavailable_reason(torch.device("cuda", 1), world_size=2) is None
 
 
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_environment_switch_disables_it(startable, value):
     startable.setenv("ISO_KERNELS_DISABLE_NATIVE_COMM", value)
-    assert "ISO_KERNELS_DISABLE_NATIVE_COMM" in native_comm.nccl_ext_unavailable_reason("cuda")
+    assert "ISO_KERNELS_DISABLE_NATIVE_COMM" in nccl_ext.nccl_ext_unavailable_reason("cuda")
 
 
 @pytest.mark.parametrize("value", ["", "0"])
 def test_environment_switch_off_means_enabled(startable, value):
     startable.setenv("ISO_KERNELS_DISABLE_NATIVE_COMM", value)
-    assert native_comm.nccl_ext_unavailable_reason("cuda") is None
+    assert nccl_ext.nccl_ext_unavailable_reason("cuda") is None
 
 
 def test_missing_extension_gives_the_loader_reason(startable):
     startable.setattr(_ext, "load", lambda: None)
     startable.setattr(_ext, "ext_reason", lambda: "the build skipped it: no nvcc")
-    reason = native_comm.nccl_ext_unavailable_reason("cuda")
+    reason = nccl_ext.nccl_ext_unavailable_reason("cuda")
     assert "iso_kernels._C" in reason and "no nvcc" in reason
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta"])
 def test_non_cuda_device_is_refused(startable, device):
-    assert "not a CUDA device" in native_comm.nccl_ext_unavailable_reason(device)
+    assert "not a CUDA device" in nccl_ext.nccl_ext_unavailable_reason(device)
 
 
 def test_no_visible_gpu_is_refused(startable):
     startable.setattr(torch.cuda, "is_available", lambda: False)
-    assert "no CUDA device" in native_comm.nccl_ext_unavailable_reason("cuda")
+    assert "no CUDA device" in nccl_ext.nccl_ext_unavailable_reason("cuda")
 
 
 def test_extension_without_devices_is_refused_although_torch_sees_one(startable):
@@ -62,17 +63,17 @@ def test_extension_without_devices_is_refused_although_torch_sees_one(startable)
     no_devices = types.SimpleNamespace(device_count=lambda: 0,
                                        build_info=lambda: {"cuda_runtime": 13000, "driver": 12080})
     startable.setattr(_ext, "load", lambda: no_devices)
-    reason = native_comm.nccl_ext_unavailable_reason("cuda")
+    reason = nccl_ext.nccl_ext_unavailable_reason("cuda")
     assert "sees no CUDA device although torch does" in reason and "12080" in reason and "r580" in reason
 
 
 def test_uninitialised_process_group_is_refused(startable):
     startable.setattr(dist, "is_initialized", lambda: False)
-    assert "not initialised" in native_comm.nccl_ext_unavailable_reason("cuda")
+    assert "not initialised" in nccl_ext.nccl_ext_unavailable_reason("cuda")
 
 
 def test_world_size_mismatch_is_refused(startable):
-    reason = native_comm.nccl_ext_unavailable_reason("cuda", world_size=4)
+    reason = nccl_ext.nccl_ext_unavailable_reason("cuda", world_size=4)
     assert "world_size=4" in reason and "size 2" in reason
 
 
@@ -80,8 +81,8 @@ def test_this_machine_gets_a_reason_not_an_error():
     """On the real state of a CPU machine the predicate answers (with a reason) instead of raising."""
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    assert native_comm.nccl_ext_unavailable_reason("cuda") is not None
-    assert native_comm.nccl_ext_unavailable_reason("cpu") is not None
+    assert nccl_ext.nccl_ext_unavailable_reason("cuda") is not None
+    assert nccl_ext.nccl_ext_unavailable_reason("cpu") is not None
 
 
 def _gloo_rank_refuses_nccl_ext(rank, world_size):
@@ -89,7 +90,7 @@ def _gloo_rank_refuses_nccl_ext(rank, world_size):
 
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="nccl-ext communicator cannot start: torch sees no CUDA"):
-            native_comm.NcclExtCommunicator()
+            nccl_ext.NcclExtCommunicator()
     with pytest.raises(RuntimeError, match="not a CUDA device"):
         comm.make_communicator("nccl-ext")
     with comm.make_communicator("auto", verbose=False) as fallback:
@@ -110,7 +111,7 @@ class _NothingMayBeEnqueued:
 @pytest.fixture
 def unvalidated_comm():
     """An NcclExtCommunicator shell on CPU tensors: only the argument checks can run."""
-    comm = native_comm.NcclExtCommunicator.__new__(native_comm.NcclExtCommunicator)
+    comm = nccl_ext.NcclExtCommunicator.__new__(nccl_ext.NcclExtCommunicator)
     comm.device, comm._comm = torch.device("cpu"), _NothingMayBeEnqueued()
     return comm
 

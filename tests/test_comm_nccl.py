@@ -292,7 +292,7 @@ def _case_graph_capture(comm, rank, world_size):
 def _case_stream_outlives_close(comm, rank, world_size):
     """A tensor recorded on a closed communicator's comm stream is freed later: torch records an event on
     that stream then, which must still exist. The stream has the device's highest priority."""
-    from iso_kernels.native_comm import NcclExtCommunicator
+    from iso_kernels.comm import NcclExtCommunicator
 
     native = _ext.load()
     with NcclExtCommunicator() as other:
@@ -312,7 +312,7 @@ def _case_flag_timeout_is_raised_by_every_rank(comm, rank, world_size):
     """The last rank's flag is never raised: its wait times out and its collective runs on stale data. Every
     rank issues the same collectives; settle() raises the same error on all of them and aborts each."""
     from iso_kernels.comm import CommFailure
-    from iso_kernels.native_comm import NcclExtCommunicator
+    from iso_kernels.comm import NcclExtCommunicator
 
     failing = world_size - 1
     short = NcclExtCommunicator(flag_timeout_s=0.2, timeout_s=60)
@@ -337,7 +337,7 @@ def _case_blocking_setting_from_the_environment(comm, rank, world_size):
     """NCCL_COMM_BLOCKING overrides the non-blocking config; both settings must work end to end."""
     import os
 
-    from iso_kernels.native_comm import NcclExtCommunicator
+    from iso_kernels.comm import NcclExtCommunicator
 
     for value in ("1", "0"):
         os.environ["NCCL_COMM_BLOCKING"] = value
@@ -352,7 +352,7 @@ def _case_blocking_setting_from_the_environment(comm, rank, world_size):
 
 
 def _run_cases(rank, world_size):
-    from iso_kernels.native_comm import NcclExtCommunicator
+    from iso_kernels.comm import NcclExtCommunicator
 
     outcomes = {}
     with NcclExtCommunicator() as comm:

@@ -1,20 +1,17 @@
-"""Cost model and split solver: hand-checked schedules, the design note's numbers, solver regimes, fit and
-calibration cache."""
+"""Cost model and split solver: hand-checked schedules, the reference numbers of docs/cost-model.md, solver
+regimes, fit and calibration cache."""
 
 import dataclasses
 import math
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from iso_kernels import costmodel as cm
+from iso_kernels import envs
 from iso_kernels.costmodel import (
-    HARDWARE_PRESETS,
-    MODEL_PRESETS,
     LayerCosts,
-    ModelShape,
     balanced_split,
     choose_split,
     fit_layer_costs,
@@ -23,9 +20,11 @@ from iso_kernels.costmodel import (
     save_calibration,
     simulate_prefill,
 )
+from iso_kernels.hardware import HARDWARE_PRESETS
+from iso_kernels.simulate import PAPER_MODELS
 
 SEQ_LENS = [1024, 2048, 4096, 8192]
-# Two-chunk even-split reductions (%) of Llama-2-70B, iso-cost-model.md section 5.
+# Two-chunk even-split reductions (%) of Llama-2-70B without fixed costs: docs/cost-model.md, reference numbers.
 DOC_TWO_CHUNK = {
     ("rtx4090-pcie4", 4): [30.9, 31.3, 32.1, 33.6],
     ("rtx4090-pcie4", 8): [37.5, 37.7, 38.2, 39.1],
@@ -33,7 +32,7 @@ DOC_TWO_CHUNK = {
     ("a800-nvlink", 8): [27.2, 27.3, 27.2, 26.5],
 }
 UNIT = {"hidden": 1, "dtype_bytes": 1}  # all-reduce bytes == tokens, so ar_bandwidth is "tokens per second"
-LLAMA70 = MODEL_PRESETS["llama2-70b"]
+LLAMA70 = PAPER_MODELS["llama2-70b"]
 
 
 def toy_costs():
@@ -98,7 +97,7 @@ def test_no_communication_means_no_gain():
     assert sim.comm_s == 0 and sim.total_s == pytest.approx(sim.compute_s)
 
 
-# --- datasheet model against the design note ---
+# --- datasheet model against docs/cost-model.md ---
 @pytest.mark.parametrize("gpu,tp,rho", [("rtx4090-pcie4", 4, 0.66), ("rtx4090-pcie4", 8, 1.55),
                                         ("a800-nvlink", 4, 0.17), ("a800-nvlink", 8, 0.39)])
 def test_datasheet_comm_to_compute_ratio(gpu, tp, rho):
@@ -114,7 +113,7 @@ def test_model_flops_and_weights():
 
 @pytest.mark.parametrize("gpu,tp", sorted(DOC_TWO_CHUNK))
 def test_doc_table_reproduced_under_its_assumptions(gpu, tp):
-    # The note ignores launch gaps and all-reduce latency; so does this case.
+    # The reference table ignores launch gaps and all-reduce latency; so does this case.
     costs = datasheet(gpu, tp, link_latency_us=0, block_overhead_us=0)
     got = [round(100 * two_chunk_reduction(costs, LLAMA70, s), 1) for s in SEQ_LENS]
     assert got == pytest.approx(DOC_TWO_CHUNK[gpu, tp], abs=0.11)
@@ -139,7 +138,7 @@ def test_balanced_split_matches_doc_closed_form(seq_len):
     r = costs.attn_per_pair * seq_len / (2 * (costs.attn_per_token + costs.mlp_per_token))  # 2hS/g
     x_star = (-1 + math.sqrt(1 + 2 * r * (1 + r))) / (2 * r)
     assert balanced_split(costs, seq_len, 2)[0] == pytest.approx(x_star * seq_len, abs=2)
-    # The note's 70B values: x* = 0.502 / 0.509 / 0.518 at 1k / 4k / 8k.
+    # docs/cost-model.md's 70B values: x* = 0.502 / 0.509 / 0.518 at 1k / 4k / 8k.
     assert x_star == pytest.approx({1024: 0.502, 4096: 0.509, 8192: 0.518}[seq_len], abs=0.0015)
 
 
@@ -179,7 +178,7 @@ def test_solver_one_chunk_when_fixed_costs_outweigh_communication():
 
 def test_solver_more_chunks_when_attention_blocks_are_small():
     # comm ~ compute, attention block 1/10 of the MLP: with two chunks, chunk 1's AR1 cannot hide under
-    # chunk 2's tiny attention block and the compute stream stalls (iso-cost-model.md section 3).
+    # chunk 2's tiny attention block and the compute stream stalls (docs/cost-model.md, two chunks).
     costs = LayerCosts(0, 0.1, 0.0, 0, 1.0, 0, 1 / 0.55)
     best = choose_split(costs, 10, 1024, **UNIT)
     two = choose_split(costs, 10, 1024, **UNIT, max_chunks=2)
@@ -272,7 +271,7 @@ def test_fit_rejects_non_positive_timings():
 
 # --- calibration cache ---
 def test_cache_roundtrip_and_key_mismatch(tmp_path, monkeypatch):
-    monkeypatch.setenv(cm.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(envs.CACHE_DIR_VAR, str(tmp_path / "cache"))
     key = {"gpu": "NVIDIA H100 80GB HBM3", "model": "llama2-70b", "tp": 8, "dtype": "bfloat16"}
     assert load_calibration(None, key) is None  # no file yet
     a, b = datasheet("h100-nvlink", 8), datasheet("h100-nvlink", 1)  # b: infinite bandwidth
@@ -293,16 +292,7 @@ def test_cache_ignores_corrupt_file(tmp_path):
         assert load_calibration(path, {"tp": 2}) is None
 
 
-# --- shapes, presets, bad input ---
-def test_model_shape_from_gpt_fast_args():
-    args = SimpleNamespace(dim=8192, n_layer=80, n_head=64, n_local_heads=8, head_dim=128,
-                           intermediate_size=28672, vocab_size=32000)
-    assert ModelShape.from_model_args(args) == LLAMA70
-    mha = SimpleNamespace(dim=6656, n_layer=60, n_head=52, n_local_heads=-1, intermediate_size=17920,
-                          vocab_size=32000)
-    assert ModelShape.from_model_args(mha) == MODEL_PRESETS["llama-30b"]
-
-
+# --- bad input ---
 @pytest.mark.parametrize("call,match", [
     (lambda: balanced_split(toy_costs(), 2, 3), "seq_len"),
     (lambda: simulate_prefill(toy_costs(), 1, 4, [3, 2, 4], **UNIT), "boundaries"),
@@ -312,8 +302,6 @@ def test_model_shape_from_gpt_fast_args():
     (lambda: simulate_prefill(toy_costs(), 0, 4, [4], **UNIT), "n_layers"),
     (lambda: choose_split(toy_costs(), 1, 64, **UNIT, granularity=0), "granularity"),
     (lambda: choose_split(toy_costs(), 1, 64, **UNIT, min_gain=1.5), "min_gain"),
-    (lambda: cm.preset(MODEL_PRESETS, "llama-9000", "model"), "model"),
-    (lambda: cm.preset(HARDWARE_PRESETS, "tpu", "gpu"), "gpu"),
     (lambda: LayerCosts(0, -1.0, 0, 0, 0, 0, 1), "attn_per_token"),
     (lambda: LayerCosts.from_datasheet(LLAMA70, HARDWARE_PRESETS["a800-nvlink"], 0), "tp"),
 ])

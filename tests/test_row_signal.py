@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from iso_kernels import schedule
+from iso_kernels.comm import PendingAllReduce
 
 # llama-1b (hidden 2048) prompts of 4k and 16k tokens, whole (serial) and as ISO chunks: even halves, an uneven
 # three-way split and the small ragged blocks that tests use.
@@ -25,7 +26,7 @@ class _RecordingComm:
 
     def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
         self.calls.append((tensor.shape[0], ready_flag[1], ready_flag[2]))
-        return schedule._Done(tensor)
+        return PendingAllReduce(tensor)
 
 
 @pytest.mark.parametrize("rows", BLOCK_ROWS)

@@ -50,8 +50,9 @@ def test_memory_flag(rows, key, fits):
     assert find(rows, gpu, model, tp, 4096)["fits_memory"] is fits
 
 
-def test_design_note_numbers(rows):
-    # iso-cost-model.md section 5 (two chunks, 70B): 38.2% on 4090 TP8, 13.8% on A800 TP4; 30B 4090 TP4 42.4%.
+def test_reference_numbers(rows):
+    # docs/cost-model.md's reference numbers (two chunks, 70B): 38.2% on 4090 TP8, 13.8% on A800 TP4; 30B 4090
+    # TP4 42.4%.
     doc = [("rtx4090-pcie4", "llama2-70b", 8, 0.382), ("a800-nvlink", "llama2-70b", 4, 0.138),
            ("rtx4090-pcie4", "llama-30b", 4, 0.424)]
     for gpu, model, tp, reduction in doc:

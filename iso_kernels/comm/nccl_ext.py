@@ -30,13 +30,12 @@ the communicator is aborted and the call raises.
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 
-from . import _ext
-from .comm import CommFailure, Communicator, PendingAllReduce, _check_ready_flag, agree_on_status
+from .. import _ext, envs
+from .base import CommFailure, Communicator, PendingAllReduce, agree_on_status
 
 # A producer normally raises its flag within milliseconds; seconds means it never will (lost launch, wrong
 # target, or CUDA lazy loading that cannot load the producer while the wait kernel runs). Generous, so a
@@ -44,9 +43,8 @@ from .comm import CommFailure, Communicator, PendingAllReduce, _check_ready_flag
 DEFAULT_FLAG_TIMEOUT_S = 5.0
 # Bound on every blocking native call (joining the ranks, a first collective's handshake, waiting for the comm
 # stream, finalize): the default of torch.distributed's NCCL process groups, 10 minutes. Override per
-# communicator (timeout_s=) or process-wide with this environment variable (seconds).
+# communicator (timeout_s=) or process-wide with $ISO_KERNELS_COMM_TIMEOUT_S (seconds).
 DEFAULT_TIMEOUT_S = 600.0
-TIMEOUT_ENV = "ISO_KERNELS_COMM_TIMEOUT_S"
 
 
 def comm_timeout_s(timeout_s=None, *, flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
@@ -57,8 +55,8 @@ def comm_timeout_s(timeout_s=None, *, flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
     """
     source = "timeout_s"
     if timeout_s is None:
-        text = os.environ.get(TIMEOUT_ENV, "").strip()
-        source, timeout_s = (TIMEOUT_ENV, text) if text else ("DEFAULT_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+        text = envs.comm_timeout_text()
+        source, timeout_s = (envs.COMM_TIMEOUT_VAR, text) if text else ("DEFAULT_TIMEOUT_S", DEFAULT_TIMEOUT_S)
     try:
         value = float(timeout_s)
     except (TypeError, ValueError):
@@ -77,8 +75,8 @@ def nccl_ext_unavailable_reason(device, group=None, *, world_size=None):
     Pure: reads the environment, ``_ext`` and torch's device/process-group state; creates nothing. Ranks can
     differ (a driver, a device): ``agreed_unavailable_reason`` makes one answer for the group.
     """
-    if os.environ.get("ISO_KERNELS_DISABLE_NATIVE_COMM", "0") not in ("", "0"):
-        return "disabled by ISO_KERNELS_DISABLE_NATIVE_COMM"
+    if envs.native_comm_disabled():
+        return f"disabled by {envs.DISABLE_NATIVE_COMM_VAR}"
     native = _ext.load()
     if native is None:
         return f"the native extension iso_kernels._C is unavailable: {_ext.ext_reason()}"
@@ -169,7 +167,7 @@ class NcclExtCommunicator(Communicator):
             raise ValueError(f"tensor is on {tensor.device}, but this communicator works on {self.device}")
         if ready_flag is not None:
             signal, index, target = ready_flag
-            _check_ready_flag(signal, index, target)
+            self._check_ready_flag(signal, index, target)
             if signal.device != self.device or not signal.is_contiguous():
                 raise ValueError(f"ready_flag[0] (signal) must be contiguous on {self.device}, "
                                  f"got {signal.device} (contiguous={signal.is_contiguous()})")
