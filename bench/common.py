@@ -116,3 +116,25 @@ def plot_panels(rows, png_path, *, ylabel, title, styles=None):
     os.makedirs(Path(png_path).parent, exist_ok=True)
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def memory_gbps(nbytes, ms):
+    """Achieved bandwidth of a memory-bound op: bytes read plus written over the time."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def bench_memory_bound(op, mode, x_name, x_value, providers, nbytes, config):
+    """Time each provider (name -> zero-argument callable) of one shape. Returns the tidy rows (time and GB/s
+    from ``nbytes``) and the p50 GB/s per provider."""
+    rows, gbps = [], {}
+    for provider, fn in providers.items():
+        fn()  # compiles (and autotunes) outside the timing
+        p50, p20, p80 = bench(fn)
+        gbps[provider] = memory_gbps(nbytes, p50)
+        base = {"op": op, "provider": provider, "mode": mode, "x_name": x_name, "x_value": x_value,
+                "config_json": config}
+        rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
+        # the faster quantile of time is the higher one of bandwidth
+        rows.append({**base, "metric": "GB/s", "unit": "GB/s", "p50": gbps[provider],
+                     "p20": memory_gbps(nbytes, p80), "p80": memory_gbps(nbytes, p20)})
+    return rows, gbps

@@ -19,8 +19,8 @@ BUDGET_S=540
 KILL_GRACE_S=5
 # Every file with GPU tests, named so that pytest collects nothing else: test_engine.py imports transformers
 # at collection. tests/test_gpu_check.py checks this list against the tests' markers and imports.
-GPU_TEST_FILES="tests/test_chunked_attention.py tests/test_comm_nccl.py tests/test_fused_norm.py"
-GPU_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_states.py"
+GPU_TEST_FILES="tests/test_chunked_attention.py tests/test_comm_nccl.py tests/test_add_rms_norm.py"
+GPU_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py"
 # The plan, the single place that says what runs: step name, limit in seconds, command (run by bash -c with
 # $PYTHON and $OUT set). The limits must sum to at most BUDGET_S; the steps run in this order.
 PLAN="\

@@ -189,7 +189,7 @@ def _gemm_case(dtype, label, n, k, m, rows_per_signal, tf32=False):
 
 
 def _norm_case(dtype, hidden, rows, residual):
-    from triton_ops.fused_norm import add_rms_norm
+    from triton_ops.add_rms_norm import add_rms_norm
 
     x = _meta(rows, hidden, dtype=dtype)
     return Case("add_rms_norm", f"hidden={hidden} rows={rows}{' + residual' if residual else ''}", dtype,
@@ -197,12 +197,12 @@ def _norm_case(dtype, hidden, rows, residual):
 
 
 def _merge_case(dtype, head_dim, n_heads, q_len):
-    from triton_ops.merge_states import merge_states
+    from triton_ops.merge_attention_states import merge_attention_states
 
     out = _meta(1, q_len, n_heads, head_dim, dtype=dtype)
     lse = _meta(1, n_heads, q_len, dtype=torch.float32)
     return Case("merge_attention_states", f"hd{head_dim} {n_heads} heads q_len={q_len}", dtype,
-                lambda: merge_states(out, lse, out, lse))
+                lambda: merge_attention_states(out, lse, out, lse))
 
 
 def cases(matrix="main"):
@@ -294,10 +294,10 @@ def _jit_functions():
     """(autotuner or None, jit function) of every kernel a case may launch."""
     from triton.runtime.autotuner import Autotuner
 
-    from triton_ops import chunked_attention, fused_norm, gemm_signal, merge_states
+    from triton_ops import add_rms_norm, chunked_attention, gemm_signal, merge_attention_states
 
     kernels = [chunked_attention._chunked_attention_fwd_kernel, gemm_signal._gemm_signal_kernel,
-               fused_norm._add_rms_norm_kernel, merge_states._merge_states_kernel]
+               add_rms_norm._add_rms_norm_kernel, merge_attention_states._merge_attention_states_kernel]
     return [(k, k.fn) if isinstance(k, Autotuner) else (None, k) for k in kernels]
 
 

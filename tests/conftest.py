@@ -10,6 +10,7 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import tempfile  # noqa: E402
 
 # Calibration caches and preset checkpoints go to a throwaway folder, not the user's ~/.cache.
@@ -41,7 +42,30 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextlib.contextmanager
+def _triton_kernels_on_cpu():
+    """A test-only override: every custom op runs its Triton kernel on CPU tensors too (interpreted). With an
+    op's CPU kernel disabled, torch.library runs the function ``custom_op`` decorated: the Triton launcher."""
+    from iso_kernels.ops import CUSTOM_OPS
+
+    with contextlib.ExitStack() as stack:
+        for op in CUSTOM_OPS:
+            stack.enter_context(op.set_kernel_enabled("cpu", False))
+        yield
+
+
 @pytest.fixture
-def triton_backend(monkeypatch):
-    """Force the public ops onto their Triton kernels (interpreted on CPU)."""
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", "triton")
+def triton_backend():
+    """The ops' Triton kernels, on CPU tensors too (interpreted); CUDA tensors run them anyway."""
+    with _triton_kernels_on_cpu():
+        yield
+
+
+@pytest.fixture
+def backend(request):
+    """Parametrize indirectly: ``"torch"`` leaves CPU tensors on each op's CPU kernel, ``"triton"`` runs its
+    Triton kernel (as ``triton_backend``)."""
+    if request.param not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {request.param!r}")
+    with _triton_kernels_on_cpu() if request.param == "triton" else contextlib.nullcontext():
+        yield request.param

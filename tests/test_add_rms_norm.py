@@ -1,18 +1,19 @@
-"""add_rms_norm / rms_norm: the Triton kernel (interpreted on CPU) and the CPU path against a plain fp64 RMSNorm
-written here and against the reference; leading dimensions, strided rows, mixed weight dtype; bad inputs."""
+"""add_rms_norm / rms_norm: the Triton kernel (interpreted on CPU) and the CPU kernel against a plain fp64
+RMSNorm written here and against the reference; leading dimensions, strided rows, mixed weight dtype; opcheck;
+bad inputs."""
 
 import pytest
 import torch
 from helpers import assert_close_to_ref
 
-from iso_kernels._env import use_triton
 from iso_kernels.ops import add_rms_norm, rms_norm
 from iso_kernels.reference import add_rms_norm_ref, rms_norm_ref
 
 # Hidden sizes are not powers of two (the kernel's block is the next one) except 128; 1 is the degenerate row.
 SHAPES = [(1, 96), (2, 17, 200), (5, 128), (3, 1000), (7, 1)]
 DTYPES = [torch.float32, torch.float16]
-BACKENDS = ["triton", "auto"]  # auto on CPU tensors is the reference path, checked against the fp64 oracle
+# The Triton kernel and each op's CPU kernel (the reference, so checked against the fp64 oracle only).
+BACKENDS = ["triton", "torch"]
 GPU_SHAPES = [(4, 1024, 4096), (2048, 8192), (3, 5, 5120)]
 EPS = 1e-6
 
@@ -31,40 +32,38 @@ def make_inputs(shape, dtype, device, weight_dtype=None):
     return x, residual, weight
 
 
-def check_add_rms_norm(x, residual, weight):
+def check_add_rms_norm(x, residual, weight, backend="triton"):
     out, new_residual = add_rms_norm(x, residual, weight, EPS)
     assert torch.equal(new_residual, x + residual), "new residual must be the dtype-rounded sum"
     torch_out = plain_rms_norm(x + residual, weight, EPS, dtype=x.dtype)
     assert out.dtype == x.dtype and out.is_contiguous() and new_residual.is_contiguous()
     assert_close_to_ref(out, plain_rms_norm(x + residual, weight, EPS), torch_out, name="vs plain RMSNorm")
-    if use_triton(x):  # else the op is the reference: comparing them could not fail
+    if backend == "triton" or x.is_cuda:  # else the op is the reference: comparing them could not fail
         assert_close_to_ref(out, add_rms_norm_ref(x, residual, weight, EPS)[0], torch_out, name="vs reference")
 
 
-def check_rms_norm(x, weight):
+def check_rms_norm(x, weight, backend="triton"):
     out = rms_norm(x, weight, EPS)
     torch_out = plain_rms_norm(x, weight, EPS, dtype=x.dtype)
     assert_close_to_ref(out, plain_rms_norm(x, weight, EPS), torch_out, name="vs plain RMSNorm")
-    if use_triton(x):
+    if backend == "triton" or x.is_cuda:
         assert_close_to_ref(out, rms_norm_ref(x, weight, EPS), torch_out, name="vs reference")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_add_rms_norm(shape, dtype, backend, device, monkeypatch):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
+def test_add_rms_norm(shape, dtype, backend, device):
     x, residual, weight = make_inputs(shape, dtype, device)
-    check_add_rms_norm(x, residual, weight)
+    check_add_rms_norm(x, residual, weight, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm(shape, dtype, backend, device, monkeypatch):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
+def test_rms_norm(shape, dtype, backend, device):
     x, _, weight = make_inputs(shape, dtype, device)
-    check_rms_norm(x, weight)
+    check_rms_norm(x, weight, backend)
 
 
 def test_fp32_weight_with_fp16_input(device, triton_backend):
@@ -89,6 +88,15 @@ def test_empty_rows(device, triton_backend):
     x, residual, weight = make_inputs((0, 96), torch.float32, device)
     out, new_residual = add_rms_norm(x, residual, weight, EPS)
     assert out.shape == new_residual.shape == (0, 96)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_opcheck(backend, device):
+    """Schema, fake, autograd registration and AOT dispatch of both custom ops, fp32 and fp16."""
+    for dtype in (torch.float32, torch.float16):
+        x, residual, weight = make_inputs((2, 5, 96), dtype, device, weight_dtype=torch.float32)
+        torch.library.opcheck(torch.ops.iso_kernels.add_rms_norm.default, (x, residual, weight, 1e-6))
+        torch.library.opcheck(torch.ops.iso_kernels.rms_norm.default, (x, weight, 1e-5))
 
 
 def test_bad_inputs(device):

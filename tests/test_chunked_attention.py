@@ -1,5 +1,6 @@
-"""chunked_attention: the Triton kernel (interpreted on CPU) against the fp32 reference and against torch SDPA
-with an explicit bottom-right / q_start mask; the ISO chunk split; the prefix + diagonal merge; bad inputs."""
+"""chunked_attention: the Triton kernel (interpreted on CPU) and the CPU kernel (torch's fused attention)
+against the fp32 reference and against torch SDPA with an explicit bottom-right / q_start mask; the ISO chunk
+split; the prefix + diagonal merge; empty ranges; opcheck; bad inputs."""
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ HEAD_DIMS = [16, 32, 128, 256]
 NONCAUSAL_CASES = [(1, 97), (97, 200), (200, 17)]
 SPLITS = [1, 64, 97, 199]  # chunk 1 length of a 200-token prompt
 BATCH = 2
+# Each op's CPU kernel ("torch") and its Triton kernel ("triton", interpreted on CPU): the `backend` fixture.
+BACKENDS = ["torch", "triton"]
 
 
 def make_qkv(q_len, kv_len, n_heads, n_kv_heads, head_dim, dtype, device, batch=BATCH):
@@ -66,7 +69,8 @@ def check_against_oracles(out, lse, q, k, v, q_start=None, causal=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_heads,n_kv_heads", HEADS)
 @pytest.mark.parametrize("q_len,kv_len,q_start", CASES)
-def test_causal_matches_reference_and_sdpa(triton_backend, device, q_len, kv_len, q_start, n_heads, n_kv_heads,
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_causal_matches_reference_and_sdpa(backend, device, q_len, kv_len, q_start, n_heads, n_kv_heads,
                                            dtype):
     q, k, v = make_qkv(q_len, kv_len, n_heads, n_kv_heads, 64, dtype, device, batch=1 if n_heads > 2 else BATCH)
     out, lse = chunked_attention(q, k, v, q_start=q_start, return_lse=True)
@@ -83,13 +87,15 @@ def test_head_dims(triton_backend, device, head_dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_len,kv_len", NONCAUSAL_CASES)
-def test_noncausal(triton_backend, device, q_len, kv_len, dtype):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_noncausal(backend, device, q_len, kv_len, dtype):
     q, k, v = make_qkv(q_len, kv_len, 4, 2, 64, dtype, device)
     out, lse = chunked_attention(q, k, v, causal=False, return_lse=True)
     check_against_oracles(out, lse, q, k, v, causal=False)
 
 
-def test_softmax_scale(triton_backend, device):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_softmax_scale(backend, device):
     q, k, v = make_qkv(97, 200, 2, 1, 64, torch.float32, device)
     out, lse = chunked_attention(q, k, v, softmax_scale=0.3, return_lse=True)
     ref, ref_lse = chunked_attention_ref(q, k, v, softmax_scale=0.3)
@@ -97,7 +103,8 @@ def test_softmax_scale(triton_backend, device):
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
 
 
-def test_bottom_right_not_top_left(triton_backend, device):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_bottom_right_not_top_left(backend, device):
     """Fails if the mask were aligned top-left (SDPA is_causal=True) instead of bottom-right."""
     q, k, v = make_qkv(64, 200, 2, 2, 64, torch.float32, device)
     out = chunked_attention(q, k, v)
@@ -111,7 +118,8 @@ def test_bottom_right_not_top_left(triton_backend, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", SPLITS)
-def test_two_chunks_reproduce_full_causal(triton_backend, device, split, dtype):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_two_chunks_reproduce_full_causal(backend, device, split, dtype):
     seq_len, max_len = 200, 256
     q, k, v = make_qkv(seq_len, seq_len, 4, 2, 64, dtype, device)
     chunk1 = chunked_attention(q[:, :split], k[:, :split], v[:, :split], q_start=0)
@@ -166,24 +174,23 @@ def test_strided_views(triton_backend, device):
     check_against_oracles(out, lse, q, k, v)
 
 
-def test_empty_query_chunk(triton_backend, device):
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_empty_query_chunk(backend, device):
     q, k, v = make_qkv(0, 17, 2, 2, 64, torch.float32, device)
     out, lse = chunked_attention(q, k, v, return_lse=True)
     assert out.shape == q.shape and lse.shape == (BATCH, 2, 0)
 
 
-def test_reference_backend_on_cpu(monkeypatch):
-    """ISO_KERNELS_BACKEND=auto runs the reference on CPU tensors."""
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", "auto")
-    q, k, v = make_qkv(17, 97, 4, 2, 64, torch.float16, "cpu")
-    out, lse = chunked_attention(q, k, v, q_start=40, return_lse=True)
-    ref, ref_lse = chunked_attention_ref(q, k, v, q_start=40)
-    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_empty_key_range(backend, device):
+    """Non-causal over no keys: output 0 and LSE -inf, what merge_attention_states takes as "no keys"."""
+    q, k, v = make_qkv(17, 0, 2, 2, 64, torch.float32, device)
+    out, lse = chunked_attention(q, k, v, causal=False, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all() and lse.shape == (BATCH, 2, 17)
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_opcheck(monkeypatch, device, backend):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_opcheck(backend, device):
     q, k, v = make_qkv(17, 40, 4, 2, 32, torch.float32, device, batch=1)
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 10, True, 0.2))
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 0, False, 0.2))

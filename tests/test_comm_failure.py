@@ -219,8 +219,7 @@ BATCH, SEQ_LEN = 2, 37
 
 
 @pytest.fixture
-def tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", "torch")
+def tiny_model(tmp_path):
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     model = checkpoint.load_checkpoint(folder)
     model.setup_caches(BATCH, SEQ_LEN)

@@ -1,6 +1,7 @@
-"""torch.library.opcheck on the GEMM and norm custom ops (schema, fake, autograd registration, AOT dispatch),
-on the CPU reference path and on the interpreted Triton path; and the package importing on a machine with
-neither a GPU nor the interpreter."""
+"""Dispatch by device, across every custom op: the CPU and CUDA kernels are registered with torch.library,
+the test-only override sends CPU tensors to the Triton launcher, and a plain CPU process (neither a GPU nor
+the interpreter) imports the ops and runs their CPU kernels without importing a kernel module. Each op's opcheck lives
+in its own test file."""
 
 import os
 import subprocess
@@ -9,42 +10,53 @@ import sys
 import pytest
 import torch
 
-import iso_kernels.ops  # noqa: F401  (registers the ops)
+import triton_ops.add_rms_norm
+import triton_ops.chunked_attention
+import triton_ops.gemm_signal
+import triton_ops.merge_attention_states
+from iso_kernels import ops
 
-BACKENDS = ["auto", "triton"]
-
-
-def gemm_signal_cases(device):
-    x = torch.randn(40, 24, device=device)
-    weight = torch.randn(33, 24, device=device)
-    signal = torch.zeros(3, dtype=torch.int32, device=device)
-    return [(x, weight, None, 16), (x, weight, signal, 16), (x.half(), weight.half(), signal[:1], 64)]
-
-
-def norm_cases(device):
-    x = torch.randn(2, 5, 96, device=device)
-    residual = torch.randn(2, 5, 96, device=device)
-    weight = torch.randn(96, device=device)
-    return [(x, residual, weight, 1e-6), (x.half(), residual.half(), weight, 1e-5)]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_gemm_signal(backend, device, monkeypatch):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
-    for args in gemm_signal_cases(device):
-        torch.library.opcheck(torch.ops.iso_kernels.gemm_signal.default, args)
+# (custom op, the Triton launcher its CUDA kernel calls, a call of the public function on CPU tensors)
+x, w, res = torch.randn(20, 64), torch.randn(12, 64), torch.randn(20, 64)
+q, lse = torch.randn(1, 5, 2, 64), torch.randn(1, 2, 5)
+CALLS = [
+    ("add_rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.add_rms_norm(x, res, w[0], 1e-6)),
+    ("rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.rms_norm(x, w[0], 1e-6)),
+    ("chunked_attention", triton_ops.chunked_attention, "chunked_attention_fwd",
+     lambda: ops.chunked_attention(q, q, q)),
+    ("gemm_signal", triton_ops.gemm_signal, "gemm_signal", lambda: ops.gemm_signal(x, w)),
+    ("merge_attention_states", triton_ops.merge_attention_states, "merge_attention_states",
+     lambda: ops.merge_attention_states(q, lse, q, lse)),
+]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_norms(backend, device, monkeypatch):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
-    for x, residual, weight, eps in norm_cases(device):
-        torch.library.opcheck(torch.ops.iso_kernels.add_rms_norm.default, (x, residual, weight, eps))
-        torch.library.opcheck(torch.ops.iso_kernels.rms_norm.default, (x, weight, eps))
+class _LauncherCalled(Exception):
+    pass
+
+
+def test_every_custom_op_has_cpu_and_cuda_kernels():
+    names = {op._qualname for op in ops.CUSTOM_OPS}
+    assert names == {f"iso_kernels::{name}" for name, *_ in CALLS}
+    for name in names:
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
+
+
+@pytest.mark.parametrize("name,module,launcher,call", CALLS, ids=[c[0] for c in CALLS])
+def test_cpu_tensors_reach_the_launcher_only_under_the_override(name, module, launcher, call, monkeypatch,
+                                                               request):
+    def launched(*args, **kwargs):
+        raise _LauncherCalled(name)
+
+    monkeypatch.setattr(module, launcher, launched)
+    call()  # the CPU kernel
+    request.getfixturevalue("triton_backend")
+    with pytest.raises(_LauncherCalled):
+        call()
 
 
 def test_ops_run_without_gpu_or_interpreter():
-    """A plain CPU process (no TRITON_INTERPRET, no CUDA) imports the ops and runs their reference path."""
+    """A plain CPU process (no TRITON_INTERPRET, no CUDA) imports the ops and runs their CPU kernels."""
     script = (
         "import torch, iso_kernels.ops as ops\n"
         "x, w = torch.randn(20, 8), torch.randn(12, 8)\n"
@@ -57,9 +69,15 @@ def test_ops_run_without_gpu_or_interpreter():
         "assert torch.equal(res, x + x)\n"
         "assert torch.allclose(out, rms(x + x), atol=1e-5)\n"
         "assert torch.allclose(ops.rms_norm(x, w8, 1e-6), rms(x), atol=1e-5)\n"
-        "import sys; assert 'triton_ops.gemm_signal' not in sys.modules\n"
+        "q = torch.randn(1, 7, 2, 16)\n"
+        "out, lse = ops.chunked_attention(q, q, q, return_lse=True)\n"
+        "sdpa = torch.nn.functional.scaled_dot_product_attention(*[q.transpose(1, 2)] * 3, is_causal=True)\n"
+        "assert torch.allclose(out, sdpa.transpose(1, 2), atol=1e-5)\n"
+        "merged, _ = ops.merge_attention_states(out, lse, out, lse)\n"
+        "assert torch.allclose(merged, out, atol=1e-6)\n"
+        "import sys; assert not [m for m in sys.modules if m.startswith('triton_ops')], 'a kernel was imported'\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ISO_KERNELS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)

@@ -198,17 +198,16 @@ def test_chunk_bounds_rejects(seq_len, split, chunks):
         schedule.chunk_bounds(seq_len, split, chunks)
 
 
-def test_triton_kernels_in_the_model_match_the_references(tmp_path, monkeypatch):
-    """The whole ISO prefill with every op on its Triton kernel (interpreted on CPU) against the references."""
+def test_triton_kernels_in_the_model_match_the_references(tmp_path, request):
+    """The whole ISO prefill with every op on its Triton kernel (interpreted on CPU) against the CPU kernels."""
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     model = checkpoint.load_checkpoint(folder)
     model.setup_caches(BATCH, SEQ_LEN)
     tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
     bounds = schedule.chunk_bounds(SEQ_LEN, 0.4)
     with torch.inference_mode():
-        monkeypatch.setenv("ISO_KERNELS_BACKEND", "torch")
         expected = schedule.forward(model, tokens, None, bounds)
-        monkeypatch.setenv("ISO_KERNELS_BACKEND", "triton")
+        request.getfixturevalue("triton_backend")
         got = schedule.forward(model, tokens, None, bounds)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -228,9 +227,8 @@ class _FlagCheckingComm:
         return comm.PendingAllReduce(tensor)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_row_signal_all_reduces_start_per_finished_group(tmp_path, monkeypatch, backend):
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_row_signal_all_reduces_start_per_finished_group(tmp_path, backend):
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     model = checkpoint.load_checkpoint(folder)
     model.setup_caches(BATCH, SEQ_LEN)

@@ -1,5 +1,5 @@
 """gemm_signal: the Triton kernel (interpreted on CPU) against torch.matmul in fp64 and the reference; the row
-group counters (exact final values, dirty-buffer reuse, the CPU path); the tile order; bad inputs."""
+group counters (exact final values, dirty-buffer reuse, the CPU path); the tile order; opcheck; bad inputs."""
 
 import pytest
 import torch
@@ -65,10 +65,9 @@ def test_gemm_matches_matmul(m, n, k, rows_per_signal, dtype, with_signal, devic
         assert torch.equal(signal.cpu(), expected_counts(m, n, rows_per_signal))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_dirty_signal_ends_at_target(backend, device, monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+def test_dirty_signal_ends_at_target(backend, device):
     """A buffer left at the targets of an earlier call (or holding junk) ends at exactly the new targets."""
-    monkeypatch.setenv("ISO_KERNELS_BACKEND", backend)
     m, n, k, rows_per_signal = 97, 130, 40, 32
     x, weight = make_inputs(m, n, k, torch.float32, device)
     target = expected_counts(m, n, rows_per_signal)
@@ -94,6 +93,15 @@ def test_strided_inputs(device, triton_backend):
     x = torch.randn(70, 2 * 48, device=device)[:, :48]
     weight = torch.randn(48, 130, device=device).T
     check_gemm(gemm_signal(x, weight), x, weight)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
+def test_opcheck(backend, device):
+    """Schema (``signal`` mutated), fake, autograd registration and AOT dispatch, with and without a signal."""
+    x, weight = torch.randn(40, 24, device=device), torch.randn(33, 24, device=device)
+    signal = torch.zeros(3, dtype=torch.int32, device=device)
+    for args in [(x, weight, None, 16), (x, weight, signal, 16), (x.half(), weight.half(), signal[:1], 64)]:
+        torch.library.opcheck(torch.ops.iso_kernels.gemm_signal.default, args)
 
 
 def test_signal_targets():

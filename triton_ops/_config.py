@@ -1,7 +1,9 @@
-"""Autotune config factories and the pruner that keeps only configs that fit the device.
+"""Autotune helpers: config building, the launch that chooses configs, and the pruner that keeps only configs
+that fit the device.
 
 Under the interpreter, ``@triton.autotune`` with two or more configs crashes (its benchmarking asks for a GPU
-driver), so each factory returns a single config there.
+driver; Triton 3.6 benchmarks even a single pruned config), so ``launch_tuned`` decides at each launch:
+interpreted kernels run their one interpreter config directly, compiled ones go through the autotuner.
 
 On a GPU, ``keep_fitting`` compiles every candidate for the device the launch runs on (the autotuner would
 compile each one to benchmark it anyway, and the compiled kernel stays in the JIT cache for that benchmark)
@@ -51,9 +53,13 @@ def backport_interpreter_loop_bounds():
     interpreter._patch_lang_tensor = patch_tensor_squeezing_index
 
 
-def configs(gpu_configs, interpreter_config):
-    """``gpu_configs`` on a GPU; ``[interpreter_config]`` under the interpreter."""
-    return [interpreter_config] if interpreting() else list(gpu_configs)
+def launch_tuned(tuned, grid, interpreter_config, *args, **kwargs):
+    """Launch the autotuned kernel ``tuned``: on a GPU through its autotuner, which picks among its configs
+    at the first launch of each key; under the interpreter with ``interpreter_config``, bypassing the
+    autotuner, whose benchmarking needs a GPU driver."""
+    if interpreting():
+        return tuned.fn[grid](*args, **kwargs, **interpreter_config.all_kwargs())
+    return tuned[grid](*args, **kwargs)
 
 
 def config(num_warps=4, num_stages=2, **meta):

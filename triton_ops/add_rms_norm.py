@@ -2,7 +2,7 @@
 ``out = residual' / sqrt(mean(residual'^2) + eps) * weight``; without a residual, plain RMSNorm.
 
 One program normalises one row held in registers, so each element is read once and written once (twice
-with the residual). Inputs are validated by ``iso_kernels.ops``.
+with the residual). Inputs are validated by ``iso_kernels.ops.add_rms_norm``.
 """
 
 import torch

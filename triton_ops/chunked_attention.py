@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import config, configs, interpreting, keep_fitting, launch_arguments
+from ._config import config, interpreting, keep_fitting, launch_arguments, launch_tuned
 
 # --- constants ---
 # tl.dot needs K >= 16; above 256 the q tile and fp32 accumulator no longer fit one program's registers.
@@ -39,9 +39,9 @@ _CONFIGS_FP32 = [
     config(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
     config(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
 ]
-# The interpreter gets one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows
+# The interpreter runs one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows
 # see none of.
-_CONFIGS = configs(_CONFIGS_16BIT + _CONFIGS_FP32, config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
+_INTERPRETER_CONFIG = config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 def _keep(configs_, named_args, **kwargs):
@@ -96,7 +96,8 @@ def _chunked_attention_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
+                 key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _keep})
 @triton.jit
 def _chunked_attention_fwd_kernel(
@@ -182,7 +183,8 @@ def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
     def grid(meta):
         return triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads
 
-    _chunked_attention_fwd_kernel[grid](
+    launch_tuned(
+        _chunked_attention_fwd_kernel, grid, _INTERPRETER_CONFIG,
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -6,7 +6,6 @@ reaches ``rows_in_group * N``, whatever tile sizes the autotuner picked, so anot
 communicating finished rows while the GEMM still runs. Inputs are validated by ``iso_kernels.ops``.
 """
 
-import math
 
 import torch
 import triton
@@ -33,8 +32,9 @@ _CONFIGS_FP32 = [
     _config.config(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, GROUP_M=8, num_warps=warps, num_stages=stages)
     for block_m, block_n, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
 ]
-# Interpreter: GROUP_M=4 with the test shapes leaves a partial last group, which the tile-order mapping must
-# handle; BLOCK_M=16 makes tiles straddle row groups whenever rows_per_signal is not a multiple of 16.
+# The interpreter's one config: GROUP_M=4 with the test shapes leaves a partial last group, which the
+# tile-order mapping must handle; BLOCK_M=16 makes tiles straddle row groups whenever rows_per_signal is
+# not a multiple of 16.
 _INTERPRETER_CONFIG = _config.config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=4)
 
 
@@ -90,7 +90,7 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_config.configs(_CONFIGS_16BIT + _CONFIGS_FP32, _INTERPRETER_CONFIG),
+    configs=_CONFIGS_16BIT + _CONFIGS_FP32,
     # ISO chunks come in arbitrary lengths: tune once per power-of-two bucket of M, not per length.
     key=["M_bucket", "N", "K", "rows_per_signal", "HAS_SIGNAL"],
     prune_configs_by={"early_config_prune": _prune},
@@ -173,7 +173,8 @@ def gemm_signal(x, weight, signal=None, rows_per_signal=128):
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _gemm_signal_kernel[grid](
+    _config.launch_tuned(
+        _gemm_signal_kernel, grid, _INTERPRETER_CONFIG,
         x, weight, out, signal,
         m, n, k, rows_per_signal, triton.next_power_of_2(m),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),

@@ -16,7 +16,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _merge_states_kernel(
+def _merge_attention_states_kernel(
     out_a_ptr, lse_a_ptr, out_b_ptr, lse_b_ptr, out_ptr, lse_ptr,
     stride_ab, stride_am, stride_ah,
     stride_bb, stride_bm, stride_bh,
@@ -61,7 +61,7 @@ def _merge_states_kernel(
     tl.store(lse_ptr + batch * stride_lb + head * stride_lh + offs_m, lse, mask=row_mask)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """Launch the merge. Inputs are validated by ``iso_kernels.ops.merge_attention_states``.
 
     out_a, out_b: (batch, q_len, n_heads, head_dim), last stride 1; lse_a, lse_b: (batch, n_heads, q_len) fp32,
@@ -77,7 +77,7 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     block_d = triton.next_power_of_2(head_dim)
     block_m = max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(q_len)))
     grid = (triton.cdiv(q_len, block_m), batch * n_heads)
-    _merge_states_kernel[grid](
+    _merge_attention_states_kernel[grid](
         out_a, lse_a, out_b, lse_b, out, lse,
         out_a.stride(0), out_a.stride(1), out_a.stride(2),
         out_b.stride(0), out_b.stride(1), out_b.stride(2),

@@ -1,11 +1,16 @@
 """Public ops. Each module holds, in flash-attention's order: the registered custom op
-``iso_kernels::<op>`` with its fake, then the documented public function that states tensor shapes.
-CUDA tensors run the Triton kernels of ``triton_ops``; CPU tensors run ``iso_kernels.reference``
-(see ``iso_kernels._env`` for ``ISO_KERNELS_BACKEND``)."""
+``iso_kernels::<op>`` with its kernels per device and its fake, then the documented public function that
+states tensor shapes. The dispatcher picks the kernel by the tensors' device: CUDA runs the Triton launcher
+of ``triton_ops.<op>`` (the function ``custom_op`` decorates), CPU the fastest correct torch path."""
 
-from .attention import chunked_attention, merge_attention_states
-from .gemm_signal import gemm_signal, signal_targets
-from .norm import add_rms_norm, rms_norm
+from .add_rms_norm import _add_rms_norm, _rms_norm, add_rms_norm, rms_norm
+from .chunked_attention import _chunked_attention, chunked_attention
+from .gemm_signal import _gemm_signal, gemm_signal, signal_targets
+from .merge_attention_states import _merge_attention_states, merge_attention_states
 
-__all__ = ["add_rms_norm", "chunked_attention", "gemm_signal", "merge_attention_states", "rms_norm",
+# Every custom op, for tests that run the Triton kernels on CPU tensors: with an op's CPU kernel disabled
+# (``op.set_kernel_enabled("cpu", False)``) the dispatcher runs the function ``custom_op`` decorated.
+CUSTOM_OPS = (_add_rms_norm, _chunked_attention, _gemm_signal, _merge_attention_states, _rms_norm)
+
+__all__ = ["CUSTOM_OPS", "add_rms_norm", "chunked_attention", "gemm_signal", "merge_attention_states", "rms_norm",
            "signal_targets"]

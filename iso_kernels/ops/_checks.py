@@ -27,3 +27,10 @@ def check_same_device(ref_name, ref, **tensors):
     for name, t in tensors.items():
         if t.device != ref.device:
             raise ValueError(f"{name} device {t.device} must equal {ref_name} device {ref.device}")
+
+
+def check_bshd(name, t):
+    """An attention tensor: (batch, seqlen, heads, head_dim) with unit stride in head_dim."""
+    check_tensor(name, t, ndim=4, layout="(batch, seqlen, heads, head_dim)")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have stride 1 in its last (head_dim) dimension, got {t.stride(-1)}")

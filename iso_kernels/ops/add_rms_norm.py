@@ -1,25 +1,29 @@
 """``add_rms_norm`` (residual add fused with RMSNorm) and ``rms_norm`` (the first layer's norm, which has no
-residual yet). Both run one Triton kernel, ``triton_ops.fused_norm``, on CUDA tensors."""
+residual yet). On CUDA tensors both custom ops run one Triton kernel, ``triton_ops.add_rms_norm``; on CPU
+tensors the reference."""
 
 import math
 
 import torch
 
 from .. import reference
-from .._env import use_triton
 from ._checks import check_same_device, check_tensor
 
 # The kernel keeps a whole row in registers; beyond 32768 columns (128 KB in fp32) it would spill.
 MAX_HIDDEN = 32768
 
 
-@torch.library.custom_op("iso_kernels::add_rms_norm", mutates_args=())
+# --- custom ops: CUDA runs the Triton kernel, CPU the reference ---
+@torch.library.custom_op("iso_kernels::add_rms_norm", mutates_args=(), device_types="cuda")
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        from triton_ops.fused_norm import add_rms_norm as launch
+    from triton_ops.add_rms_norm import add_rms_norm as launch
 
-        return launch(x, residual, weight, eps)
+    return launch(x, residual, weight, eps)
+
+
+@_add_rms_norm.register_kernel("cpu")
+def _(x, residual, weight, eps):
     return reference.add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -28,12 +32,15 @@ def _(x, residual, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.custom_op("iso_kernels::rms_norm", mutates_args=())
+@torch.library.custom_op("iso_kernels::rms_norm", mutates_args=(), device_types="cuda")
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if use_triton(x):
-        from triton_ops.fused_norm import add_rms_norm as launch
+    from triton_ops.add_rms_norm import add_rms_norm as launch
 
-        return launch(x, None, weight, eps)[0]
+    return launch(x, None, weight, eps)[0]
+
+
+@_rms_norm.register_kernel("cpu")
+def _(x, weight, eps):
     return reference.rms_norm_ref(x, weight, eps)
 
 
@@ -42,6 +49,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape)
 
 
+# --- validation ---
 def _check_norm(eps, **tensors):
     """tensors: x, weight and, from add_rms_norm only, residual (so that a None residual is a TypeError)."""
     for name, t in tensors.items():
@@ -69,6 +77,7 @@ def _check_norm(eps, **tensors):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+# --- public functions ---
 def add_rms_norm(x, residual, weight, eps):
     """``residual' = x + residual``; ``out = residual' / sqrt(mean(residual'^2, -1) + eps) * weight``.
 

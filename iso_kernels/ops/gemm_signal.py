@@ -1,22 +1,26 @@
 """``gemm_signal``: ``x @ weight.T`` whose output tiles announce themselves, per row group, on int32
-counters, so that another stream can all-reduce finished rows while the GEMM still runs."""
+counters, so that another stream can all-reduce finished rows while the GEMM still runs. On CUDA tensors
+the custom op runs the Triton kernel; on CPU tensors the reference, which writes the final counts."""
 
 import torch
 
 from .. import reference
-from .._env import use_triton
 from ._checks import check_same_device, check_tensor
 
 _INT32_MAX = 2**31 - 1
 
 
-@torch.library.custom_op("iso_kernels::gemm_signal", mutates_args=("signal",))
+# --- custom op: CUDA runs the Triton kernel, CPU the reference ---
+@torch.library.custom_op("iso_kernels::gemm_signal", mutates_args=("signal",), device_types="cuda")
 def _gemm_signal(x: torch.Tensor, weight: torch.Tensor, signal: torch.Tensor | None,
                  rows_per_signal: int) -> torch.Tensor:
-    if use_triton(x):
-        from triton_ops.gemm_signal import gemm_signal as launch
+    from triton_ops.gemm_signal import gemm_signal as launch
 
-        return launch(x, weight, signal, rows_per_signal)
+    return launch(x, weight, signal, rows_per_signal)
+
+
+@_gemm_signal.register_kernel("cpu")
+def _(x, weight, signal, rows_per_signal):
     out = reference.gemm_ref(x, weight)
     if signal is not None:
         signal.copy_(reference.gemm_signal_counts_ref(x.shape[0], weight.shape[0], rows_per_signal))
@@ -28,6 +32,7 @@ def _(x, weight, signal, rows_per_signal):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+# --- validation ---
 def _check_groups(m, n, rows_per_signal):
     if isinstance(rows_per_signal, bool) or not isinstance(rows_per_signal, int):
         raise TypeError(f"rows_per_signal must be an int, got {type(rows_per_signal).__name__}")
@@ -62,6 +67,7 @@ def _check_gemm_signal(x, weight, signal, rows_per_signal):
         raise ValueError("signal must be contiguous")
 
 
+# --- public functions ---
 def gemm_signal(x, weight, signal=None, *, rows_per_signal=128):
     """``x @ weight.T`` (the F.linear layout) that counts finished output per row group.
 
