@@ -160,23 +160,13 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("unique_id"), py::arg("world_size"), py::arg("rank"), py::arg("device"), py::arg("stream"),
            py::arg("timeout_ns"))
-      .def_property_readonly("comm_stream", &iso::OverlapComm::comm_stream)
-      .def_readonly("world_size", &iso::OverlapComm::world_size)
-      .def_readonly("rank", &iso::OverlapComm::rank)
-      .def_readonly("device", &iso::OverlapComm::device)
-      .def_property_readonly("timeout_ns", &iso::OverlapComm::timeout_ns)
       .def_property_readonly("closed", &iso::OverlapComm::closed)
       .def("comm_wait_for", &iso::OverlapComm::comm_wait_for, py::arg("caller_stream"))
-      .def("caller_wait_for_comm", &iso::OverlapComm::caller_wait_for_comm, py::arg("caller_stream"))
-      // The first collective, and a group's end, can wait for the peers' connection handshake.
+      // The first collective can wait for the peers' connection handshake.
       .def("all_reduce", &iso::OverlapComm::all_reduce, py::arg("ptr"), py::arg("count"), py::arg("dtype"), nogil())
-      .def("group_start", &iso::OverlapComm::group_start)
-      .def("group_end", &iso::OverlapComm::group_end, nogil())
       .def("wait_flag", &iso::OverlapComm::wait_flag, py::arg("flag_ptr"), py::arg("target"),
            py::arg("timeout_ns"))
-      .def("check_status", &iso::OverlapComm::check_status)
       .def("synchronize", &iso::OverlapComm::synchronize, nogil())
-      .def("reset_flags", &iso::OverlapComm::reset_flags, py::arg("ptr"), py::arg("count"), py::arg("stream"))
       .def("destroy", &iso::OverlapComm::destroy, nogil())
       .def("abort", &iso::OverlapComm::abort, nogil())
       .def("__enter__", [](py::object self) { return self; })

@@ -65,7 +65,6 @@ OverlapComm::OverlapComm(const std::string& unique_id, int world_size, int rank,
   try {
     preload_stream_kernels();  // before any flag wait can spin (signal_wait.h)
     CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
     CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(WaitStatus), cudaHostAllocMapped));
     std::memset(status_, 0, sizeof(WaitStatus));
     CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&status_device_), status_, 0));
@@ -151,26 +150,12 @@ Progress OverlapComm::stream_progress_locked() {
                                          cudaGetErrorString(state)));
 }
 
-std::uintptr_t OverlapComm::comm_stream() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  require_open_locked("comm_stream");
-  return reinterpret_cast<std::uintptr_t>(stream_);
-}
-
 void OverlapComm::comm_wait_for(std::uintptr_t caller_stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   require_open_locked("comm_wait_for");
   DeviceGuard guard(device);
   CUDA_CHECK(cudaEventRecord(ready_, as_stream(caller_stream)));
   CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
-}
-
-void OverlapComm::caller_wait_for_comm(std::uintptr_t caller_stream) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  require_open_locked("caller_wait_for_comm");
-  DeviceGuard guard(device);
-  CUDA_CHECK(cudaEventRecord(done_, stream_));
-  CUDA_CHECK(cudaStreamWaitEvent(as_stream(caller_stream), done_, 0));
 }
 
 void OverlapComm::all_reduce(std::uintptr_t ptr, std::int64_t count, DataType dtype) {
@@ -186,23 +171,6 @@ void OverlapComm::all_reduce(std::uintptr_t ptr, std::int64_t count, DataType dt
                                   stream_);
   }
   finish_nccl(result, "ncclAllReduce");  // the first collective waits for the peers' connection handshake
-}
-
-void OverlapComm::group_start() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  require_open_locked("group_start");
-  NCCL_CHECK(nccl().ncclGroupStart());
-}
-
-void OverlapComm::group_end() {
-  ncclResult_t result = ncclSuccess;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    require_open_locked("group_end");
-    DeviceGuard guard(device);
-    result = nccl().ncclGroupEnd();
-  }
-  finish_nccl(result, "ncclGroupEnd");
 }
 
 void OverlapComm::wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t wait_timeout_ns) {
@@ -240,14 +208,6 @@ void OverlapComm::synchronize() {
   check_status();
 }
 
-void OverlapComm::reset_flags(std::uintptr_t ptr, std::int64_t count, std::uintptr_t stream) {
-  ISO_CHECK(ptr != 0, "ptr is a null device pointer");
-  ISO_CHECK(count > 0, "count must be > 0, got ", count);
-  DeviceGuard guard(device);
-  CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<void*>(ptr), 0, static_cast<size_t>(count) * sizeof(int),
-                             as_stream(stream)));
-}
-
 bool OverlapComm::closed() {
   std::lock_guard<std::mutex> lock(mutex_);
   return comm_ == nullptr;
@@ -278,7 +238,7 @@ void OverlapComm::abort() {
 // communicator must be finalized already (destroy()). The comm stream is the caller's: it stays.
 std::string OverlapComm::release(bool abort) noexcept {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (comm_ == nullptr && ready_ == nullptr && done_ == nullptr && status_ == nullptr) return {};
+  if (comm_ == nullptr && ready_ == nullptr && status_ == nullptr) return {};
   std::string first_error;
   auto note = [&](const char* what, const char* why) {
     if (first_error.empty()) first_error = detail::concat(what, ": ", why);
@@ -303,10 +263,8 @@ std::string OverlapComm::release(bool abort) noexcept {
   // spinning towards its timeout; then the 16 bytes are leaked rather than freed under it.
   const cudaError_t state = cudaStreamQuery(stream_);
   if (state != cudaSuccess && state != cudaErrorNotReady) note("comm stream", cudaGetErrorString(state));
-  for (cudaEvent_t* event : {&ready_, &done_}) {
-    if (*event != nullptr) (void)cudaEventDestroy(*event);
-    *event = nullptr;
-  }
+  if (ready_ != nullptr) (void)cudaEventDestroy(ready_);
+  ready_ = nullptr;
   if (status_ != nullptr && state == cudaSuccess) (void)cudaFreeHost(status_);
   status_ = nullptr;
   status_device_ = nullptr;

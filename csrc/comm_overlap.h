@@ -6,11 +6,11 @@
 // allocator, which records an event on the stream then: the stream must outlive them, and torch's streams do.
 //
 // Bounded blocking: the communicator is created non-blocking (ncclConfig_t.blocking = 0), so NCCL returns
-// ncclInProgress instead of blocking in init, in a group's or a collective's first connection handshake and in
-// finalize; every such call, and every host wait for the comm stream, is polled (watchdog.h) against
-// `timeout_ns`. Past it, or on an NCCL asynchronous error, the communicator is aborted and the call throws a
-// std::runtime_error naming the call and the cause. NCCL_COMM_BLOCKING=1 in the environment overrides the
-// config; NCCL's own calls may then block without bound (the stream waits stay bounded).
+// ncclInProgress instead of blocking in init, in a collective's first connection handshake and in finalize;
+// every such call, and every host wait for the comm stream, is polled (watchdog.h) against `timeout_ns`. Past
+// it, or on an NCCL asynchronous error, the communicator is aborted and the call throws a std::runtime_error
+// naming the call and the cause. NCCL_COMM_BLOCKING=1 in the environment overrides the config; NCCL's own
+// calls may then block without bound (the stream waits stay bounded).
 //
 // Threads: every method takes `mutex_`, and the polling loops release it between polls, so abort() from
 // another thread is the way to end a wait early; the waiting call then throws "aborted". Nothing reads the
@@ -42,31 +42,21 @@ class OverlapComm {
   OverlapComm(const OverlapComm&) = delete;
   OverlapComm& operator=(const OverlapComm&) = delete;
 
-  std::uintptr_t comm_stream();
   // The comm stream waits for everything enqueued on `caller_stream` so far.
   void comm_wait_for(std::uintptr_t caller_stream);
-  // `caller_stream` waits for everything enqueued on the comm stream so far.
-  void caller_wait_for_comm(std::uintptr_t caller_stream);
   // In-place sum over the ranks of `count` elements at device pointer `ptr`, on the comm stream.
   void all_reduce(std::uintptr_t ptr, std::int64_t count, DataType dtype);
-  void group_start();
-  void group_end();
   // The comm stream waits until the int32 at `flag_ptr` is >= target, for at most wait_timeout_ns.
   void wait_flag(std::uintptr_t flag_ptr, int target, std::int64_t wait_timeout_ns);
-  // Raises if a flag wait timed out (sticky: every later call raises too) or NCCL reported an asynchronous
-  // error. Sees only what the device has written so far: call it after the comm stream is idle.
-  void check_status();
-  // Blocks the host until the comm stream is idle (at most timeout_ns), then check_status().
+  // Blocks the host until the comm stream is idle (at most timeout_ns), then raises if a flag wait timed out
+  // (sticky: every later call raises too) or NCCL reported an asynchronous error.
   void synchronize();
-  // Zeroes `count` int32 flags at `ptr` on `stream`.
-  void reset_flags(std::uintptr_t ptr, std::int64_t count, std::uintptr_t stream);
   // Waits for the comm stream, finalizes NCCL and frees everything, each step bounded by timeout_ns; aborts
   // instead when a step fails or times out. Idempotent.
   void destroy();
   // Aborts NCCL without waiting (error paths; safe from another thread); idempotent.
   void abort();
   bool closed();
-  std::int64_t timeout_ns() const { return timeout_ns_; }
 
   const int world_size;
   const int rank;
@@ -80,7 +70,8 @@ class OverlapComm {
   // Completes an NCCL call that may have returned ncclInProgress (non-blocking mode).
   void finish_nccl(ncclResult_t result, const char* what);
   Progress stream_progress_locked();
-  std::string status_error_locked();
+  // synchronize()'s check. Sees only what the device has written so far: the comm stream must be idle.
+  void check_status();
   std::string release(bool abort) noexcept;
 
   std::mutex mutex_;
@@ -88,7 +79,6 @@ class OverlapComm {
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;  // borrowed from the caller
   cudaEvent_t ready_ = nullptr;    // recorded and waited on at once (one suffices): caller -> comm
-  cudaEvent_t done_ = nullptr;     // likewise: comm -> caller
   WaitStatus* status_ = nullptr;   // mapped pinned host memory: the host reads it without a copy
   WaitStatus* status_device_ = nullptr;  // the same memory as the device addresses it
 };

@@ -22,8 +22,6 @@ namespace iso {
   X(ncclCommAbort)            \
   X(ncclCommGetAsyncError)    \
   X(ncclAllReduce)            \
-  X(ncclGroupStart)           \
-  X(ncclGroupEnd)             \
   X(ncclGetErrorString)       \
   X(ncclGetLastError)
 

@@ -16,7 +16,7 @@
 // Bounded waiting: the wait gives up after timeout_ns (%globaltimer, wall clock) and reports through a
 // status word in mapped pinned host memory, so a producer that never comes (a lost launch, or under CUDA's
 // lazy loading a producer module that cannot load while this kernel occupies the device) surfaces as a
-// RuntimeError from check_status() instead of a hung GPU. The collective then runs on incomplete data.
+// RuntimeError from synchronize() instead of a hung GPU. The collective then runs on incomplete data.
 //
 // The report's ordering: the kernel writes `observed`/`target`, __threadfence_system(), then `timed_out`;
 // the host loads `timed_out` with acquire semantics (an ldar on aarch64/GH200, where a plain load could be

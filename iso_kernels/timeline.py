@@ -54,9 +54,6 @@ class Timeline:
                                  start_ms=self._ms(marks[0]), end_ms=self._ms(marks[1])))
         return rows
 
-    def busy_ms(self, stream):
-        return busy_ms(self.intervals(), stream)
-
 
 def busy_ms(rows, stream):
     """Total milliseconds of ``stream``'s intervals in ``rows``."""

@@ -84,9 +84,7 @@ def test_flag_wait_holds_the_comm_stream_until_the_flag(native):
         released.record(comm_stream)
         native.stream_sleep(caller.cuda_stream, SLEEP_NS)  # its kernel was loaded when comm was created
         flag[1].fill_(5)
-        comm.caller_wait_for_comm(caller.cuda_stream)
-        torch.cuda.synchronize()
-        comm.check_status()
+        comm.synchronize()  # raises had the wait timed out
         held_ms = start.elapsed_time(released)
         assert held_ms >= 0.95 * SLEEP_NS / 1e6
         assert held_ms < 0.5 * WAIT_TIMEOUT_NS / 1e6, "the wait ran into its timeout: a launch stalled behind it"
