@@ -48,8 +48,7 @@ VARIANTS = {"iso-auto": ("auto", "auto"), "iso-2even": ("2", "0.5")}
 PROVIDERS = ("serial", *VARIANTS, "no-comm")
 # Report entries kept in each ISO row's config_json.
 REPORT_KEYS = ("link", "chunks", "bounds", "split", "serial_ms", "compute_only_ms", "compute_ms", "comm_ms",
-               "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff", "calibration_scales", "load_avg",
-               "compute_busy_ms")
+               "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff", "load_avg", "compute_busy_ms")
 
 
 def device_defaults(device, gpu_count):

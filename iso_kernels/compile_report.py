@@ -26,9 +26,10 @@ import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
+
+from . import envs
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and SM counts, per compute
 # capability: A100/A800, RTX 4090, H100/H200.
@@ -361,9 +362,7 @@ def _row(case, capability, kernel, meta, kept, triton_version):
 def default_cache_dir():
     import triton
 
-    root = os.environ.get("ISO_KERNELS_COMPILE_CACHE") or os.path.join(Path.home(), ".cache", "iso_kernels",
-                                                                      "compile-report")
-    return os.path.join(root, f"triton-{triton.__version__}-v{_CACHE_SCHEMA}")
+    return str(envs.compile_cache_dir() / f"triton-{triton.__version__}-v{_CACHE_SCHEMA}")
 
 
 def report_arch(arch, matrix="main"):

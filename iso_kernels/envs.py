@@ -14,6 +14,7 @@ from pathlib import Path
 
 CACHE_DIR_VAR = "ISO_KERNELS_CACHE_DIR"
 COMPILE_CACHE_VAR = "ISO_KERNELS_COMPILE_CACHE"
+COMPILE_MATRIX_VAR = "ISO_KERNELS_COMPILE_MATRIX"
 COMM_TIMEOUT_VAR = "ISO_KERNELS_COMM_TIMEOUT_S"
 DISABLE_NATIVE_COMM_VAR = "ISO_KERNELS_DISABLE_NATIVE_COMM"
 NCCL_HOME_VAR = "NCCL_HOME"
@@ -28,6 +29,12 @@ def compile_cache_dir() -> Path:
     """``ISO_KERNELS_COMPILE_CACHE``: Triton's cache for ``compile-report``; default
     ``~/.cache/iso_kernels/compile-report``."""
     return Path(os.environ.get(COMPILE_CACHE_VAR) or Path.home() / ".cache" / "iso_kernels" / "compile-report")
+
+
+def compile_matrix() -> str:
+    """``ISO_KERNELS_COMPILE_MATRIX``: the cases the compile checks (tests/test_compile_targets.py) compile:
+    ``main`` (default; a Llama-70B-class bf16 prefill's shapes) or ``full`` (every dtype, head_dim and shape)."""
+    return os.environ.get(COMPILE_MATRIX_VAR) or "main"
 
 
 def comm_timeout_text() -> str | None:

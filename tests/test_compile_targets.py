@@ -15,9 +15,10 @@ import sys
 
 import pytest
 
+from iso_kernels import envs
 from iso_kernels.compile_report import cases
 
-MATRIX = os.environ.get("ISO_KERNELS_COMPILE_MATRIX", "main")
+MATRIX = envs.compile_matrix()
 ARCHS = (80, 89, 90)
 # Opt-in shared memory per block, from the CUDA programming guide's table (not from the report's own table).
 SHARED_MEMORY_KIB = {80: 163, 89: 99, 90: 227}
