@@ -309,8 +309,7 @@ def _case_stream_outlives_close(comm, rank, world_size):
 def _case_flag_timeout_is_raised_by_every_rank(comm, rank, world_size):
     """The last rank's flag is never raised: its wait times out and its collective runs on stale data. Every
     rank issues the same collectives; settle() raises the same error on all of them and aborts each."""
-    from iso_kernels.comm import CommFailure
-    from iso_kernels.comm import NcclExtCommunicator
+    from iso_kernels.comm import CommFailure, NcclExtCommunicator
 
     failing = world_size - 1
     short = NcclExtCommunicator(flag_timeout_s=0.2, timeout_s=60)
