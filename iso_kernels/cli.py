@@ -157,6 +157,8 @@ def _under_torchrun():
 
 
 def _raise_stopped(signum, frame):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Stopped(signum)
 
 
@@ -168,10 +170,16 @@ def _stop_signals():
 
 
 def exit_process(status):
-    """Exit with ``status``. A rank started by torchrun leaves like a multiprocessing child, through os._exit:
-    a normal interpreter exit there ran C++ static destructors that sometimes aborted (SIGABRT, "terminate
-    called without an active exception") after the job had finished and its report was written; cause not
-    pinned down, seen in about 1 of 5 torchrun runs that calibrated."""
+    """Exit with ``status``. A rank started by torchrun leaves through os._exit, like a multiprocessing child.
+
+    Why: comm.TorchCommunicator attaches a Python done-callback to every gloo all-reduce, and gloo runs (and
+    frees) it on its own worker thread. If that thread needs the GIL while the interpreter is finalizing,
+    CPython (before 3.14) ends it with pthread_exit, whose forced unwind through libtorch's noexcept
+    Future::markCompleted calls std::terminate: "terminate called without an active exception", SIGABRT,
+    after the report was written (1 in 38 torchrun runs at 9048c99; a two-rank script whose rank 0 exits
+    while such a callback is pending aborts every time, and never without the callback). os._exit skips
+    finalization, so nothing can take the GIL late.
+    """
     if _under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()

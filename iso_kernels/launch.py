@@ -59,7 +59,8 @@ class RankError(RuntimeError):
 
 
 class Stopped(Exception):
-    """The launching process got a stop signal; every rank has been stopped."""
+    """The launching process got SIGTERM, SIGHUP or SIGQUIT (SIGINT is KeyboardInterrupt); every rank has been
+    stopped."""
 
     def __init__(self, signum):
         self.signum = signal.Signals(signum)
@@ -139,7 +140,8 @@ def spawn_ranks(fn, world_size=2, *, args=(), device_type="cpu", timeout_s=120.0
 
     ``fn`` and its results must be picklable (a module-level function). Raises ``RankError`` naming the
     failing rank (its traceback, or the signal that killed it) or, past ``timeout_s``, the ranks that had not
-    finished (all are stopped); ``Stopped`` when this process got SIGINT/SIGTERM/SIGHUP/SIGQUIT.
+    finished (all are stopped); ``KeyboardInterrupt`` or ``Stopped`` when this process got SIGINT or
+    SIGTERM/SIGHUP/SIGQUIT (the ranks are stopped first).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -161,6 +163,8 @@ def spawn_ranks(fn, world_size=2, *, args=(), device_type="cpu", timeout_s=120.0
         except ChildFailedError as exc:
             raise RankError({rank: _describe(failure) for rank, failure in exc.failures.items()}) from None
         except SignalException as exc:
+            if exc.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None  # as Ctrl-C anywhere else in Python (pytest stops, say)
             if not deadline.expired:
                 raise Stopped(exc.sigval) from None
             finished = {int(path.name) for path in done_folder.iterdir()}
