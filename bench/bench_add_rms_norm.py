@@ -62,11 +62,8 @@ def main():
                       f"{gbps['triton'] / gbps['torch']:>14.2f}")
 
     if args.csv:
-        common.append_rows(args.csv, rows)
-        png = args.csv.with_suffix(".png")
-        common.plot_panels([r for r in rows if r["metric"] == "GB/s"], png, ylabel="GB/s (bf16)",
-                           title=f"add_rms_norm vs PyTorch, {torch.cuda.get_device_name()}")
-        print(f"rows appended to {args.csv}; plot {png}")
+        common.save_rows(args.csv, rows, metric="GB/s", ylabel="GB/s (bf16)",
+                         title=f"add_rms_norm vs PyTorch, {torch.cuda.get_device_name()}")
 
 
 if __name__ == "__main__":

@@ -90,11 +90,8 @@ def main():
         del weight
 
     if args.csv:
-        common.append_rows(args.csv, rows)
-        png = args.csv.with_suffix(".png")
-        common.plot_panels([r for r in rows if r["metric"] == "TFLOP/s"], png, ylabel="TFLOP/s (bf16)",
-                           title=f"gemm_signal vs torch.matmul, {torch.cuda.get_device_name()}")
-        print(f"rows appended to {args.csv}; plot {png}")
+        common.save_rows(args.csv, rows, metric="TFLOP/s", ylabel="TFLOP/s (bf16)",
+                         title=f"gemm_signal vs torch.matmul, {torch.cuda.get_device_name()}")
 
 
 if __name__ == "__main__":

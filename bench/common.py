@@ -138,3 +138,11 @@ def bench_memory_bound(op, mode, x_name, x_value, providers, nbytes, config):
         rows.append({**base, "metric": "GB/s", "unit": "GB/s", "p50": gbps[provider],
                      "p20": memory_gbps(nbytes, p80), "p80": memory_gbps(nbytes, p20)})
     return rows, gbps
+
+
+def save_rows(csv_path, rows, *, metric, ylabel, title):
+    """Append ``rows`` to ``csv_path`` and plot their ``metric`` beside it (same name, .png)."""
+    append_rows(csv_path, rows)
+    png = Path(csv_path).with_suffix(".png")
+    plot_panels([r for r in rows if r["metric"] == metric], png, ylabel=ylabel, title=title)
+    print(f"rows appended to {csv_path}; plot {png}")
