@@ -111,6 +111,19 @@ def test_parse_link_rejects(spec):
         comm.parse_link(spec)
 
 
+def test_pending_all_reduce_of_parts_waits_for_each_part_once_and_spans_them():
+    waited = []
+    parts = [comm.PendingAllReduce(torch.ones(2), lambda i=i: waited.append(i)) for i in range(3)]
+    for i, part in enumerate(parts):
+        part.events = (f"start {i}", f"end {i}")  # stand-ins for CUDA events
+    whole = torch.zeros(6)
+    pending = comm.PendingAllReduce.of_parts(whole, parts)
+    assert pending.events == ("start 0", "end 2")
+    assert pending.wait() is whole and pending.wait() is whole
+    assert waited == [0, 1, 2]
+    assert comm.PendingAllReduce(whole).wait() is whole  # nothing to wait for
+
+
 def _bad_inputs(rank, world_size):
     communicator = comm.make_communicator("torch")
     cases = {

@@ -25,7 +25,11 @@ class PendingAllReduce:
     def of_parts(cls, tensor, parts):
         """The all-reduces ``parts`` (of pieces of ``tensor``, in issue order) seen as one: waiting waits for
         each, and ``events`` span from the first one's start to the last one's end."""
-        pending = cls(tensor, lambda: [part.wait() for part in parts])
+        def wait_for_every_part():
+            for part in parts:
+                part.wait()
+
+        pending = cls(tensor, wait_for_every_part)
         if parts[0].events is not None:
             pending.events = (parts[0].events[0], parts[-1].events[1])
         return pending
