@@ -95,6 +95,17 @@ class Job:
             assert time.monotonic() < deadline, f"left running: {self.session()}"
             time.sleep(0.05)
 
+    def stopped_by(self, send, startup_s):
+        """``send()`` (a signal or a kill), then the job's status and stderr, once it has ended and nothing of
+        it is left: both must take less time than the job took to start."""
+        stop = time.monotonic()
+        send()
+        status, _, err = self.finish()
+        self.assert_nothing_left(within_s=startup_s)
+        stop_s = time.monotonic() - stop
+        assert stop_s < startup_s, f"stopping took {stop_s:.1f}s, starting {startup_s:.1f}s"
+        return status, err
+
     def kill(self):
         if self.proc.poll() is None or self.session():
             try:
@@ -127,14 +138,9 @@ def test_stop_signal_stops_every_rank(jobs, tmp_path, signum, to_group, line):
     job = jobs(ENDLESS, tmp_path / "cache")
     startup_s, ranks = job.wait_until_inside()
     assert sorted(ranks) == [0, 1]
-    stop = time.monotonic()
-    (os.killpg if to_group else os.kill)(job.pid, signum)
-    status, _, err = job.finish()
-    stop_s = time.monotonic() - stop
+    status, err = job.stopped_by(lambda: (os.killpg if to_group else os.kill)(job.pid, signum), startup_s)
     assert status == 128 + signum, err
     assert err.strip() == line, err
-    job.assert_nothing_left(within_s=startup_s)
-    assert stop_s < startup_s, f"stopping took {stop_s:.1f}s, starting {startup_s:.1f}s"
 
 
 def test_torchrun_ranks_leave_on_its_sigterm(jobs, tmp_path):
@@ -142,13 +148,8 @@ def test_torchrun_ranks_leave_on_its_sigterm(jobs, tmp_path):
     job = jobs(["--nproc-per-node", "2", "--master-port", str(launch.free_port()), "-m", "iso_kernels", *ENDLESS,
                 "--tp", "2"], tmp_path / "cache", module="torch.distributed.run")
     startup_s, _ = job.wait_until_inside()
-    stop = time.monotonic()
-    os.kill(job.pid, signal.SIGTERM)
-    status, _, err = job.finish()
-    stop_s = time.monotonic() - stop
+    status, err = job.stopped_by(lambda: os.kill(job.pid, signal.SIGTERM), startup_s)
     assert status != 0
-    job.assert_nothing_left(within_s=startup_s)
-    assert stop_s < startup_s, f"stopping took {stop_s:.1f}s, starting {startup_s:.1f}s"
     assert "leaked semaphore" not in err and "terminate called" not in err, err
 
 
@@ -157,10 +158,7 @@ def test_torchrun_ranks_leave_on_its_sigterm(jobs, tmp_path):
 def test_killed_rank_is_named(jobs, tmp_path, rank, signum):
     job = jobs(ENDLESS, tmp_path / "cache")
     startup_s, ranks = job.wait_until_inside()
-    stop = time.monotonic()
-    os.kill(ranks[rank], signum)
-    status, _, err = job.finish()
-    stop_s = time.monotonic() - stop
+    status, err = job.stopped_by(lambda: os.kill(ranks[rank], signum), startup_s)
     assert status == 2, err
     lines = err.strip().splitlines()
     assert lines[-1] == f"error: rank {rank} died: killed by {signum.name}", err
@@ -169,8 +167,6 @@ def test_killed_rank_is_named(jobs, tmp_path, rank, signum):
     else:
         assert len(lines) == 1, err
     _assert_clean(err)
-    job.assert_nothing_left(within_s=startup_s)
-    assert stop_s < startup_s, f"stopping took {stop_s:.1f}s, starting {startup_s:.1f}s"
 
 
 def _peer_stops_answering(rank, world_size, folder):
