@@ -124,7 +124,7 @@ def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.f
     with torch.device("meta"):
         model = Transformer(args)
     full_shapes = {name: tuple(p.shape) for name, p in model.layers[0].named_parameters()}
-    q_out, kv_out = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    q_out, kv_out = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
 
     def full(name, *shape):
         return reader.slice(name, shape)[:]
@@ -154,7 +154,7 @@ def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.f
 def to_hf_state_dict(model):
     """The unsharded model's weights under transformers' names (for saving checkpoints)."""
     args = model.args
-    q_out, kv_out = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    q_out, kv_out = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
     if not args.tie_embeddings:
         state["lm_head.weight"] = model.output.weight

@@ -1,10 +1,11 @@
 """A plain Llama-family decoder (Llama, Mistral, Qwen2), gpt-fast style.
 
-The layer is written as two halves that end *before* their all-reduce: ``attention_partial`` (QKV, RoPE,
-attention over the KV cache, o_proj) and ``mlp_partial`` (gate/up, SiLU*mul, down_proj). The schedules in
-``iso_kernels.schedule`` call the halves chunk by chunk and put the all-reduces where they belong; at tensor
-parallel size 1 a partial output is already the full output. Tensor parallelism is a transform applied to this
-model (``iso_kernels.tp``), not a different model.
+``Transformer.forward(tokens, start)`` runs the whole model. Each block is two halves that end *before* their
+all-reduce: ``attention_half`` (add-norm, QKV, RoPE, attention over the KV cache, o_proj) and ``mlp_half``
+(add-norm, gate/up, SiLU*mul, down_proj). ``forward`` all-reduces each half's output at once; the ISO schedule
+in ``iso_kernels.schedule`` runs the same halves chunk by chunk and waits for an all-reduce only where a chunk
+needs it. At tensor parallel size 1 a partial output is already the full output. Tensor parallelism is a
+transform applied to this model (``iso_kernels.tp``), not a different model.
 """
 
 import math
@@ -23,7 +24,7 @@ class ModelArgs:
     dim: int = 4096
     n_layer: int = 32
     n_head: int = 32
-    n_local_heads: int = -1  # KV heads (gpt-fast's name); -1 means n_head (MHA)
+    n_kv_heads: int = -1  # -1 means n_head (MHA)
     head_dim: int = 0  # 0 means dim // n_head
     intermediate_size: int = 11008
     norm_eps: float = 1e-5
@@ -35,12 +36,12 @@ class ModelArgs:
     sliding_window: int = 0  # Mistral; 0 = none. Prompts longer than the window are refused.
 
     def __post_init__(self):
-        if self.n_local_heads == -1:
-            self.n_local_heads = self.n_head
+        if self.n_kv_heads == -1:
+            self.n_kv_heads = self.n_head
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_head
-        if self.n_head % self.n_local_heads:
-            raise ValueError(f"n_head={self.n_head} is not a multiple of the KV heads {self.n_local_heads}")
+        if self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of the KV heads {self.n_kv_heads}")
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
@@ -69,7 +70,7 @@ class ModelArgs:
             dim=config["hidden_size"],
             n_layer=config["num_hidden_layers"],
             n_head=n_head,
-            n_local_heads=config.get("num_key_value_heads") or n_head,
+            n_kv_heads=config.get("num_key_value_heads") or n_head,
             head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
             intermediate_size=config["intermediate_size"],
             norm_eps=config.get("rms_norm_eps", 1e-6),
@@ -87,6 +88,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, update, residual):
+        """(norm(residual + update), residual + update) in one fused op; update None: (norm(residual), residual)."""
+        if update is None:
+            return self(residual), residual
+        return ops.add_rms_norm(update, residual, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -107,26 +117,27 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_local_heads, args.head_dim
-        qkv_out = (args.n_head + 2 * args.n_local_heads) * args.head_dim
+        # This module's heads: all of the model's, or one rank's share once iso_kernels.tp has sharded it.
+        self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
+        qkv_out = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        self.wo = RowParallelLinear(args.n_head * args.head_dim, args.dim)
         self.kv_cache = None
 
-    def forward(self, x, start, rope, row_signal=None):
+    def forward(self, x, start, rope):
         """x: (batch, n, dim) normed input at positions [start, start + n). Returns the partial o_proj output."""
         batch, n, _ = x.shape
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)
-        q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                             self.n_kv_head * self.head_dim], dim=-1)
+        q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_heads * self.head_dim,
+                             self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(batch, n, self.n_head, self.head_dim)
-        k = k.view(batch, n, self.n_kv_head, self.head_dim)
-        v = v.view(batch, n, self.n_kv_head, self.head_dim)
+        k = k.view(batch, n, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, n, self.n_kv_heads, self.head_dim)
         cos, sin = rope[0][start:start + n], rope[1][start:start + n]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = self.kv_cache.update(start, k, v)
         out = ops.chunked_attention(q, keys, values, q_start=start)
-        return row_parallel_linear(out.reshape(batch, n, -1), self.wo.weight, row_signal)
+        return self.wo(out.reshape(batch, n, -1))
 
 
 class FeedForward(nn.Module):
@@ -134,21 +145,32 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w2 = RowParallelLinear(args.intermediate_size, args.dim)  # down
 
-    def forward(self, x, row_signal=None):
-        hidden = F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight)
-        return row_parallel_linear(hidden, self.w2.weight, row_signal)
+    def forward(self, x):
+        return self.w2(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight))
 
 
-def row_parallel_linear(x, weight, row_signal=None):
-    """o_proj / down_proj. With ``row_signal`` (an int32 counter buffer) the GEMM-plus-signal kernel announces
-    finished row groups so the all-reduce can start on them before the GEMM ends."""
-    if row_signal is None:
-        return F.linear(x, weight)
-    flat = ops.gemm_signal(x.reshape(-1, x.shape[-1]), weight, row_signal.counters,
-                           rows_per_signal=row_signal.rows_per_signal)
-    return flat.view(*x.shape[:-1], weight.shape[0])
+class RowParallelLinear(nn.Linear):
+    """o_proj / down_proj, whose output is the partial sum that the block's all-reduce completes under TP.
+
+    While the ISO schedule's GPU row-signal path sets ``row_signal`` (a ``schedule.RowSignal``), the
+    GEMM-plus-signal kernel announces finished row groups, so each group's all-reduce can start before the
+    GEMM ends. An attribute rather than an argument: nothing between the schedule and this GEMM needs to know.
+    """
+
+    row_signal = None
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        signal = self.row_signal
+        if signal is None:
+            return F.linear(x, self.weight)
+        flat = ops.gemm_signal(x.reshape(-1, x.shape[-1]), self.weight, signal.counters,
+                               rows_per_signal=signal.rows_per_signal)
+        return flat.view(*x.shape[:-1], self.weight.shape[0])
 
 
 class TransformerBlock(nn.Module):
@@ -158,6 +180,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    # Each half takes the residual stream and the previous half's all-reduced output (None: the residual is
+    # the embedding), and returns its own partial output, to be all-reduced, and the updated residual.
+    def attention_half(self, residual, update, start, rope):
+        normed, residual = self.attention_norm.add_forward(update, residual)
+        return self.attention(normed, start, rope), residual
+
+    def mlp_half(self, residual, update):
+        normed, residual = self.ffn_norm.add_forward(update, residual)
+        return self.feed_forward(normed), residual
 
 
 class Transformer(nn.Module):
@@ -172,6 +204,33 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rope = None
 
+    def forward(self, tokens, start=0, comm=None):
+        """fp32 logits (batch, n, vocab) of ``tokens`` (batch, n) at positions [start, start + n), unsplit.
+
+        comm: the tensor-parallel group's ``iso_kernels.comm`` communicator; None at TP=1.
+        """
+        self.check_positions(start + tokens.shape[1])
+        residual, update = self.tok_embeddings(tokens), None
+        for layer in self.layers:
+            out, residual = layer.attention_half(residual, update, start, self.rope)
+            update = comm.all_reduce(out.contiguous()) if comm is not None else out
+            out, residual = layer.mlp_half(residual, update)
+            update = comm.all_reduce(out.contiguous()) if comm is not None else out
+        return self.head(residual, update)
+
+    def head(self, residual, update):
+        """The final add-norm and the LM head: fp32 logits."""
+        normed, _ = self.norm.add_forward(update, residual)
+        return F.linear(normed, self.output.weight).float()
+
+    def check_positions(self, end):
+        """Refuse positions beyond what ``setup_caches`` allocated (or before it ran)."""
+        if self.rope is None:
+            raise RuntimeError("call model.setup_caches(batch, max_seq_len) before running the model")
+        if end > self.rope[0].shape[0]:
+            raise ValueError(f"positions up to {end} are beyond the {self.rope[0].shape[0]} that setup_caches "
+                             "allocated")
+
     def setup_caches(self, batch, max_seq_len):
         """Allocate KV caches and RoPE tables for ``batch`` sequences of up to ``max_seq_len`` tokens."""
         if max_seq_len > self.args.max_seq_len:
@@ -182,7 +241,7 @@ class Transformer(nn.Module):
         weight = self.output.weight
         for layer in self.layers:
             attention = layer.attention
-            attention.kv_cache = KVCache(batch, max_seq_len, attention.n_kv_head, attention.head_dim,
+            attention.kv_cache = KVCache(batch, max_seq_len, attention.n_kv_heads, attention.head_dim,
                                          weight.dtype, weight.device)
         self.rope = rope_tables(self.args, max_seq_len, weight.device, weight.dtype)
 

@@ -108,13 +108,6 @@ class _Chunk:
         pending, self.pending = self.pending, None
         return pending.wait() if pending is not None else None
 
-    def norm_in(self, reduced, norm):
-        """Add the reduced block output to the residual stream and normalise (the embedding at first)."""
-        if reduced is None:
-            return ops.rms_norm(self.residual, norm.weight, norm.eps)
-        normed, self.residual = ops.add_rms_norm(reduced, self.residual, norm.weight, norm.eps)
-        return normed
-
 
 def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=None, all_logits=True,
             row_signal_rows=None):
@@ -135,11 +128,7 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
         raise ValueError(f"bounds must be contiguous, non-empty (start, end) chunks, got {bounds}")
     if bounds[-1][1] - bounds[0][0] != n:
         raise ValueError(f"bounds {bounds} cover {bounds[-1][1] - bounds[0][0]} positions, tokens have {n}")
-    if model.rope is None:
-        raise RuntimeError("call model.setup_caches(batch, max_seq_len) before running the model")
-    if bounds[-1][1] > model.rope[0].shape[0]:
-        raise ValueError(f"bounds end at position {bounds[-1][1]}, beyond the {model.rope[0].shape[0]} positions "
-                         "that setup_caches allocated")
+    model.check_positions(bounds[-1][1])
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
     if reducer.row_signal_rows is not None and tokens.is_cuda:
@@ -148,31 +137,30 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     embedded = model.tok_embeddings(tokens)
     chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset].contiguous()) for s, e in bounds]
 
+    # Each half ends where its all-reduce starts; only the waiting (take_reduced) differs between schedules,
+    # and waiting is not compute: outside the spans.
     for index, layer in enumerate(model.layers):
         for c, chunk in enumerate(chunks):
-            reduced = chunk.take_reduced()  # waiting is not compute: outside the span
-            with span("attention", c, index):
-                normed = chunk.norm_in(reduced, layer.attention_norm)
-                signal = reducer.signal_for(normed)
-                out = layer.attention(normed, chunk.start, model.rope, signal)
+            update = chunk.take_reduced()
+            with span("attention", c, index), reducer.signalling(layer.attention.wo, chunk) as signal:
+                out, chunk.residual = layer.attention_half(chunk.residual, update, chunk.start, model.rope)
             chunk.pending = reducer.start(out, c, index, "attention", signal)
         for c, chunk in enumerate(chunks):
-            reduced = chunk.take_reduced()
-            with span("mlp", c, index):
-                normed = chunk.norm_in(reduced, layer.ffn_norm)
-                signal = reducer.signal_for(normed)
-                out = layer.feed_forward(normed, signal)
+            update = chunk.take_reduced()
+            with span("mlp", c, index), reducer.signalling(layer.feed_forward.w2, chunk) as signal:
+                out, chunk.residual = layer.mlp_half(chunk.residual, update)
             chunk.pending = reducer.start(out, c, index, "mlp", signal)
 
     logits = []
     last = len(chunks) - 1
     for c, chunk in enumerate(chunks):
-        reduced = chunk.take_reduced()
-        with span("head", c, len(model.layers)):
-            normed = chunk.norm_in(reduced, model.norm)
-            if all_logits or c == last:
-                normed = normed if all_logits else normed[:, -1:]
-                logits.append(torch.nn.functional.linear(normed, model.output.weight).float())
+        update = chunk.take_reduced()
+        if all_logits or c == last:
+            with span("head", c, len(model.layers)):
+                residual = chunk.residual
+                if not all_logits:  # the LM head for the last position only
+                    residual, update = residual[:, -1:], update[:, -1:]
+                logits.append(model.head(residual, update))
     # Every rank, after its last collective: a failure on any rank (a timed-out flag wait, an NCCL error) is
     # raised here on all of them alike. Duck-typed stand-ins (tests) need not have it.
     settle = getattr(comm, "settle", None)
@@ -224,19 +212,29 @@ class _Reducer:
         self.comm, self.schedule, self.timeline = comm, schedule, timeline
         self.row_signal_rows = row_signal_rows if comm is not None and comm.supports_ready_flag else None
 
-    def signal_for(self, normed):
-        """A zeroed counter buffer for the next row-parallel GEMM, or None when row signals are off."""
+    def signal_for(self, block_input):
+        """A zeroed counter buffer for the block's row-parallel GEMM, or None when row signals are off."""
         if self.row_signal_rows is None:
             return None
-        rows = normed.shape[0] * normed.shape[1]
+        rows = block_input.shape[0] * block_input.shape[1]
         rows_per_signal = row_group_rows(rows, self.row_signal_rows)
         groups = -(-rows // rows_per_signal)
-        counters = torch.zeros(groups, dtype=torch.int32, device=normed.device)
+        counters = torch.zeros(groups, dtype=torch.int32, device=block_input.device)
         after = None
         if counters.is_cuda:
             after = torch.cuda.Event()
             after.record()
         return RowSignal(counters, rows_per_signal, after)
+
+    @contextlib.contextmanager
+    def signalling(self, linear, chunk):
+        """While a half runs on ``chunk``, its row-parallel ``linear`` raises the RowSignal this yields (None
+        when row signals are off)."""
+        linear.row_signal = signal = self.signal_for(chunk.residual)
+        try:
+            yield signal
+        finally:
+            linear.row_signal = None
 
     def start(self, out, chunk, layer, kind, signal=None):
         """All-reduce ``out`` (the block's partial output); with ``signal``, per row group as it is stored."""

@@ -14,7 +14,7 @@ def check_divisible(args, world_size):
     """Clear errors when a model cannot be split over ``world_size`` ranks."""
     if world_size < 1:
         raise ValueError(f"tp must be >= 1, got {world_size}")
-    for name, value in (("attention heads", args.n_head), ("KV heads", args.n_local_heads),
+    for name, value in (("attention heads", args.n_head), ("KV heads", args.n_kv_heads),
                         ("intermediate size", args.intermediate_size)):
         if value % world_size:
             raise ValueError(f"{name} ({value}) are not divisible by tp={world_size}")
@@ -31,7 +31,7 @@ def qkv_piece(q, k, v, args, rank, world_size):
     q, k, v: full-size tensors or safetensors slices (anything that supports ``[a:b]``).
     """
     qa, qb = shard_range(args.n_head * args.head_dim, rank, world_size)
-    ka, kb = shard_range(args.n_local_heads * args.head_dim, rank, world_size)
+    ka, kb = shard_range(args.n_kv_heads * args.head_dim, rank, world_size)
     return torch.cat([q[qa:qb], k[ka:kb], v[ka:kb]], dim=0)
 
 
@@ -63,7 +63,7 @@ def shard_model(model, rank, world_size):
     check_divisible(args, world_size)
     if world_size == 1:
         return model
-    q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    q_size, kv_size = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     for layer in model.layers:
         attention = layer.attention
         for param_name in ("weight", "bias"):
@@ -76,7 +76,7 @@ def shard_model(model, rank, world_size):
             module = layer.get_submodule(module_name)
             _replace(module, param_name, split(getattr(module, param_name).detach(), rank, world_size))
         attention.n_head //= world_size
-        attention.n_kv_head //= world_size
+        attention.n_kv_heads //= world_size
     return model
 
 

@@ -60,7 +60,7 @@ def _run_family(rank, world_size, folder, tokens, sequence):
     communicator = comm.make_communicator("torch") if world_size > 1 else None
     out = {}
     with torch.inference_mode():
-        out["unsplit"] = schedule.forward(model, tokens, communicator)
+        out["unsplit"] = model(tokens, comm=communicator)
         for split in SPLITS:
             bounds = schedule.chunk_bounds(SEQ_LEN, split)
             for mode in schedule.SCHEDULES:
@@ -125,7 +125,7 @@ def test_tp_shards_reassemble(tmp_path):
     stored = safetensors.torch.load_file(folder / "model.safetensors")
     halves = [checkpoint.load_checkpoint(folder, rank=r, world_size=2) for r in range(2)]
     args = halves[0].args
-    q_size, kv_size = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    q_size, kv_size = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     for i in range(args.n_layer):
         parts = [h.layers[i] for h in halves]
         hf = f"model.layers.{i}."
@@ -140,7 +140,7 @@ def test_tp_shards_reassemble(tmp_path):
             torch.testing.assert_close(torch.cat([piece[j] for piece in pieces]),
                                        stored[f"{hf}self_attn.{name}.weight"], rtol=0, atol=0, msg=name)
         assert parts[0].attention.n_head == args.n_head // 2
-        assert parts[0].attention.n_kv_head == args.n_local_heads // 2
+        assert parts[0].attention.n_kv_heads == args.n_kv_heads // 2
 
 
 def test_sharded_index_checkpoint_loads_like_single_file(tmp_path, hf_checkpoints):
