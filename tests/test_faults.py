@@ -283,3 +283,34 @@ def test_missing_extra_fails_before_any_work(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --plot needs matplotlib: pip install 'iso-kernels[plot]'", done.stderr
     assert not cache.exists(), "work started (the preset checkpoint was made) before the check"
+
+
+# --- 7. a torchrun rank's exit ---
+_LATE_GLOO_CALLBACK = """
+import sys, time, torch, torch.distributed as dist
+from iso_kernels.cli import exit_process
+dist.init_process_group("gloo")
+x = torch.ones(1024)
+dist.barrier()
+if dist.get_rank() == 0:  # leaves with a Python callback pending on gloo's thread (comm.TorchCommunicator's kind)
+    dist.all_reduce(x, async_op=True).get_future().add_done_callback(lambda future: None)
+    exit_process(0)
+time.sleep(1)  # rank 0 is exiting by now; its collective completes, if ever, after this
+try:
+    dist.all_reduce(x)
+except RuntimeError:
+    pass  # rank 0 has gone
+exit_process(0)
+"""
+
+
+def test_torchrun_rank_exit_with_a_gloo_callback_pending(tmp_path):
+    """With a normal interpreter exit this aborts every time ("terminate called without an active exception",
+    SIGABRT: gloo's thread needs the GIL during finalization); exit_process leaves without finalizing."""
+    script = tmp_path / "late_callback.py"
+    script.write_text(_LATE_GLOO_CALLBACK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(launch.free_port()), str(script)],
+                          check=False, capture_output=True, text=True, timeout=PATIENCE_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
