@@ -1,7 +1,7 @@
 """Dispatch by device, across every custom op: the CPU and CUDA kernels are registered with torch.library,
 the test-only override sends CPU tensors to the Triton launcher, a plain CPU process (neither a GPU nor the
-interpreter) imports the ops and runs their CPU kernels without importing a kernel module, and the model's
-unsplit forward compiles whole (fullgraph) with the eager logits. Each op's opcheck is in its own test file."""
+interpreter) imports the ops and runs their CPU kernels without importing a kernel module, and the model
+compiles whole (fullgraph) with the eager logits. Each op's opcheck is in its own test file."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ import triton_ops.add_rms_norm
 import triton_ops.chunked_attention
 import triton_ops.gemm_signal
 import triton_ops.merge_attention_states
-from iso_kernels import checkpoint, ops, schedule
+from iso_kernels import checkpoint, ops
 
 # (custom op, the Triton launcher its CUDA kernel calls, a call of the public function on CPU tensors)
 x, w, res = torch.randn(20, 64), torch.randn(12, 64), torch.randn(20, 64)
@@ -55,20 +55,16 @@ def test_cpu_tensors_reach_the_launcher_only_under_the_override(name, module, la
         call()
 
 
-def test_compiled_forward_matches_eager(tmp_path):
-    """torch.compile(fullgraph=True) traces the ops through their fakes and runs their CPU kernels: the same
-    logits as eager; and gemm_signal's counters, which the op mutates, hold their targets after a compiled call."""
+def test_compiled_model_matches_eager(tmp_path):
+    """torch.compile(model, fullgraph=True) traces the ops through their fakes and runs their CPU kernels: the
+    eager logits; and gemm_signal's counters, which the op mutates, hold their targets after a compiled call."""
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     model = checkpoint.load_checkpoint(folder)
     model.setup_caches(2, 37)
     tokens = torch.randint(0, 512, (2, 37))
-
-    def forward(tokens):
-        return schedule.forward(model, tokens, None, [(0, tokens.shape[1])])
-
     with torch.no_grad():
-        eager = forward(tokens)
-        compiled = torch.compile(forward, fullgraph=True)(tokens)
+        eager = model(tokens)
+        compiled = torch.compile(model, fullgraph=True)(tokens)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
     signal = torch.zeros(2, dtype=torch.int32)
