@@ -35,6 +35,7 @@ import numpy as np
 from . import envs
 from .cache import locked, write_text_atomically
 from .hardware import HardwareSpec, ring_factor
+from .split import ChunkSplit
 
 # Pattern-search steps for >2 chunks stop after this many moves; each move strictly lowers the time.
 MAX_SEARCH_MOVES = 200
@@ -270,17 +271,13 @@ def _check_int(name, value, minimum=1):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_boundaries(boundaries, seq_len):
+def _checked_ends(split, seq_len):
+    """The chunk ends of ``split`` (a ChunkSplit or its ends) of a ``seq_len``-token prompt, validated."""
     _check_int("seq_len", seq_len)
-    ends = list(boundaries)
-    if not ends or ends[-1] != seq_len:
-        raise ValueError(f"boundaries must end with seq_len={seq_len}, got {ends}")
-    for a, b in zip([0] + ends, ends):
-        _check_int("boundaries", b)
-        if b <= a:
-            raise ValueError(f"boundaries must be strictly increasing chunk ends in (0, {seq_len}], "
-                             f"got {ends}")
-    return ends
+    split = split if isinstance(split, ChunkSplit) else ChunkSplit(tuple(split))
+    if split.seq_len != seq_len:
+        raise ValueError(f"split {list(split.ends)} must end with seq_len={seq_len}")
+    return list(split.ends)
 
 
 def _durations(costs, ends, batch, hidden, dtype_bytes):
@@ -314,16 +311,16 @@ def _layer(state, attn, mlp, ar, emit=None, layer=0):
     return [compute_free, comm_free, *ready]
 
 
-def simulate_prefill(costs: LayerCosts, n_layers: int, seq_len: int, boundaries: Sequence[int],
+def simulate_prefill(costs: LayerCosts, n_layers: int, seq_len: int, split: ChunkSplit | Sequence[int],
                      batch: int = 1, *, hidden: int, dtype_bytes: int, record: bool = False) -> PrefillSim:
-    """Event simulation of the whole prefill; ``boundaries`` are chunk ends, e.g. ``[s, seq_len]``.
+    """Event simulation of the whole prefill in the chunks of ``split`` (or its ends, e.g. ``[s, seq_len]``).
 
     One chunk is the serial schedule. The prefill ends with the last chunk's final all-reduce.
     """
     for name, value in (("n_layers", n_layers), ("batch", batch), ("hidden", hidden),
                         ("dtype_bytes", dtype_bytes)):
         _check_int(name, value)
-    ends = _check_boundaries(boundaries, seq_len)
+    ends = _checked_ends(split, seq_len)
     attn, mlp, ar = _durations(costs, ends, batch, hidden, dtype_bytes)
     intervals = [] if record else None
     state = [0.0] * (2 + len(ends))
@@ -359,7 +356,7 @@ def _total_times(costs, n_layers, ends, batch, hidden, dtype_bytes):
 
 @dataclass(frozen=True)
 class Prediction:
-    boundaries: list
+    ends: list  # of the split predicted
     serial_s: float
     iso_s: float
     compute_s: float  # of the chunked schedule (fixed costs counted once per chunk)
@@ -375,22 +372,21 @@ class Prediction:
         return 1 - self.bound_s / self.serial_s
 
 
-def predict(costs: LayerCosts, n_layers: int, seq_len: int, boundaries: Sequence[int] | None = None,
+def predict(costs: LayerCosts, n_layers: int, seq_len: int, split: ChunkSplit | Sequence[int] | None = None,
             batch: int = 1, *, hidden: int, dtype_bytes: int) -> Prediction:
-    """Serial vs ISO time for ``boundaries`` (default: ``choose_split``'s).
+    """Serial vs ISO time for ``split`` (a ChunkSplit or its ends; default: ``choose_split``'s).
 
     ``bound_s`` = max(compute + tail, head + comm), where head = the first chunk's first attention block
     (no all-reduce exists before it ends) and tail = the last chunk's final all-reduce (it depends on the
     last compute block). No schedule of this chunking with these dependencies can finish sooner.
     """
     kw = {"batch": batch, "hidden": hidden, "dtype_bytes": dtype_bytes}
-    if boundaries is None:
-        boundaries = choose_split(costs, n_layers, seq_len, **kw)
+    ends = choose_split(costs, n_layers, seq_len, **kw) if split is None else _checked_ends(split, seq_len)
     serial = simulate_prefill(costs, n_layers, seq_len, [seq_len], **kw)
-    iso = simulate_prefill(costs, n_layers, seq_len, boundaries, **kw)
-    attn, _, ar = _durations(costs, list(boundaries), batch, hidden, dtype_bytes)
+    iso = simulate_prefill(costs, n_layers, seq_len, ends, **kw)
+    attn, _, ar = _durations(costs, ends, batch, hidden, dtype_bytes)
     bound = max(iso.compute_s + float(ar[-1]), float(attn[0]) + iso.comm_s)
-    return Prediction(list(boundaries), serial.total_s, iso.total_s, iso.compute_s, iso.comm_s, bound)
+    return Prediction(ends, serial.total_s, iso.total_s, iso.compute_s, iso.comm_s, bound)
 
 
 # --- split solver ---
@@ -476,3 +472,29 @@ def choose_split(costs: LayerCosts, n_layers: int, seq_len: int, batch: int = 1,
     if len(best) > 1 and (serial - best_time) / serial < min_gain:
         return [seq_len]
     return [int(e) for e in best]
+
+
+# --- the prefill's split policy ---
+MAX_AUTO_CHUNKS = 4
+# The calibrated model's error (bench/README.md: up to ~30% on the CPU dev machine) dwarfs the few percent
+# between nearby splits, and there its uneven two-chunk splits never beat the even ones. So an uneven split
+# must be predicted this much faster than the even split with the same number of chunks to be used.
+UNEVEN_SPLIT_MIN_GAIN = 0.03
+
+
+def prefill_split(costs: LayerCosts | None, n_layers: int, seq_len: int, chunks: int | None = None, *,
+                  batch: int = 1, hidden: int, dtype_bytes: int) -> ChunkSplit:
+    """The ISO chunks of a prefill when the user fixed no split: ``chunks`` chunks (None: the solver's choice
+    of up to MAX_AUTO_CHUNKS), the even split without ``costs`` (a prompt too short to calibrate on) or when an
+    uneven split is not predicted at least UNEVEN_SPLIT_MIN_GAIN faster than the even one."""
+    if costs is None:
+        return ChunkSplit.even(seq_len, chunks or min(2, seq_len))
+    kw = {"batch": batch, "hidden": hidden, "dtype_bytes": dtype_bytes}
+    ends = choose_split(costs, n_layers, seq_len, max_chunks=chunks or MAX_AUTO_CHUNKS, min_gain=0.0, **kw)
+    if chunks and len(ends) != chunks:
+        ends = balanced_split(costs, seq_len, chunks)
+    even = ChunkSplit.even(seq_len, len(ends))
+    if predict(costs, n_layers, seq_len, ends, **kw).iso_s > (1 - UNEVEN_SPLIT_MIN_GAIN) * predict(
+            costs, n_layers, seq_len, even, **kw).iso_s:
+        return even
+    return ChunkSplit(tuple(ends))

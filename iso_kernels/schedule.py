@@ -12,7 +12,6 @@ their logits are bitwise equal; only the waiting differs.
 """
 
 import contextlib
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from . import ops
 from .comm import PendingAllReduce
+from .split import ChunkSplit
 
 SCHEDULES = ("serial", "iso")
 # At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
@@ -35,36 +35,6 @@ MAX_ROW_GROUPS = 8
 # Group sizes on the 16-row grid of gemm_signal's smallest row tile: a tile that straddles two groups
 # completes the first only once it has computed rows of the second too.
 SIGNAL_ROW_MULTIPLE = 16
-
-
-def chunk_bounds(seq_len, split=None, chunks=2, *, start=0):
-    """Absolute (start, end) of each chunk of the positions [start, start + seq_len).
-
-    split: None (even), an int token index where chunk 2 begins (two chunks), a float fraction in (0, 1) of the
-    prompt given to chunk 1 (two chunks), or an explicit list of chunk ends (relative, the last == seq_len).
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if isinstance(split, (list, tuple)):
-        ends = [int(e) for e in split]
-    elif isinstance(split, float):
-        if not 0.0 < split < 1.0:
-            raise ValueError(f"split fraction must be in (0, 1), got {split}")
-        ends = [round(split * seq_len), seq_len]
-    elif isinstance(split, int):
-        ends = [split, seq_len]
-    elif split is None:
-        if chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
-        if seq_len < chunks:
-            raise ValueError(f"a prompt of {seq_len} tokens cannot be cut into {chunks} chunks")
-        ends = [math.ceil(seq_len * (i + 1) / chunks) for i in range(chunks)]
-    else:
-        raise TypeError(f"split must be None, int, float or a list of ends, got {type(split).__name__}")
-    if ends[-1] != seq_len or any(b <= a for a, b in zip([0] + ends, ends)):
-        raise ValueError(f"split {split!r} must give increasing chunk ends inside (0, {seq_len}] ending at "
-                         f"{seq_len}; got ends {ends}")
-    return [(start + a, start + b) for a, b in zip([0] + ends[:-1], ends)]
 
 
 def row_group_rows(rows, requested, max_groups=MAX_ROW_GROUPS):
@@ -109,11 +79,11 @@ class _Chunk:
         return pending.wait() if pending is not None else None
 
 
-def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=None, all_logits=True,
+def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", timeline=None, all_logits=True,
             row_signal_rows=None):
-    """Run ``tokens`` (batch, n) through ``model`` at the positions ``bounds`` cover; return fp32 logits.
+    """Run ``tokens`` (batch, n) at positions [start, start + n) through ``model`` in the chunks of ``split``
+    (a ``ChunkSplit`` of n tokens; default one chunk); return fp32 logits.
 
-    bounds: chunk (start, end) pairs, contiguous, covering ``n`` positions (default: one chunk from 0).
     comm: an ``iso_kernels.comm`` communicator of the tensor-parallel group, or None at TP=1.
     schedule: "serial" or "iso". all_logits: logits for every position (batch, n, vocab), else the last
     position's (batch, vocab). row_signal_rows: with a communicator that starts collectives from device flags,
@@ -123,19 +93,16 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n = tokens.shape[1]
-    bounds = bounds or [(0, n)]
-    if any(end <= start for start, end in bounds) or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"bounds must be contiguous, non-empty (start, end) chunks, got {bounds}")
-    if bounds[-1][1] - bounds[0][0] != n:
-        raise ValueError(f"bounds {bounds} cover {bounds[-1][1] - bounds[0][0]} positions, tokens have {n}")
-    model.check_positions(bounds[-1][1])
+    split = split or ChunkSplit((n,))
+    if split.seq_len != n:
+        raise ValueError(f"split {list(split.ends)} covers {split.seq_len} positions, tokens have {n}")
+    model.check_positions(start + n)
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
     if reducer.row_signal_rows is not None and tokens.is_cuda:
-        _warm_row_signal_kernels(model, tokens, bounds, reducer.row_signal_rows)
-    offset = bounds[0][0]
+        _warm_row_signal_kernels(model, tokens, split, start, reducer.row_signal_rows)
     embedded = model.tok_embeddings(tokens)
-    chunks = [_Chunk(s, e, embedded[:, s - offset:e - offset].contiguous()) for s, e in bounds]
+    chunks = [_Chunk(start + a, start + b, embedded[:, a:b].contiguous()) for a, b in split.bounds()]
 
     # Each half ends where its all-reduce starts; only the waiting (take_reduced) differs between schedules,
     # and waiting is not compute: outside the spans.
@@ -170,11 +137,11 @@ def forward(model, tokens, comm=None, bounds=None, *, schedule="iso", timeline=N
     return logits if all_logits else logits[:, -1]
 
 
-# model -> the (batch, chunk lengths, rows per signal, device) whose row-signal kernels have run once
+# model -> the (batch, chunk ends, rows per signal, device) whose row-signal kernels have run once
 _WARMED_ROW_SIGNAL = weakref.WeakKeyDictionary()
 
 
-def _warm_row_signal_kernels(model, tokens, bounds, row_signal_rows):
+def _warm_row_signal_kernels(model, tokens, split, start, row_signal_rows):
     """Run the row-signal pass's compute kernels once, without collectives, before its first flag wait.
 
     A kernel's first launch can stall behind a flag wait spinning on the comm stream, until the wait times out:
@@ -183,11 +150,11 @@ def _warm_row_signal_kernels(model, tokens, bounds, row_signal_rows):
     of that up front. It writes the KV cache at the same positions, which the real pass overwrites before it
     reads them.
     """
-    key = (tokens.shape[0], tuple(end - start for start, end in bounds), row_signal_rows, tokens.device)
+    key = (tokens.shape[0], split.ends, row_signal_rows, tokens.device)
     warmed = _WARMED_ROW_SIGNAL.setdefault(model, set())
     if key not in warmed:
         warmed.add(key)  # first: the warm-up pass itself must not warm up again
-        forward(model, tokens, _NoCollectives(), bounds, schedule="serial", all_logits=False,
+        forward(model, tokens, _NoCollectives(), split, start=start, schedule="serial", all_logits=False,
                 row_signal_rows=row_signal_rows)
 
 

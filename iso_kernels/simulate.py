@@ -15,7 +15,7 @@ import sys
 
 from .costmodel import LayerCosts, ModelShape, choose_split, predict
 from .hardware import HARDWARE_PRESETS
-from .schedule import chunk_bounds
+from .split import ChunkSplit
 
 # The paper's model sizes, simulated only: the models that run (random weights made locally) are
 # ``checkpoint.PRESETS``.
@@ -78,7 +78,7 @@ def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gb
                             name = "solver"
                             row["solver_boundaries"] = ends
                         else:
-                            ends, name = [e for _, e in chunk_bounds(seq_len, chunks=spec)], f"{spec}even"
+                            ends, name = ChunkSplit.even(seq_len, spec), f"{spec}even"
                         p = predict(costs, shape.n_layers, seq_len, ends, **kw)
                         row[f"iso_{name}_ms"] = 1e3 * p.iso_s
                         row[f"reduction_{name}"] = p.reduction

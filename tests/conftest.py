@@ -69,3 +69,48 @@ def backend(request):
         raise ValueError(f"backend must be 'torch' or 'triton', got {request.param!r}")
     with _triton_kernels_on_cpu() if request.param == "triton" else contextlib.nullcontext():
         yield request.param
+
+
+# --- tiny Hugging Face checkpoints: the model's oracle (tests/test_model.py) and real checkpoint files ---
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Llama (llama3 rope), Mistral and Qwen2 (tied embeddings), each saved with save_pretrained, with HF's
+    logits for a prompt and its greedy continuation."""
+    from helpers import HF_BATCH, HF_COMMON, HF_DECODE_STEPS, HF_LLAMA3_ROPE, HF_SEQ_LEN
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    families = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_parameters=HF_LLAMA3_ROPE)),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64)),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    }
+    made = {}
+    for seed, (family, (config_cls, model_cls, extra)) in enumerate(families.items()):
+        torch.manual_seed(seed)  # the same weights and prompt every run
+        model = model_cls(config_cls(**HF_COMMON, **extra)).eval()
+        if family == "qwen2":
+            assert model.config.tie_word_embeddings
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        tokens = torch.randint(0, HF_COMMON["vocab_size"], (HF_BATCH, HF_SEQ_LEN))
+        with torch.no_grad():
+            logits = model(tokens).logits
+            sequence = tokens
+            for _ in range(HF_DECODE_STEPS):
+                next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, next_token], dim=1)
+            decode_logits = model(sequence).logits[:, HF_SEQ_LEN:]
+        made[family] = dict(folder=str(folder), tokens=tokens, logits=logits, sequence=sequence,
+                            decode_logits=decode_logits)
+    return made
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random llama-tiny checkpoint folder."""
+    from iso_kernels import checkpoint
+
+    return checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")

@@ -40,3 +40,11 @@ def assert_comparison_can_fail(ref, bound, *, name="output"):
         f"{name}: bound {bound:.3e} is not below half the reference's largest value {scale:.3e}, "
         f"so a wrong output could pass"
     )
+
+
+# The tiny Hugging Face checkpoints of conftest.hf_checkpoints
+HF_SEQ_LEN, HF_BATCH, HF_DECODE_STEPS = 37, 2, 3  # 37: not a multiple of any block size
+HF_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+HF_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)

@@ -8,6 +8,7 @@ import torch
 
 from iso_kernels import checkpoint, comm, envs, launch, schedule
 from iso_kernels.comm import nccl_ext
+from iso_kernels.split import ChunkSplit
 
 BAD_TIMEOUTS = ["0", "-1", "nan", "inf", "soon"]
 SLOW_LINK = comm.LinkModel("test", latency_s=1e-3, bus_bandwidth=1e12)
@@ -223,7 +224,7 @@ def tiny_model(tmp_path):
     folder = checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
     model = checkpoint.load_checkpoint(folder)
     model.setup_caches(BATCH, SEQ_LEN)
-    return model, torch.randint(0, 512, (BATCH, SEQ_LEN)), schedule.chunk_bounds(SEQ_LEN, 0.5)
+    return model, torch.randint(0, 512, (BATCH, SEQ_LEN)), ChunkSplit.at(SEQ_LEN, 0.5)
 
 
 class _SettleCounter:
@@ -240,27 +241,27 @@ class _SettleCounter:
 
 
 def test_forward_settles_once_after_its_collectives(tiny_model):
-    model, tokens, bounds = tiny_model
+    model, tokens, split = tiny_model
     counter = _SettleCounter()
     with torch.inference_mode():
-        schedule.forward(model, tokens, counter, bounds)
-        schedule.forward(model, tokens[:, :1], counter, [(0, 1)])
+        schedule.forward(model, tokens, counter, split)
+        schedule.forward(model, tokens[:, :1], counter)
     assert counter.settled == 2
 
 
 def test_row_signal_warm_up_runs_once_and_leaves_the_results_unchanged(tiny_model, monkeypatch):
     """The pass writes the KV cache at the real pass's positions; the real pass overwrites them before reading,
     so logits are bitwise those of a run without the warm-up."""
-    model, tokens, bounds = tiny_model
+    model, tokens, split = tiny_model
     starts = []
     monkeypatch.setattr(schedule._NoCollectives, "all_reduce_start",
                         lambda self, tensor, **kwargs: starts.append(tensor.shape) or comm.PendingAllReduce(tensor))
     with torch.inference_mode():
-        plain = schedule.forward(model, tokens, None, bounds)
-        schedule._warm_row_signal_kernels(model, tokens, bounds, 16)
+        plain = schedule.forward(model, tokens, None, split)
+        schedule._warm_row_signal_kernels(model, tokens, split, 0, 16)
         warmed_groups = len(starts)
-        schedule._warm_row_signal_kernels(model, tokens, bounds, 16)
-        after_warm_up = schedule.forward(model, tokens, None, bounds)
+        schedule._warm_row_signal_kernels(model, tokens, split, 0, 16)
+        after_warm_up = schedule.forward(model, tokens, None, split)
     assert warmed_groups > 0
     assert len(starts) == warmed_groups, "a second warm-up of the same shapes must do nothing"
     assert torch.equal(after_warm_up, plain)

@@ -295,10 +295,10 @@ def test_cache_ignores_corrupt_file(tmp_path):
 # --- bad input ---
 @pytest.mark.parametrize("call,match", [
     (lambda: balanced_split(toy_costs(), 2, 3), "seq_len"),
-    (lambda: simulate_prefill(toy_costs(), 1, 4, [3, 2, 4], **UNIT), "boundaries"),
-    (lambda: simulate_prefill(toy_costs(), 1, 4, [2, 5], **UNIT), "boundaries"),
-    (lambda: simulate_prefill(toy_costs(), 1, 4, [0, 4], **UNIT), "boundaries"),
-    (lambda: simulate_prefill(toy_costs(), 1, 4, [], **UNIT), "boundaries"),
+    (lambda: simulate_prefill(toy_costs(), 1, 4, [3, 2, 4], **UNIT), "split"),
+    (lambda: simulate_prefill(toy_costs(), 1, 4, [2, 5], **UNIT), "split"),
+    (lambda: simulate_prefill(toy_costs(), 1, 4, [0, 4], **UNIT), "split"),
+    (lambda: simulate_prefill(toy_costs(), 1, 4, [], **UNIT), "split"),
     (lambda: simulate_prefill(toy_costs(), 0, 4, [4], **UNIT), "n_layers"),
     (lambda: choose_split(toy_costs(), 1, 64, **UNIT, granularity=0), "granularity"),
     (lambda: choose_split(toy_costs(), 1, 64, **UNIT, min_gain=1.5), "min_gain"),

@@ -1,0 +1,89 @@
+"""Measuring a prefill on a TP group: timed runs in step on every rank, and the overlap metrics of their
+timelines (per-stream busy time, the achievable bound, the share of it ISO takes)."""
+
+import math
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from .timeline import Timeline, busy_ms
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, repeats=3):
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def traced_run(run_with_timeline, device):
+    """One run started in step on every rank: (its output, the slowest rank's seconds, its intervals)."""
+    dist.barrier()
+    sync(device)
+    timeline = Timeline(device)
+    start = time.perf_counter()
+    out = run_with_timeline(timeline)
+    sync(device)
+    return out, max_over_ranks(time.perf_counter() - start), timeline.intervals()
+
+
+def max_over_ranks(value):
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def overlap_metrics(serial_ms, iso_ms, traces, *, has_comm):
+    """Per-stream busy time of the serial runs, the achievable bound, and the share of it ISO takes (medians
+    over the timed runs). The bound is max(chunked compute + tail, comm + head) (see costmodel.predict), with
+    the compute of the same chunks run serially, since chunking itself can change the amount of compute.
+
+    traces: {"serial", "iso", "serial-chunks"} -> one list of timeline rows per timed run. has_comm: the
+    prefill had a communicator; without comm rows in its serial runs (torch.distributed over NCCL exposes no
+    stream to time) there is no bound.
+    """
+
+    def head(rows):  # the first chunk's first attention block: nothing can be communicated before it ends
+        first = next(r for r in rows if r["stream"] == "compute")
+        return first["end_ms"] - first["start_ms"]
+
+    def tail(rows):  # the last all-reduce: nothing can be computed while it runs
+        comm_rows = [r for r in rows if r["stream"] == "comm"]
+        return comm_rows[-1]["end_ms"] - comm_rows[-1]["start_ms"] if comm_rows else 0.0
+
+    compute_ms = statistics.median(busy_ms(rows, "compute") for rows in traces["serial"])
+    comm_ms = statistics.median(busy_ms(rows, "comm") for rows in traces["serial"])
+    chunked_compute_ms = statistics.median(busy_ms(rows, "compute") for rows in traces["serial-chunks"])
+    head_ms = statistics.median(head(rows) for rows in traces["iso"])
+    tail_ms = statistics.median(tail(rows) for rows in traces["iso"])
+    if has_comm and not any(r["stream"] == "comm" for r in traces["serial"][0]):
+        comm_ms = math.nan
+    bound_ms = max(chunked_compute_ms + tail_ms, comm_ms + head_ms) if math.isfinite(comm_ms) else math.nan
+    achievable = serial_ms - bound_ms
+    gained = serial_ms - iso_ms
+    return dict(compute_ms=compute_ms, comm_ms=comm_ms, chunked_compute_ms=chunked_compute_ms,
+                bound_ms=bound_ms, head_ms=head_ms, tail_ms=tail_ms,
+                reduction=gained / serial_ms,
+                overlap_efficiency=gained / achievable if achievable > 0 else math.nan)

@@ -1,0 +1,74 @@
+"""The model against Hugging Face transformers' own forward (Llama, Mistral, Qwen2): ``model(tokens)``, the
+chunked schedules and decode steps, at TP 1 and 2 over gloo; and with every op on its Triton kernel."""
+
+import pytest
+import torch
+from helpers import HF_BATCH, HF_DECODE_STEPS, HF_SEQ_LEN
+
+from iso_kernels import checkpoint, comm, launch, schedule
+from iso_kernels.split import ChunkSplit
+
+# even halves, a fraction, an index, four uneven chunks
+SPLITS = [ChunkSplit.even(HF_SEQ_LEN), ChunkSplit.at(HF_SEQ_LEN, 0.3), ChunkSplit.at(HF_SEQ_LEN, 20),
+          ChunkSplit((5, 16, 30, 37))]
+
+
+def _run_family(rank, world_size, folder, tokens, sequence):
+    """This rank's logits for: model(tokens), every split under both schedules, and teacher-forced decode."""
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
+    model.setup_caches(HF_BATCH, HF_SEQ_LEN + HF_DECODE_STEPS)
+    communicator = comm.make_communicator("torch") if world_size > 1 else None
+    out = {}
+    with torch.inference_mode():
+        out["unsplit"] = model(tokens, comm=communicator)
+        for split in SPLITS:
+            for mode in schedule.SCHEDULES:
+                out[(split.ends, mode)] = schedule.forward(model, tokens, communicator, split, schedule=mode)
+        decode = []
+        for position in range(HF_SEQ_LEN, HF_SEQ_LEN + HF_DECODE_STEPS):
+            decode.append(schedule.forward(model, sequence[:, position:position + 1], communicator,
+                                           start=position, all_logits=False))
+        out["decode"] = torch.stack(decode, dim=1)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_matches_hugging_face(hf_checkpoints, world_size):
+    for family, made in hf_checkpoints.items():
+        results = launch.spawn_ranks(_run_family, world_size,
+                                     args=(made["folder"], made["tokens"], made["sequence"]))
+        for rank, out in enumerate(results):
+            where = f"{family} tp={world_size} rank={rank}"
+            for key, logits in out.items():
+                if key == "decode":
+                    expected = made["decode_logits"]
+                    # the greedy tokens HF chose are the argmax of our own decode logits too
+                    assert torch.equal(logits[:, :-1].argmax(-1), made["sequence"][:, HF_SEQ_LEN + 1:]), where
+                else:
+                    expected = made["logits"]
+                torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4, msg=f"{where} {key}")
+            for split in SPLITS:
+                assert torch.equal(out[(split.ends, "iso")], out[(split.ends, "serial")]), (where, split)
+
+
+def test_forward_refuses_positions_beyond_the_caches(tiny_checkpoint):
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    tokens = torch.randint(0, 512, (1, 8))
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model(tokens)
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="beyond the 8"):
+        model(tokens, start=1)
+
+
+def test_triton_kernels_in_the_model_match_the_references(tiny_checkpoint, request):
+    """The whole ISO prefill with every op on its Triton kernel (interpreted on CPU) against the CPU kernels."""
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    model.setup_caches(HF_BATCH, HF_SEQ_LEN)
+    tokens = torch.randint(0, 512, (HF_BATCH, HF_SEQ_LEN))
+    split = ChunkSplit.at(HF_SEQ_LEN, 0.4)
+    with torch.inference_mode():
+        expected = schedule.forward(model, tokens, None, split)
+        request.getfixturevalue("triton_backend")
+        got = schedule.forward(model, tokens, None, split)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
