@@ -176,7 +176,7 @@ def exit_process(status):
     frees) it on its own worker thread. If that thread needs the GIL while the interpreter is finalizing,
     CPython (before 3.14) ends it with pthread_exit, whose forced unwind through libtorch's noexcept
     Future::markCompleted calls std::terminate: "terminate called without an active exception", SIGABRT,
-    after the report was written (1 in 38 torchrun runs at 9048c99; a two-rank script whose rank 0 exits
+    after the report was written (1 of 41 torchrun runs at 9048c99; a two-rank script whose rank 0 exits
     while such a callback is pending aborts every time, and never without the callback). os._exit skips
     finalization, so nothing can take the GIL late.
     """
