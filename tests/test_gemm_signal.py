@@ -104,6 +104,32 @@ def test_opcheck(backend, device):
         torch.library.opcheck(torch.ops.iso_kernels.gemm_signal.default, args)
 
 
+def test_configs_are_chosen_at_launch(monkeypatch):
+    """The autotuner holds every GPU candidate whatever TRITON_INTERPRET said at import; each launch chooses:
+    the one interpreter config straight on the kernel when interpreting, else the autotuner."""
+    from triton_ops import _config
+    from triton_ops import gemm_signal as module
+
+    assert module._gemm_signal_kernel.configs == module._CONFIGS_16BIT + module._CONFIGS_FP32
+    launches = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid, args, kwargs))
+
+    tuned, interpreter_config = Launcher("autotuner"), _config.config(BLOCK_M=16, num_warps=2)
+    tuned.fn = Launcher("kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _config.launch_tuned(tuned, (3,), interpreter_config, "x", N=5)
+    assert launches[-1] == ("kernel", (3,), ("x",), {"N": 5, **interpreter_config.all_kwargs()})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _config.launch_tuned(tuned, (3,), interpreter_config, "x", N=5)
+    assert launches[-1] == ("autotuner", (3,), ("x",), {"N": 5})
+
+
 def test_signal_targets():
     for m, n, rows_per_signal in [(300, 130, 128), (256, 7, 128), (1, 8192, 16), (0, 5, 16)]:
         targets = signal_targets(m, n, rows_per_signal)
