@@ -10,6 +10,7 @@ Triton and under 3.6); the default is the main shapes of a Llama-70B-class bf16 
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,16 +29,26 @@ MAX_SPILL_STORE_BYTES = 64
 TIMEOUT_S = {"main": 900, "full": 3600}[MATRIX]
 
 
+pytestmark = pytest.mark.timeout(TIMEOUT_S + 60)  # the report runs in the first test's setup
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     report = tmp_path_factory.mktemp("compile") / "report.csv"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    done = subprocess.run(
+    # Its own session, so a timeout also ends the per-arch worker processes it spawns.
+    command = subprocess.Popen(
         [sys.executable, "-m", "iso_kernels", "compile-report", "--arch", ",".join(map(str, ARCHS)),
          "--matrix", MATRIX, "--csv", str(report)],
-        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert done.returncode == 0, f"compile-report failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    try:
+        stdout, stderr = command.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(command.pid, signal.SIGKILL)
+        command.communicate()
+        pytest.fail(f"compile-report did not finish within {TIMEOUT_S} s")
+    assert command.returncode == 0, f"compile-report failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     with open(report) as f:
         found = list(csv.DictReader(f))
     for row in found:
