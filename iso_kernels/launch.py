@@ -86,7 +86,8 @@ def free_port():
 def _rank_main(fn, args, device_type, timeout_s, done_folder):
     # Default actions: a stop signal from the launcher (or Ctrl-C reaching the whole process group) ends the
     # rank at once, even while it is blocked inside a collective, with no KeyboardInterrupt traceback. A shell
-    # may have started us with SIGINT ignored, which exec passes on.
+    # may have started us with SIGINT ignored, which exec passes on. (torch.multiprocessing also asks the
+    # kernel for SIGINT when the launcher dies, so with the default action a rank never outlives it.)
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     one_line_warnings()

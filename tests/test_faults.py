@@ -314,3 +314,13 @@ def test_torchrun_rank_exit_with_a_gloo_callback_pending(tmp_path):
                           check=False, capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "terminate called" not in done.stderr
+
+
+def test_launcher_killed_outright_takes_its_ranks(jobs, tmp_path):
+    """kill -9 of the launcher gives it no chance to stop anything; the ranks go with it all the same
+    (torch.multiprocessing's parent-death signal, SIGINT, whose default action the ranks keep)."""
+    job = jobs(ENDLESS, tmp_path / "cache")
+    startup_s, ranks = job.wait_until_inside()
+    status, _ = job.stopped_by(lambda: os.kill(job.pid, signal.SIGKILL), startup_s)
+    assert status == -signal.SIGKILL
+    assert all(_stat(pid) is None or _stat(pid)[0] in "ZX" for pid in ranks.values())
