@@ -17,8 +17,9 @@ set -uo pipefail
 BUDGET_S=540
 # A step gets SIGTERM this long before its limit and SIGKILL at it: the limit bounds the step, grace included.
 KILL_GRACE_S=5
-# Every file with GPU tests, named so that pytest collects nothing else: test_engine.py imports transformers
-# at collection. tests/test_gpu_check.py checks this list against the tests' markers and imports.
+# Every file with GPU tests, named so that pytest collects nothing else: test_model.py and test_checkpoint.py
+# import transformers at collection. tests/test_gpu_check.py checks this list against the tests' markers and
+# imports.
 GPU_TEST_FILES="tests/test_chunked_attention.py tests/test_comm_nccl.py tests/test_add_rms_norm.py"
 GPU_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py"
 # The plan, the single place that says what runs: step name, limit in seconds, command (run by bash -c with

@@ -10,11 +10,8 @@ renames, so a reader never sees half a file.
 import contextlib
 import fcntl
 import os
-import shutil
 import tempfile
 from pathlib import Path
-
-from . import envs
 
 
 @contextlib.contextmanager
@@ -38,27 +35,3 @@ def write_text_atomically(path, text):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(scratch)
-
-
-def preset_checkpoint(name) -> Path:
-    """The folder of preset ``name``'s random checkpoint, made once in the cache folder."""
-    from . import checkpoint
-
-    config = checkpoint.preset_config(name)
-    folder = envs.cache_dir() / "models" / name
-    if (folder / "model.safetensors").exists():
-        return folder
-    try:
-        with locked(folder):
-            if not (folder / "model.safetensors").exists():  # else another process made it while we waited
-                shutil.rmtree(folder, ignore_errors=True)  # a folder left half-made by an older version
-                scratch = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".tmp", dir=folder.parent))
-                try:
-                    checkpoint.save_random_checkpoint(config, scratch)
-                    scratch.rename(folder)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
-    except OSError as exc:
-        raise ValueError(f"cannot make the {name} checkpoint in {folder.parent}: {exc.strerror or exc} "
-                         f"(set {envs.CACHE_DIR_VAR} to a writable folder)") from None
-    return folder

@@ -5,13 +5,15 @@ A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or sh
 """
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import tp
+from . import cache, envs, tp
 from .model import ModelArgs, Transformer
 
 # Small Llama-style models that are made locally with random weights (no downloads).
@@ -190,4 +192,38 @@ def save_random_checkpoint(config, folder, *, seed=0, std=0.02):
                 param.normal_(0.0, std, generator=generator)
     save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+# --- presets: random checkpoints made once in the cache folder ---
+def model_folder(model):
+    """A checkpoint folder, or a preset's random checkpoint made once in the cache folder."""
+    if model in PRESETS:
+        return preset_checkpoint(model)  # safe when several runs or torchrun's ranks make it at once
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         "nor a checkpoint folder")
+    return folder
+
+
+def preset_checkpoint(name) -> Path:
+    """The folder of preset ``name``'s random checkpoint, made once in the cache folder."""
+    config = preset_config(name)
+    folder = envs.cache_dir() / "models" / name
+    if (folder / "model.safetensors").exists():
+        return folder
+    try:
+        with cache.locked(folder):
+            if not (folder / "model.safetensors").exists():  # else another process made it while we waited
+                shutil.rmtree(folder, ignore_errors=True)  # a folder left half-made by an older version
+                scratch = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".tmp", dir=folder.parent))
+                try:
+                    save_random_checkpoint(config, scratch)
+                    scratch.rename(folder)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
+    except OSError as exc:
+        raise ValueError(f"cannot make the {name} checkpoint in {folder.parent}: {exc.strerror or exc} "
+                         f"(set {envs.CACHE_DIR_VAR} to a writable folder)") from None
     return folder

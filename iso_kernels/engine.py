@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import cache, checkpoint, comm, costmodel, hardware, launch, schedule
+from . import checkpoint, comm, costmodel, hardware, launch, schedule
 from .metrics import broadcast, max_over_ranks, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
 from .split import ChunkSplit
@@ -83,7 +83,7 @@ def resolve(cfg: PrefillConfig):
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.generate < 0:
         raise ValueError("--batch and --repeats must be >= 1; --warmup and --generate >= 0")
     comm.parse_link(cfg.link)
-    folder = model_folder(cfg.model)
+    folder = checkpoint.model_folder(cfg.model)
     args = ModelArgs.from_hf_config(checkpoint.read_config(folder))
     from . import tp
 
@@ -97,17 +97,6 @@ def resolve(cfg: PrefillConfig):
                          f"{args.max_seq_len} positions")
     requested_split(cfg, seq_len)  # rejects splits outside the prompt before ranks start
     return device, DTYPES[dtype_name], folder, args, tokens
-
-
-def model_folder(model):
-    """A checkpoint folder, or a preset's random checkpoint made once in the cache folder."""
-    if model in checkpoint.PRESETS:
-        return cache.preset_checkpoint(model)  # safe when several runs or torchrun's ranks make it at once
-    folder = Path(model)
-    if not folder.is_dir():
-        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(checkpoint.PRESETS))}) "
-                         "nor a checkpoint folder")
-    return folder
 
 
 def load_tokens(path, vocab_size):
@@ -209,10 +198,13 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig):
     model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size, device=device, dtype=dtype)
     if tokens is None:
         tokens = torch.randint(0, args.vocab_size, (cfg.batch, cfg.seq_len))
-    prefill = _Prefill(cfg, model, tokens.to(device), device, dtype, _open_communicator(cfg, world_size))
+    prefill = _Prefill(cfg, model, tokens.to(device), device, dtype)
     model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
     with torch.inference_mode():
-        split, predicted, compute_only_s = _plan(prefill)
+        # No-communication time of the unsplit prefill: the floor, and what a ratio link is derived from.
+        compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), device))
+        prefill.communicator = _open_communicator(prefill, compute_only_s)
+        split, predicted = _plan(prefill, compute_only_s)
         logits, runs, traces = _timed_runs(prefill, split, show_progress=rank == 0)
         report = _report(prefill, split, predicted, compute_only_s, logits, runs, traces)
         last_logits = logits["serial-chunks" if cfg.mode == "both" else cfg.mode]
@@ -245,7 +237,7 @@ class _Prefill:
     tokens: torch.Tensor
     device: str
     dtype: torch.dtype
-    communicator: object
+    communicator: object = None
 
     @property
     def batch(self):
@@ -258,35 +250,26 @@ class _Prefill:
     def predict_kw(self):
         return dict(batch=self.batch, hidden=self.model.args.dim, dtype_bytes=self.dtype.itemsize)
 
-    def run(self, split, mode, timeline=None, *, comm_off=False):
-        """Logits of the prompt in the chunks of ``split`` under schedule ``mode``; ``comm_off``: without
-        collectives (the no-communication floor)."""
-        return schedule.forward(self.model, self.tokens, None if comm_off else self.communicator, split,
-                                schedule=mode, timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
+    def run(self, split, mode, timeline=None):
+        """Logits of the prompt in the chunks of ``split`` (None: unsplit) under schedule ``mode``."""
+        return schedule.forward(self.model, self.tokens, self.communicator, split, schedule=mode,
+                                timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
 
 
-def _open_communicator(cfg, world_size):
-    """The TP group's communicator; a ratio link gets its real link in ``_plan``, once compute is timed."""
-    link = comm.parse_link(cfg.link)
-    if world_size == 1 and link is None:
+def _open_communicator(prefill, compute_only_s):
+    """The TP group's communicator (None at TP=1 without a link), over the emulated link --link asks for."""
+    cfg, args = prefill.cfg, prefill.model.args
+    link_spec = comm.parse_link(cfg.link)
+    if cfg.tp == 1 and link_spec is None:
         return None
-    placeholder = comm.LinkModel("pending", 0.0, math.inf) if isinstance(link, float) else link
-    return comm.make_communicator(cfg.comm_backend, link=placeholder)
+    per_block = prefill.batch * prefill.seq_len * args.dim * prefill.dtype.itemsize
+    link = link_spec.resolve(compute_only_s, per_block, 2 * args.n_layer, cfg.tp) if link_spec else None
+    return comm.make_communicator(cfg.comm_backend, link=link)
 
 
-def _plan(prefill):
-    """(the ISO chunks, their predicted times or None, the no-communication prefill's seconds), the same on
-    every rank."""
+def _plan(prefill, compute_only_s):
+    """(the ISO chunks, their predicted times or None), the same on every rank."""
     cfg, model, seq_len = prefill.cfg, prefill.model, prefill.seq_len
-    unsplit = ChunkSplit((seq_len,))
-    # No-communication time of the unsplit prefill: the floor, and what a ratio link is derived from.
-    compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(unsplit, "serial", comm_off=True),
-                                                   prefill.device))
-    ratio = comm.parse_link(cfg.link)
-    if isinstance(ratio, float):
-        per_block = prefill.batch * seq_len * model.args.dim * prefill.dtype.itemsize
-        prefill.communicator.set_link(comm.link_for_ratio(ratio, compute_only_s, per_block,
-                                                          2 * model.args.n_layer, cfg.tp))
     costs = _fitted_costs(prefill, compute_only_s) if seq_len >= MIN_CALIBRATION_TOKENS else None
     split, chunks = requested_split(cfg, seq_len)
     if split is None:
@@ -295,7 +278,7 @@ def _plan(prefill):
     split = broadcast(split)
     predicted = costmodel.predict(costs, model.args.n_layer, seq_len, split, **prefill.predict_kw()) \
         if costs else None
-    return split, predicted, compute_only_s
+    return split, predicted
 
 
 def _fitted_costs(prefill, compute_only_s):

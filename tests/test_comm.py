@@ -99,10 +99,16 @@ def test_link_for_ratio_hits_the_ratio():
         comm.link_for_ratio(-1, compute_s=1.0, bytes_per_collective=1, collectives=1, world_size=2)
 
 
-@pytest.mark.parametrize("spec, expected", [(None, None), ("none", None), ("ratio:0.5", 0.5),
-                                            ("pcie4", comm.LINK_PRESETS["pcie4"])])
+@pytest.mark.parametrize("spec, expected", [(None, None), ("none", None), ("ratio:0.5", comm.LinkSpec(ratio=0.5)),
+                                            ("pcie4", comm.LinkSpec(fixed=comm.LINK_PRESETS["pcie4"]))])
 def test_parse_link(spec, expected):
     assert comm.parse_link(spec) == expected
+
+
+def test_link_spec_resolves_a_ratio_against_the_measured_compute():
+    fixed = comm.LINK_PRESETS["pcie4"]
+    assert comm.LinkSpec(fixed=fixed).resolve(2.0, 1 << 20, 10, 2) is fixed
+    assert comm.LinkSpec(ratio=0.5).resolve(2.0, 1 << 20, 10, 2) == comm.link_for_ratio(0.5, 2.0, 1 << 20, 10, 2)
 
 
 @pytest.mark.parametrize("spec", ["ratio:x", "ratio:0", "warp-drive"])

@@ -21,13 +21,13 @@ same collectives, and none is left waiting in one that a failed peer never issue
 import warnings
 
 from .base import SUPPORTED_DTYPES, CommFailure, Communicator, PendingAllReduce, agree_on_status, group_device
-from .emulated import LINK_PRESETS, EmulatedCommunicator, LinkModel, link_for_ratio, parse_link
+from .emulated import LINK_PRESETS, EmulatedCommunicator, LinkModel, LinkSpec, link_for_ratio, parse_link
 from .nccl_ext import NcclExtCommunicator, agreed_unavailable_reason
 from .torch_dist import TorchCommunicator
 
 __all__ = [
     "BACKENDS", "LINK_PRESETS", "SUPPORTED_DTYPES", "CommFailure", "Communicator", "EmulatedCommunicator",
-    "LinkModel", "NcclExtCommunicator", "PendingAllReduce", "TorchCommunicator", "agree_on_status",
+    "LinkModel", "LinkSpec", "NcclExtCommunicator", "PendingAllReduce", "TorchCommunicator", "agree_on_status",
     "group_device", "link_for_ratio", "make_communicator", "parse_link",
 ]
 

@@ -53,9 +53,22 @@ def link_for_ratio(ratio, compute_s, bytes_per_collective, collectives, world_si
     return LinkModel(f"ratio:{ratio:g}", latency_s, ring_factor(world_size) * bytes_per_collective / per_collective)
 
 
-def parse_link(spec):
-    """``None``/"none" -> None; a preset name -> LinkModel; "ratio:R" -> the float R (resolved later against
-    measured compute with ``link_for_ratio``)."""
+@dataclass(frozen=True)
+class LinkSpec:
+    """What ``--link`` asks for: a ``fixed`` link (a preset), or all-reduces that take ``ratio`` times the
+    prefill's compute time, a link known only once that is measured (``resolve``)."""
+
+    fixed: LinkModel | None = None
+    ratio: float | None = None
+
+    def resolve(self, compute_s, bytes_per_collective, collectives, world_size) -> LinkModel:
+        if self.fixed is not None:
+            return self.fixed
+        return link_for_ratio(self.ratio, compute_s, bytes_per_collective, collectives, world_size)
+
+
+def parse_link(spec) -> LinkSpec | None:
+    """``None``/"none" -> None (no emulated link); a preset name or "ratio:R" -> its LinkSpec."""
     if spec is None or spec == "none":
         return None
     if spec.startswith("ratio:"):
@@ -65,10 +78,10 @@ def parse_link(spec):
             raise ValueError(f"--link ratio must be a number, got {spec!r}") from None
         if not ratio > 0:
             raise ValueError(f"--link ratio must be positive, got {spec!r}")
-        return ratio
+        return LinkSpec(ratio=ratio)
     if spec not in LINK_PRESETS:
         raise ValueError(f"unknown link {spec!r}; choose one of {sorted(LINK_PRESETS)} or ratio:R")
-    return LINK_PRESETS[spec]
+    return LinkSpec(fixed=LINK_PRESETS[spec])
 
 
 class EmulatedCommunicator(Communicator):
@@ -92,9 +105,6 @@ class EmulatedCommunicator(Communicator):
         self._link_free_at = 0.0
         self._lock = threading.Lock()
         self._comm_stream = None
-
-    def set_link(self, link: LinkModel):
-        self.link = link
 
     def modelled_seconds(self, tensor):
         return self.link.seconds(tensor.numel() * tensor.element_size(), self.traffic_world_size)
