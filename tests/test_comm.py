@@ -161,6 +161,10 @@ def _one_rank_raises(rank, world_size):
     torch.distributed.barrier()  # rank 0 would wait here forever without the launcher's cleanup
 
 
+def _rank_itself(rank, world_size):
+    return rank
+
+
 def _one_rank_hangs(rank, world_size):
     if rank == 0:
         time.sleep(3600)
@@ -175,7 +179,12 @@ def test_failing_rank_does_not_hang_the_others():
 
 
 def test_hanging_rank_times_out():
+    # Rank 1 must start and report before the deadline: give it three times what starting two ranks takes
+    # now, on this machine, however busy it is.
+    started = time.perf_counter()
+    launch.spawn_ranks(_rank_itself, 2, timeout_s=120)
+    start_up_s = time.perf_counter() - started
     with pytest.raises(launch.RankError) as info:
-        launch.spawn_ranks(_one_rank_hangs, 2, timeout_s=8)  # room for rank 1 to start and report
+        launch.spawn_ranks(_one_rank_hangs, 2, timeout_s=max(8.0, 3 * start_up_s))
     assert "timed out" in info.value.failures[0]
     assert 1 not in info.value.failures
