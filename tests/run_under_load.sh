@@ -30,6 +30,7 @@ for run in $(seq "$runs"); do
     if [ "$status" -ne 0 ]; then
         failed=$((failed + 1))
         grep -E "^(FAILED|ERROR)" "$log"
+        cp "$log" "${TMPDIR:-/tmp}/under_load_run$run.log" && echo "  log: ${TMPDIR:-/tmp}/under_load_run$run.log"
     fi
 done
 rm -f "$log"
