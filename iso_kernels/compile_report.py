@@ -9,7 +9,8 @@ a compiled module's registers and local memory from the cubin as the CUDA driver
 launches nothing. So the launcher's own pruning (``triton_ops._config.keep_fitting``) runs against that
 architecture. For each compiled config the report gives ptxas' register and spill report, shared memory and
 its limit, warps, stages, whether the launcher kept it, and the SASS instruction mix (tensor-core ops, FMAs,
-local loads/stores). ``--arch native`` uses the real GPU and its driver instead.
+local loads/stores). ``--arch native`` compiles for this machine's GPU (its compute capability, shared memory and
+SM count) with the same driver: the cases' meta tensors cannot be launched for real.
 
 One process per architecture: Triton caches compiled kernels per device ordinal, with the target fixed when
 the first kernel binds, so two targets cannot share a process.
@@ -57,12 +58,12 @@ def _cuobjdump(cubin: bytes, *flags: str) -> str:
 
 
 class _CompileOnlyUtils:
-    def __init__(self, capability):
-        self.capability = capability
+    def __init__(self, shared_limit, multiprocessors):
+        self.shared_limit = shared_limit
+        self.multiprocessors = multiprocessors
 
     def get_device_properties(self, device):
-        return {"max_shared_mem": SHARED_MEMORY_LIMITS[self.capability],
-                "multiprocessor_count": MULTIPROCESSORS[self.capability],
+        return {"max_shared_mem": self.shared_limit, "multiprocessor_count": self.multiprocessors,
                 "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 0, "mem_clock_rate": 0,
                 "mem_bus_width": 0}
 
@@ -88,11 +89,12 @@ class CompileOnlyDriver:
     """Stands in for Triton's CUDA driver on a machine without one: compiles for ``GPUTarget("cuda", cc, 32)``
     and treats every launch, including the autotuner's timing runs, as a no-op."""
 
-    def __init__(self, capability):
+    def __init__(self, capability, shared_limit=None, multiprocessors=None):
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", capability, 32)
-        self.utils = _CompileOnlyUtils(capability)
+        self.shared_limit = shared_limit or SHARED_MEMORY_LIMITS[capability]
+        self.utils = _CompileOnlyUtils(self.shared_limit, multiprocessors or MULTIPROCESSORS[capability])
         self.launcher_cls = _NoLaunch
 
     def get_current_device(self):
@@ -307,7 +309,7 @@ def _cached_kernels(jit_fn):
     return dict(caches[0][0]) if 0 in caches else {}
 
 
-def _run_case(case, capability, kernels):
+def _run_case(case, driver, kernels):
     """Launch one case; return its rows (one per config compiled for it)."""
     import triton
 
@@ -341,20 +343,20 @@ def _run_case(case, capability, kernels):
             key, meta = _compiled_config(kernel, meta_names)
             # A single-config kernel, or an autotuner whose one config skipped pruning, keeps what it ran.
             kept = tuner not in kept_configs or key in kept_configs[tuner]
-            rows.append(_row(case, capability, kernel, meta, kept, triton.__version__))
+            rows.append(_row(case, driver, kernel, meta, kept, triton.__version__))
     return rows
 
 
-def _row(case, capability, kernel, meta, kept, triton_version):
+def _row(case, driver, kernel, meta, kept, triton_version):
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(getattr(kernel.metadata, "ptxas_log", ""))
     sass = _sass_mix(kernel.asm["cubin"])
     tensor_core_op = "HGMMA" if sass["HGMMA"] else "HMMA" if sass["HMMA"] else "none"
     return Row(
-        triton=triton_version, arch=capability, kernel=case.kernel, case=case.name,
+        triton=triton_version, arch=driver.target.arch, kernel=case.kernel, case=case.name,
         dtype=str(case.dtype).removeprefix("torch."), config=" ".join(f"{k}={v}" for k, v in sorted(meta.items())),
         num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, kept=kept,
         registers=registers, stack_bytes=stack, spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
-        shared_bytes=kernel.metadata.shared, shared_limit=SHARED_MEMORY_LIMITS.get(capability, 0),
+        shared_bytes=kernel.metadata.shared, shared_limit=driver.shared_limit,
         tensor_core_op=tensor_core_op, sass=json.dumps(sass, sort_keys=True),
     )
 
@@ -378,14 +380,16 @@ def report_arch(arch, matrix="main"):
         if not torch.cuda.is_available():
             raise RuntimeError("--arch native needs a CUDA device")
         major, minor = torch.cuda.get_device_capability()
-        capability = 10 * major + minor
+        properties = torch.cuda.get_device_properties()
+        driver = CompileOnlyDriver(10 * major + minor, properties.shared_memory_per_block_optin,
+                                   properties.multi_processor_count)
     else:
-        capability = int(arch)
-        triton.runtime.driver.set_active(CompileOnlyDriver(capability))
+        driver = CompileOnlyDriver(int(arch))
+    triton.runtime.driver.set_active(driver)
     kernels = _jit_functions()
     rows = []
     for case in cases(matrix):
-        rows += _run_case(case, capability, kernels)
+        rows += _run_case(case, driver, kernels)
     return rows
 
 
