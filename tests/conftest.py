@@ -114,3 +114,18 @@ def tiny_checkpoint(tmp_path):
     from iso_kernels import checkpoint
 
     return checkpoint.save_random_checkpoint(checkpoint.preset_config("llama-tiny"), tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The native extension ``iso_kernels._C``: skips where the build deliberately skipped it (no CUDA
+    toolkit), fails where it should have loaded."""
+    from iso_kernels import _ext
+
+    module = _ext.load()
+    if module is None:
+        record = _ext._build_record()
+        if record.get("ext") == "skipped":
+            pytest.skip(f"the build skipped _C: {record.get('reason')}")
+        pytest.fail(f"iso_kernels._C did not load although the build did not skip it: {_ext.ext_reason()}")
+    return module

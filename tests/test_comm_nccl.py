@@ -33,14 +33,6 @@ CASES = ("exact_sum", "in_flight", "flag_gated", "gemm_signal_gated", "graph_cap
          "flag_timeout_is_raised_by_every_rank", "blocking_setting_from_the_environment")
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = _ext.load()
-    if module is None:
-        pytest.fail(f"iso_kernels._C is needed on GPU machines: {_ext.ext_reason()}")
-    return module
-
-
 def _timed_event():
     return torch.cuda.Event(enable_timing=True)
 

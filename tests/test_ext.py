@@ -30,17 +30,6 @@ NCCL_MIN_VERSION = 21400
 
 
 @pytest.fixture(scope="module")
-def native():
-    module = _ext.load()
-    if module is None:
-        record = _ext._build_record()
-        if record.get("ext") == "skipped":
-            pytest.skip(f"the build skipped _C: {record.get('reason')}")
-        pytest.fail(f"iso_kernels._C did not load although the build did not skip it: {_ext.ext_reason()}")
-    return module
-
-
-@pytest.fixture(scope="module")
 def no_driver(native):
     if native.build_info()["driver"] != 0:
         pytest.skip("a CUDA driver is present; these cases check the no-driver errors")
