@@ -8,7 +8,6 @@ in fp32 like Hugging Face Llama) measured in the same run.
     python bench/bench_add_rms_norm.py [--quick] [--csv [PATH]]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -37,9 +36,7 @@ def providers(x, residual, weight):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="hidden 8192 at 4096 tokens only")
-    parser.add_argument("--csv", nargs="?", const=DEFAULT_CSV, type=Path, help=f"append rows (default {DEFAULT_CSV})")
+    parser = common.bench_arguments(__doc__, quick_help="hidden 8192 at 4096 tokens only", default_csv=DEFAULT_CSV)
     args = parser.parse_args()
     common.require_gpu()
 

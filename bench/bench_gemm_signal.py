@@ -9,7 +9,6 @@ against torch.matmul measured in the same run. Target (not asserted): gemm_signa
     python bench/bench_gemm_signal.py [--quick] [--csv [PATH]] [--rows-per-signal 128]
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -58,9 +57,7 @@ def measure(provider, x, weight, rows_per_signal):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tp 8 shapes at 4096 tokens only")
-    parser.add_argument("--csv", nargs="?", const=DEFAULT_CSV, type=Path, help=f"append rows (default {DEFAULT_CSV})")
+    parser = common.bench_arguments(__doc__, quick_help="tp 8 shapes at 4096 tokens only", default_csv=DEFAULT_CSV)
     parser.add_argument("--rows-per-signal", type=int, default=128)
     args = parser.parse_args()
     common.require_gpu()

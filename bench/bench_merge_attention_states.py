@@ -8,7 +8,6 @@ metric GB/s = (bytes read + written) / t from the median of do_bench; ratios are
     python bench/bench_merge_attention_states.py [--quick] [--csv [PATH]]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,9 +34,7 @@ def providers(out_a, lse_a, out_b, lse_b):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 heads at 4096 queries only")
-    parser.add_argument("--csv", nargs="?", const=DEFAULT_CSV, type=Path, help=f"append rows (default {DEFAULT_CSV})")
+    parser = common.bench_arguments(__doc__, quick_help="8 heads at 4096 queries only", default_csv=DEFAULT_CSV)
     args = parser.parse_args()
     common.require_gpu()
 

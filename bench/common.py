@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: GPU gate, do_bench wrapper, metric formulas, tidy CSV rows, plots."""
 
+import argparse
 import csv
 import datetime
 import json
@@ -13,6 +14,15 @@ import torch
 RESULTS = Path(__file__).with_name("results")
 CSV_COLUMNS = ["op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80",
                "config_json", "gpu_name", "torch", "triton", "cuda", "nccl", "commit", "timestamp"]
+
+
+def bench_arguments(doc, *, quick_help, default_csv):
+    """The options every op benchmark takes: ``--quick`` and ``--csv [FILE]`` (append rows; FILE defaults to
+    ``default_csv``). Callers add their own options, then ``parse_args``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--csv", nargs="?", const=default_csv, type=Path, help=f"append rows (default {default_csv})")
+    return parser
 
 
 def require_gpu(n=1):
