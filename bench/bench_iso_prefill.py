@@ -17,9 +17,11 @@ Where it runs:
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import common
-from iso_kernels import engine
+from iso_kernels import cli, comm, engine
 from iso_kernels.launch import RankError
+from iso_kernels.report import PrefillReport
 
 # Per device kind: model, prompt lengths, quick lengths, links, quick links. CPU lengths stop at 1024 because
 # a 2-rank llama-small prefill of 1024 tokens already takes 1.2-1.8 s per serial run on 2 cores. On GPUs,
@@ -44,11 +47,25 @@ DEFAULTS = {
                      links=["none", "pcie4", "a800-nvlink"], quick_links=["none", "pcie4", "a800-nvlink"]),
 }
 # provider -> (chunks, split) handed to PrefillConfig
-VARIANTS = {"iso-auto": ("auto", "auto"), "iso-2even": ("2", "0.5")}
+VARIANTS = {"iso-auto": (None, None), "iso-2even": (2, 0.5)}
 PROVIDERS = ("serial", *VARIANTS, "no-comm")
-# Report entries kept in each ISO row's config_json.
+# Report entries (PrefillReport.to_json's keys) kept in each ISO row's config_json.
 REPORT_KEYS = ("link", "chunks", "bounds", "split", "serial_ms", "compute_only_ms", "compute_ms", "comm_ms",
-               "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff", "load_avg", "compute_busy_ms")
+               "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff")
+
+
+@dataclass
+class Measured:
+    """One ISO variant's engine report, with what the bench adds: the machine's load average before and
+    after, and each schedule's compute-stream busy time."""
+
+    report: PrefillReport
+    load_avg: list
+    compute_busy_ms: dict
+
+    def config_entries(self):
+        entries = {key: value for key, value in self.report.to_json().items() if key in REPORT_KEYS}
+        return {**entries, "load_avg": self.load_avg, "compute_busy_ms": self.compute_busy_ms}
 
 
 def device_defaults(device, gpu_count):
@@ -95,77 +112,81 @@ def compute_busy(lanes):
     return busy
 
 
-def rows_for_point(seq_len, link, reports, setup):
-    """Tidy CSV rows of one (seq_len, link) from the engine reports of each ISO variant."""
+def rows_for_point(seq_len, link, measured, setup):
+    """Tidy CSV rows of one (seq_len, link) from {provider: Measured} of each ISO variant."""
     base = {"op": "iso_prefill", "mode": link, "x_name": "seq_len", "x_value": seq_len}
+    reports = {provider: m.report for provider, m in measured.items()}
     first = next(iter(reports.values()))
-    shared = {**setup, "seq_len": seq_len, "link": first["link"], "comm_backend": first["comm_backend"],
-              "device": first["device"], "dtype": first["dtype"], "tp": first["tp"]}
+    shared = {**setup, "seq_len": seq_len, "link": first.link, "comm_backend": first.comm_backend,
+              "device": first.device, "dtype": first.dtype, "tp": first.tp}
 
     def row(provider, metric, unit, values, extra):
         p50, p20, p80 = values
         return {**base, "provider": provider, "metric": metric, "unit": unit, "p50": p50, "p20": p20,
                 "p80": p80, "config_json": {**shared, **extra}}
 
-    serial_runs = [t for report in reports.values() for t in report["serial_runs_ms"]]
-    no_comm = statistics.mean(report["compute_only_ms"] for report in reports.values())
+    serial_runs = [t for report in reports.values() for t in report.runs_ms["serial"]]
+    no_comm = statistics.mean(report.compute_only_ms for report in reports.values())
     rows = [row("serial", "ms", "ms", quantiles(serial_runs),
-                {"predicted_ms": first["predicted_serial_ms"], "runs": len(serial_runs)}),
+                {"predicted_ms": first.predicted_serial_ms, "runs": len(serial_runs)}),
             row("no-comm", "ms", "ms", (no_comm, "", ""), {"calls": len(reports)})]
-    for provider, report in reports.items():
-        extra = {key: report[key] for key in REPORT_KEYS if key in report}
-        extra.update(predicted_ms=report["predicted_iso_ms"], paired_serial_ms=report["serial_ms"])
-        rows.append(row(provider, "ms", "ms", quantiles(report["iso_runs_ms"]), extra))
+    for provider, m in measured.items():
+        extra = {**m.config_entries(), "predicted_ms": m.report.predicted_iso_ms,
+                 "paired_serial_ms": m.report.serial_ms}
+        rows.append(row(provider, "ms", "ms", quantiles(m.report.runs_ms["iso"]), extra))
         for metric in ("reduction", "overlap_efficiency"):
-            rows.append(row(provider, metric, "fraction", (report[metric], "", ""), extra))
+            rows.append(row(provider, metric, "fraction", (getattr(m.report.overlap, metric), "", ""), extra))
     return rows
 
 
-def compute_ratio(report):
+def compute_ratio(measured):
     """Compute-stream time of the chunked ISO run over that of the unsplit serial run, as text."""
-    busy = report.get("compute_busy_ms", {})
+    busy = measured.compute_busy_ms
     return f"{busy['iso'] / busy['serial']:.2f}" if busy.get("serial") else "-"
 
 
-def summary_table(reports_by_point):
-    """Markdown table: one line per (seq_len, link) from {(seq_len, link): {provider: report}}."""
+def summary_table(measured_by_point):
+    """Markdown table: one line per (seq_len, link) from {(seq_len, link): {provider: Measured}}."""
     header = ("| seq_len | link | serial ms | iso auto ms (chunks) | iso 2 even ms | no-comm ms | R auto "
               "| R 2 even | eff auto | eff 2 even | pred err auto % | pred err 2 even % "
               "| compute iso/serial auto, 2 even |")
     lines = [header, "|---" * header.count(" |") + "|"]
-    for (seq_len, link), reports in reports_by_point.items():
-        auto, even = reports["iso-auto"], reports["iso-2even"]
-        serial = statistics.median(t for r in reports.values() for t in r["serial_runs_ms"])
-        no_comm = statistics.mean(r["compute_only_ms"] for r in reports.values())
-        flag = "" if auto.get("agree", True) and even.get("agree", True) else " DISAGREE"
+    for (seq_len, link), measured in measured_by_point.items():
+        auto, even = measured["iso-auto"], measured["iso-2even"]
+        reports = [m.report for m in measured.values()]
+        serial = statistics.median(t for r in reports for t in r.runs_ms["serial"])
+        no_comm = statistics.mean(r.compute_only_ms for r in reports)
+        flag = "" if all(r.agree is not False for r in reports) else " DISAGREE"
+        a, e = auto.report, even.report
         lines.append(
-            f"| {seq_len} | {link}{flag} | {serial:.1f} | {auto['iso_ms']:.1f} ({auto['chunks']}) | "
-            f"{even['iso_ms']:.1f} | {no_comm:.1f} | {100 * auto['reduction']:.1f}% "
-            f"| {100 * even['reduction']:.1f}% "
-            f"| {auto['overlap_efficiency']:.2f} | {even['overlap_efficiency']:.2f} "
-            f"| {prediction_error(auto['predicted_iso_ms'], auto['iso_ms']):+.1f} "
-            f"| {prediction_error(even['predicted_iso_ms'], even['iso_ms']):+.1f} "
+            f"| {seq_len} | {link}{flag} | {serial:.1f} | {a.iso_ms:.1f} ({a.chunks}) | "
+            f"{e.iso_ms:.1f} | {no_comm:.1f} | {100 * a.overlap.reduction:.1f}% "
+            f"| {100 * e.overlap.reduction:.1f}% "
+            f"| {a.overlap.overlap_efficiency:.2f} | {e.overlap.overlap_efficiency:.2f} "
+            f"| {prediction_error(a.predicted_iso_ms, a.iso_ms):+.1f} "
+            f"| {prediction_error(e.predicted_iso_ms, e.iso_ms):+.1f} "
             f"| {compute_ratio(auto)}, {compute_ratio(even)} |")
     return "\n".join(lines)
 
 
 def measure_point(args, device, tp, seq_len, link):
-    """{provider: engine report} for the ISO variants at one (seq_len, link)."""
-    reports = {}
+    """{provider: Measured} for the ISO variants at one (seq_len, link)."""
+    measured = {}
     for provider, (chunks, split) in VARIANTS.items():
         cfg = engine.PrefillConfig(model=args.model, tp=tp, seq_len=seq_len, chunks=chunks, split=split,
-                                   link=None if link == "none" else link, device=device, dtype=args.dtype,
+                                   link=comm.parse_link(link), device=device, dtype=cli.parse_dtype(args.dtype),
                                    generate=0, warmup=args.warmup, repeats=args.repeats,
                                    comm_backend=args.comm_backend, trace=True)
         load_before = os.getloadavg()[0]
         report = engine.run(cfg)
-        report["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        report["compute_busy_ms"] = compute_busy(report.pop("lanes"))
-        reports[provider] = report
-        print(f"  {provider:<10} seq_len={seq_len} link={link}: serial {report['serial_ms']:.1f} ms, "
-              f"iso {report['iso_ms']:.1f} ms ({report['chunks']} chunks {report['bounds']}), "
-              f"efficiency {report['overlap_efficiency']:.2f}, load {report['load_avg']}", flush=True)
-    return reports
+        measured[provider] = Measured(dataclasses.replace(report, lanes=None),
+                                      [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                                      compute_busy(report.lanes))
+        print(f"  {provider:<10} seq_len={seq_len} link={link}: serial {report.serial_ms:.1f} ms, "
+              f"iso {report.iso_ms:.1f} ms ({report.chunks} chunks {report.bounds}), "
+              f"efficiency {report.overlap.overlap_efficiency:.2f}, load {measured[provider].load_avg}",
+              flush=True)
+    return measured
 
 
 def parse_args(argv=None):
@@ -222,15 +243,15 @@ def main(argv=None):
             common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured
             rows += point_rows
     if rows:
-        first = next(iter(results.values()))["iso-auto"]
+        first = next(iter(results.values()))["iso-auto"].report
         common.plot_panels([r for r in rows if r["metric"] == "ms"], png, ylabel="prefill ms (median)",
-                           title=f"serial vs ISO prefill: {args.model}, tp={tp}, {first['device']}, "
-                                 f"{first['dtype'].removeprefix('torch.')}",
+                           title=f"serial vs ISO prefill: {args.model}, tp={tp}, {first.device}, "
+                                 f"{first.dtype.removeprefix('torch.')}",
                            styles={"serial": "o-", "iso-auto": "s-", "iso-2even": "^-", "no-comm": "kx--"})
         print(f"csv: {csv_path}\nplot: {png}")
         print(summary_table(results))
-    disagree = [point for point, reports in results.items()
-                if not all(r.get("agree", True) for r in reports.values())]
+    disagree = [point for point, measured in results.items()
+                if not all(m.report.agree is not False for m in measured.values())]
     for seq_len, link in disagree:
         print(f"ISO and serial logits disagree at seq_len={seq_len} link={link}")
     return 1 if failed or disagree or not rows else 0

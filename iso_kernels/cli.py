@@ -7,9 +7,13 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
-from . import compile_report, engine, simulate
+import torch
+
+from . import comm, compile_report, engine, simulate
 from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
+from .report import PrefillReport
 
 DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
 
@@ -28,14 +32,14 @@ def _prefill_arguments(parser):
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="prompt length (random tokens)")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="equal-length prompts")
     parser.add_argument("--mode", default=defaults.mode, choices=["serial", "iso", "both"])
-    parser.add_argument("--split", default=defaults.split,
+    parser.add_argument("--split", default="auto",
                         help="auto (the calibrated cost model), a token index, or a fraction for chunk 1")
-    parser.add_argument("--chunks", default=defaults.chunks, help="auto or a number of chunks")
+    parser.add_argument("--chunks", default="auto", help="auto or a number of chunks")
     parser.add_argument("--link", default=None,
                         help="emulated link: a preset (pcie4, a800-nvlink, a100-nvlink, h100-nvlink) or ratio:R "
                              "(all-reduce time = R x compute time); default none")
-    parser.add_argument("--dtype", default=defaults.dtype, help="auto, float32, float16, bfloat16")
-    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--tokens", help="JSON file: a list of token ids or a list of equal-length lists")
     parser.add_argument("--generate", type=int, default=defaults.generate, help="greedy tokens after prefill")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
@@ -64,39 +68,93 @@ def _check_extras(args):
             raise ValueError(f"--{option} needs {module}: pip install 'iso-kernels[{extra}]'")
 
 
+# --- the command line's strings as PrefillConfig's types ---
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(text):
+    """``auto`` -> None (the device's default), else the named floating dtype."""
+    if text == "auto":
+        return None
+    if text not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)} or auto, got {text!r}")
+    return DTYPES[text]
+
+
+def parse_chunks(text):
+    """``auto`` -> None (the planner's choice), else a number of chunks."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--chunks must be auto or an integer, got {text!r}") from None
+
+
+def parse_split(text):
+    """``auto`` -> None (the planner's choice), a token index (int) or a fraction of the prompt (float)."""
+    if text == "auto":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"--split must be auto, a token index or a fraction, got {text!r}")
+
+
+def load_tokens(path):
+    """(batch, seq_len) token ids from a JSON list (one prompt) or a list of equal-length lists (a batch)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--tokens {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"--tokens {path}: invalid JSON ({exc})") from None
+    rows = data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
+    if not all(isinstance(r, list) and r for r in rows) or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError(f"--tokens {path}: need a non-empty list of ids or equal-length lists of ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r):
+        raise ValueError(f"--tokens {path}: token ids must be integers")
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def _config(args):
     return engine.PrefillConfig(
-        model=args.model, tp=args.tp, seq_len=args.seq_len, batch=args.batch, mode=args.mode, split=args.split,
-        chunks=args.chunks, link=args.link, dtype=args.dtype, device=args.device, tokens=args.tokens,
-        generate=args.generate, warmup=args.warmup, repeats=args.repeats, comm_backend=args.comm_backend,
-        row_signal=args.row_signal, seed=args.seed, trace=bool(args.trace or args.plot),
-        save_logits=bool(args.save_logits), recalibrate=args.recalibrate, timeout_s=args.timeout)
+        model=args.model, tp=args.tp, seq_len=args.seq_len, batch=args.batch, mode=args.mode,
+        split=parse_split(args.split), chunks=parse_chunks(args.chunks), link=comm.parse_link(args.link),
+        dtype=parse_dtype(args.dtype), device=None if args.device == "auto" else args.device,
+        tokens=load_tokens(args.tokens) if args.tokens else None, generate=args.generate, warmup=args.warmup,
+        repeats=args.repeats, comm_backend=args.comm_backend, row_signal=args.row_signal, seed=args.seed,
+        trace=bool(args.trace or args.plot), save_logits=bool(args.save_logits), recalibrate=args.recalibrate,
+        timeout_s=args.timeout)
 
 
-def format_report(report):
-    lines = [f"iso prefill: tp={report['tp']} seq_len={report['seq_len']} batch={report['batch']} "
-             f"device={report['device']} dtype={report['dtype']} comm={report['comm_backend']}"
-             + (f" link={report['link']['name']}" if report.get("link") else ""),
-             f"chunks={report['chunks']} bounds={report['bounds']}"]
-    rows = [("serial", "serial_ms", "predicted_serial_ms"), ("iso", "iso_ms", "predicted_iso_ms")]
+# --- the report ---
+def format_report(report: PrefillReport):
+    lines = [f"iso prefill: tp={report.tp} seq_len={report.seq_len} batch={report.batch} "
+             f"device={report.device} dtype={report.dtype} comm={report.comm_backend}"
+             + (f" link={report.link['name']}" if report.link else ""),
+             f"chunks={report.chunks} bounds={report.bounds}"]
     lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
-    for name, key, predicted in rows:
-        if key in report:
-            lines.append(f"{name:<10}{report[key]:>14.2f}{report[predicted]:>15.2f}")
-    if "reduction" in report:
+    for name, predicted in (("serial", report.predicted_serial_ms), ("iso", report.predicted_iso_ms)):
+        if name in report.runs_ms:
+            lines.append(f"{name:<10}{report.median_ms(name):>14.2f}{predicted:>15.2f}")
+    overlap = report.overlap
+    if overlap is not None:
         lines += [
-            f"reduction            {100 * report['reduction']:6.1f} %   (1 - iso / serial)",
-            f"compute / comm (ms)  {report['compute_ms']:.2f} / {report['comm_ms']:.2f}   "
-            f"(per stream, serial run; no-comm prefill {report['compute_only_ms']:.2f})",
-            f"bound (ms)           {report['bound_ms']:.2f}   (max(chunked compute {report['chunked_compute_ms']:.2f}"
+            f"reduction            {100 * overlap.reduction:6.1f} %   (1 - iso / serial)",
+            f"compute / comm (ms)  {overlap.compute_ms:.2f} / {overlap.comm_ms:.2f}   "
+            f"(per stream, serial run; no-comm prefill {report.compute_only_ms:.2f})",
+            f"bound (ms)           {overlap.bound_ms:.2f}   (max(chunked compute {overlap.chunked_compute_ms:.2f}"
             " + tail, comm + head))",
-            f"overlap efficiency   {report['overlap_efficiency']:.2f}   ((serial - iso) / (serial - bound))",
-            f"logits               max |iso - serial| = {report['max_abs_diff']:.3g} "
-            f"({'agree' if report['agree'] else 'DISAGREE'}); iso == serial on the same chunks: "
-            f"{report['iso_equals_serial_same_chunks']}",
+            f"overlap efficiency   {overlap.overlap_efficiency:.2f}   ((serial - iso) / (serial - bound))",
+            f"logits               max |iso - serial| = {report.max_abs_diff:.3g} "
+            f"({'agree' if report.agree else 'DISAGREE'}); iso == serial on the same chunks: "
+            f"{report.iso_equals_serial_same_chunks}",
         ]
-    if report.get("generated"):
-        lines.append(f"generated            {report['generated']}")
+    if report.generated:
+        lines.append(f"generated            {report.generated}")
     return "\n".join(lines)
 
 
@@ -106,22 +164,18 @@ def _prefill(args):
         return 0
     print(format_report(report))
     if args.save_logits:
-        import torch
-
-        torch.save(report.pop("logits"), args.save_logits)
-    lanes = report.pop("lanes", None)
-    if lanes:
+        torch.save(report.logits, args.save_logits)
+    if report.lanes:
         from . import timeline
 
         if args.trace:
-            timeline.write_chrome_trace(args.trace, lanes)
+            timeline.write_chrome_trace(args.trace, report.lanes)
         if args.plot:
-            timeline.plot_gantt(args.plot, lanes, title=f"serial vs iso prefill, {report['seq_len']} tokens, "
-                                                          f"tp={report['tp']}")
+            timeline.plot_gantt(args.plot, report.lanes,
+                                title=f"serial vs iso prefill, {report.seq_len} tokens, tp={report.tp}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0 if report.get("agree", True) else 1
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.agree is not False else 1
 
 
 def main(argv=None):

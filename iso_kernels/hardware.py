@@ -4,7 +4,10 @@ Shared by the cost model (``costmodel.LayerCosts.from_datasheet``, the simulator
 ``iso_kernels.comm`` (``LINK_PRESETS``), so a simulated run and an emulated one describe one interconnect.
 """
 
+import os
 from dataclasses import dataclass
+
+import torch
 
 # Chunked prefill pays these per block whatever the chunk size: ~5 kernels (norm, GEMM, RoPE, attention,
 # GEMM) at ~4 us of launch and tail each. Our estimate, not a measurement; a fit replaces it.
@@ -51,3 +54,8 @@ HARDWARE_PRESETS = {
     "a100-nvlink": HardwareSpec("a100-nvlink", 312.0, 200.0, 10.0, 80.0),
     "h100-nvlink": HardwareSpec("h100-nvlink", 989.0, 340.0, 10.0, 80.0),
 }
+
+
+def device_name(device):
+    """The machine a measurement ran on, as reports and calibration keys name it."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}"

@@ -4,6 +4,7 @@ timelines (per-stream busy time, the achievable bound, the share of it ISO takes
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,21 @@ def broadcast(obj):
     return box[0]
 
 
-def overlap_metrics(serial_ms, iso_ms, traces, *, has_comm):
+@dataclass(frozen=True)
+class OverlapMetrics:
+    """How much of the hideable communication ISO hid (ms are medians over the timed runs)."""
+
+    compute_ms: float  # compute-stream busy time of the serial runs
+    comm_ms: float  # comm-stream busy time of the serial runs (nan where no comm stream is timed)
+    chunked_compute_ms: float  # compute-stream busy time of serial runs over ISO's chunks
+    bound_ms: float  # max(chunked compute + tail, comm + head): no schedule of these chunks beats it
+    head_ms: float  # ISO's first compute block, before which nothing can be communicated
+    tail_ms: float  # ISO's last all-reduce, during which nothing can be computed
+    reduction: float  # 1 - iso / serial
+    overlap_efficiency: float  # (serial - iso) / (serial - bound)
+
+
+def overlap_metrics(serial_ms, iso_ms, traces, *, has_comm) -> OverlapMetrics:
     """Per-stream busy time of the serial runs, the achievable bound, and the share of it ISO takes (medians
     over the timed runs). The bound is max(chunked compute + tail, comm + head) (see costmodel.predict), with
     the compute of the same chunks run serially, since chunking itself can change the amount of compute.
@@ -83,7 +98,6 @@ def overlap_metrics(serial_ms, iso_ms, traces, *, has_comm):
     bound_ms = max(chunked_compute_ms + tail_ms, comm_ms + head_ms) if math.isfinite(comm_ms) else math.nan
     achievable = serial_ms - bound_ms
     gained = serial_ms - iso_ms
-    return dict(compute_ms=compute_ms, comm_ms=comm_ms, chunked_compute_ms=chunked_compute_ms,
-                bound_ms=bound_ms, head_ms=head_ms, tail_ms=tail_ms,
-                reduction=gained / serial_ms,
-                overlap_efficiency=gained / achievable if achievable > 0 else math.nan)
+    return OverlapMetrics(compute_ms=compute_ms, comm_ms=comm_ms, chunked_compute_ms=chunked_compute_ms,
+                          bound_ms=bound_ms, head_ms=head_ms, tail_ms=tail_ms, reduction=gained / serial_ms,
+                          overlap_efficiency=gained / achievable if achievable > 0 else math.nan)

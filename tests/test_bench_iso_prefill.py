@@ -8,21 +8,26 @@ from safetensors import safe_open
 
 from bench import bench_iso_prefill as bench
 from iso_kernels import checkpoint, comm
+from iso_kernels.metrics import OverlapMetrics
+from iso_kernels.report import PrefillReport
+from iso_kernels.split import ChunkSplit
 
 GPU_COUNTS = [(2, 2), (3, 2), (6, 4), (8, 8), (16, 8)]
 
 
-def fake_report(iso_runs, serial_runs, *, chunks=2, agree=True, compute_only=50.0):
-    """The keys of an ``engine.run`` report that the bench reads, with internally consistent values."""
+def fake_measured(iso_runs, serial_runs, *, chunks=2, agree=True, compute_only=50.0):
+    """A bench measurement around a real ``PrefillReport`` with internally consistent values."""
     serial, iso = sorted(serial_runs)[len(serial_runs) // 2], sorted(iso_runs)[len(iso_runs) // 2]
-    return dict(tp=2, seq_len=96, device="cpu x2", dtype="torch.float32", comm_backend="torch",
-                link={"name": "ratio:1", "latency_s": 0.0, "bus_bandwidth": 1e9}, chunks=chunks,
-                bounds=[(0, 48), (48, 96)], split=48, serial_ms=serial, iso_ms=iso,
-                serial_runs_ms=serial_runs, iso_runs_ms=iso_runs, compute_only_ms=compute_only,
-                compute_ms=45.0, comm_ms=40.0, bound_ms=60.0,
-                reduction=1 - iso / serial, overlap_efficiency=(serial - iso) / (serial - 60.0),
-                predicted_serial_ms=98.0, predicted_iso_ms=66.0, agree=agree,
-                compute_busy_ms={"serial": 45.0, "iso": 36.0})
+    overlap = OverlapMetrics(compute_ms=45.0, comm_ms=40.0, chunked_compute_ms=44.0, bound_ms=60.0, head_ms=2.0,
+                             tail_ms=3.0, reduction=1 - iso / serial,
+                             overlap_efficiency=(serial - iso) / (serial - 60.0))
+    report = PrefillReport(
+        tp=2, seq_len=96, batch=1, device="cpu x2", dtype="torch.float32", comm_backend="torch",
+        link={"name": "ratio:1", "latency_s": 0.0, "bus_bandwidth": 1e9},
+        bounds=ChunkSplit.even(96, chunks).bounds(), compute_only_ms=compute_only, predicted_serial_ms=98.0,
+        predicted_iso_ms=66.0, runs_ms={"serial": serial_runs, "iso": iso_runs}, overlap=overlap,
+        max_abs_diff=0.0, agree=agree, iso_equals_serial_same_chunks=True)
+    return bench.Measured(report, load_avg=[0.5, 0.6], compute_busy_ms={"serial": 45.0, "iso": 36.0})
 
 
 def test_quantiles_and_prediction_error():
@@ -67,8 +72,8 @@ def test_compute_busy_takes_the_slowest_rank_per_schedule():
 
 
 def test_rows_pool_serial_runs_and_keep_each_variant_paired():
-    reports = {"iso-auto": fake_report([70.0, 64.0, 66.0], [100.0, 96.0, 98.0]),
-               "iso-2even": fake_report([75.0, 71.0, 73.0], [104.0, 102.0, 90.0], compute_only=54.0)}
+    reports = {"iso-auto": fake_measured([70.0, 64.0, 66.0], [100.0, 96.0, 98.0]),
+               "iso-2even": fake_measured([75.0, 71.0, 73.0], [104.0, 102.0, 90.0], compute_only=54.0)}
     rows = bench.rows_for_point(96, "ratio:1.0", reports, {"model": "m"})
     by_key = {(r["provider"], r["metric"]): r for r in rows}
     assert set(by_key) == {("serial", "ms"), ("no-comm", "ms")} | {
@@ -83,8 +88,8 @@ def test_rows_pool_serial_runs_and_keep_each_variant_paired():
 
 
 def test_summary_table_rows_and_disagreement_flag():
-    reports = {"iso-auto": fake_report([66.0], [100.0], chunks=3),
-               "iso-2even": fake_report([80.0], [100.0], agree=False)}
+    reports = {"iso-auto": fake_measured([66.0], [100.0], chunks=3),
+               "iso-2even": fake_measured([80.0], [100.0], agree=False)}
     table = bench.summary_table({(96, "ratio:1.0"): reports})
     header, rule, line = table.splitlines()
     cells = [c.strip() for c in line.strip("|").split("|")]

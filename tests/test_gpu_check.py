@@ -126,9 +126,9 @@ def test_collecting_the_gpu_test_files_leaves_transformers_unimported(dry_run):
 
 def test_summary_packs_the_plots_and_reports_steps_and_iso_points(tmp_path, monkeypatch):
     from bench import bench_iso_prefill, common, gpu_check_report
-    from test_bench_iso_prefill import fake_report
+    from test_bench_iso_prefill import fake_measured
 
-    reports = {"iso-auto": fake_report([66.0], [100.0], chunks=3), "iso-2even": fake_report([80.0], [100.0])}
+    reports = {"iso-auto": fake_measured([66.0], [100.0], chunks=3), "iso-2even": fake_measured([80.0], [100.0])}
     iso_rows = bench_iso_prefill.rows_for_point(4096, "pcie4", reports, {})
     common.append_rows(tmp_path / "iso_prefill.csv", iso_rows)
     common.append_rows(tmp_path / "chunked_attention.csv", [

@@ -61,6 +61,10 @@ class LinkSpec:
     fixed: LinkModel | None = None
     ratio: float | None = None
 
+    def __str__(self):
+        """The ``--link`` text this spec was parsed from."""
+        return self.fixed.name if self.fixed is not None else f"ratio:{self.ratio:g}"
+
     def resolve(self, compute_s, bytes_per_collective, collectives, world_size) -> LinkModel:
         if self.fixed is not None:
             return self.fixed

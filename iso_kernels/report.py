@@ -1,0 +1,88 @@
+"""The prefill job's report: one typed record that ``cli`` prints, ``--json`` writes (``to_json``) and the
+benchmarks read."""
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from .metrics import OverlapMetrics
+
+
+@dataclass(frozen=True)
+class TrialCandidate:
+    """One plan the split trial timed: its chunk ends, the cost model's prediction and the measured median."""
+
+    ends: tuple
+    predicted_iso_ms: float
+    measured_iso_ms: float
+
+
+@dataclass
+class PrefillReport:
+    """Rank 0's account of one prefill job. ms are the slowest rank's; ``runs_ms`` holds every timed run per
+    schedule: "serial" (unsplit), "iso" (ISO over ``bounds``) and, when both ran, "serial-chunks" (serial over
+    ISO's chunks, whose logits must equal ISO's bit for bit)."""
+
+    tp: int
+    seq_len: int
+    batch: int
+    device: str  # "cpu x<cores>" or the GPU's name
+    dtype: str
+    comm_backend: str  # "none" at TP 1 without a link
+    link: dict | None  # the emulated link's LinkModel fields, or None
+    bounds: list  # ISO's chunks as (start, end) token positions
+    compute_only_ms: float  # the unsplit prefill without any all-reduce
+    predicted_serial_ms: float  # nan where the prompt was too short to calibrate on
+    predicted_iso_ms: float
+    runs_ms: dict
+    overlap: OverlapMetrics | None = None  # when both schedules ran
+    max_abs_diff: float | None = None  # max |iso - serial| over the logits, when both ran
+    agree: bool | None = None  # max_abs_diff within the dtype's tolerance
+    iso_equals_serial_same_chunks: bool | None = None
+    trial: list = field(default_factory=list)  # TrialCandidate per plan the split trial timed (auto only)
+    trial_ms: float = 0.0  # what that trial cost, 0 when the plan came from the cache or the user
+    generated: list | None = None  # greedy token ids after the prompt, per batch row
+    lanes: dict | None = None  # {(schedule, rank): timeline rows of its last run} with --trace
+    logits: dict | None = None  # {schedule: fp32 logits (batch, seq, vocab)} with --save-logits
+
+    @property
+    def chunks(self):
+        return len(self.bounds)
+
+    @property
+    def split(self):
+        """The second chunk's start for two chunks, else every chunk end (the JSON's ``split``)."""
+        ends = [end for _, end in self.bounds]
+        return ends[0] if len(ends) == 2 else ends
+
+    def median_ms(self, schedule):
+        return statistics.median(self.runs_ms[schedule]) if schedule in self.runs_ms else math.nan
+
+    @property
+    def serial_ms(self):
+        return self.median_ms("serial")
+
+    @property
+    def iso_ms(self):
+        return self.median_ms("iso")
+
+    def to_json(self) -> dict:
+        """The report as flat JSON keys: ``<schedule>_ms`` (median) and ``<schedule>_runs_ms`` per schedule,
+        the overlap metrics' fields, the agreement checks; lanes and logits are written by their own options."""
+        out = dict(tp=self.tp, seq_len=self.seq_len, batch=self.batch, device=self.device, dtype=self.dtype,
+                   comm_backend=self.comm_backend, link=self.link, split=self.split, chunks=self.chunks,
+                   bounds=self.bounds, compute_only_ms=self.compute_only_ms,
+                   predicted_serial_ms=self.predicted_serial_ms, predicted_iso_ms=self.predicted_iso_ms)
+        for schedule, runs in self.runs_ms.items():
+            out[f"{schedule}_ms"] = self.median_ms(schedule)
+            out[f"{schedule}_runs_ms"] = runs
+        if self.overlap is not None:
+            out.update(dataclasses.asdict(self.overlap))
+        if self.agree is not None:
+            out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
+                       max_abs_diff=self.max_abs_diff, agree=self.agree)
+        if self.trial:
+            out.update(trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms)
+        out["generated"] = self.generated
+        return out
