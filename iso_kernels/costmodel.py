@@ -473,28 +473,3 @@ def choose_split(costs: LayerCosts, n_layers: int, seq_len: int, batch: int = 1,
         return [seq_len]
     return [int(e) for e in best]
 
-
-# --- the prefill's split policy ---
-MAX_AUTO_CHUNKS = 4
-# The calibrated model's error (bench/README.md: up to ~30% on the CPU dev machine) dwarfs the few percent
-# between nearby splits, and there its uneven two-chunk splits never beat the even ones. So an uneven split
-# must be predicted this much faster than the even split with the same number of chunks to be used.
-UNEVEN_SPLIT_MIN_GAIN = 0.03
-
-
-def prefill_split(costs: LayerCosts | None, n_layers: int, seq_len: int, chunks: int | None = None, *,
-                  batch: int = 1, hidden: int, dtype_bytes: int) -> ChunkSplit:
-    """The ISO chunks of a prefill when the user fixed no split: ``chunks`` chunks (None: the solver's choice
-    of up to MAX_AUTO_CHUNKS), the even split without ``costs`` (a prompt too short to calibrate on) or when an
-    uneven split is not predicted at least UNEVEN_SPLIT_MIN_GAIN faster than the even one."""
-    if costs is None:
-        return ChunkSplit.even(seq_len, chunks or min(2, seq_len))
-    kw = {"batch": batch, "hidden": hidden, "dtype_bytes": dtype_bytes}
-    ends = choose_split(costs, n_layers, seq_len, max_chunks=chunks or MAX_AUTO_CHUNKS, min_gain=0.0, **kw)
-    if chunks and len(ends) != chunks:
-        ends = balanced_split(costs, seq_len, chunks)
-    even = ChunkSplit.even(seq_len, len(ends))
-    if predict(costs, n_layers, seq_len, ends, **kw).iso_s > (1 - UNEVEN_SPLIT_MIN_GAIN) * predict(
-            costs, n_layers, seq_len, even, **kw).iso_s:
-        return even
-    return ChunkSplit(tuple(ends))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import calibration, checkpoint, comm, costmodel, hardware, launch, schedule, tp
+from . import calibration, checkpoint, comm, costmodel, hardware, launch, planner, schedule, tp
 from .metrics import broadcast, max_over_ranks, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
 from .report import PrefillReport
@@ -198,7 +198,7 @@ def _plan(prefill, compute_only_s):
     costs = calibration.fitted_costs(prefill, compute_only_s)
     split = requested_split(cfg, seq_len)
     if split is None:
-        split = costmodel.prefill_split(costs, model.args.n_layer, seq_len, cfg.chunks, **prefill.predict_kw())
+        split = planner.prefill_split(costs, model.args.n_layer, seq_len, cfg.chunks, **prefill.predict_kw())
     # Every rank must run the same chunks (or their collectives mismatch): rank 0's choice is everyone's.
     split = broadcast(split)
     predicted = costmodel.predict(costs, model.args.n_layer, seq_len, split, **prefill.predict_kw()) \

@@ -113,12 +113,16 @@ def _columns(chunks):
 
 def format_table(rows, chunks=(2, "auto"), markdown=False) -> str:
     cols = _columns(chunks)
-    cells = [[header for header, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
+    return render_table([[header for header, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows], markdown)
+
+
+def render_table(cells, markdown=False) -> str:
+    """Rows of strings, the first the header, as a Markdown table or right-aligned plain columns."""
     if markdown:
         lines = ["| " + " | ".join(line) + " |" for line in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in cols) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
         return "\n".join(lines)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
