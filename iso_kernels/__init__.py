@@ -7,4 +7,13 @@ __version__ = "0.1.0"
 
 from ._ext import build_info  # noqa: E402
 
-__all__ = ["build_info", "__version__"]
+__all__ = ["Plan", "__version__", "build_info", "plan"]
+
+
+def __getattr__(name):
+    """``plan`` and ``Plan`` (``iso_kernels.planner``: the cost model, numpy) load on first use."""
+    if name in ("plan", "Plan"):
+        from . import planner
+
+        return getattr(planner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

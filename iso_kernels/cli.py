@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import comm, compile_report, engine, simulate
+from . import comm, compile_report, engine, planner, simulate
 from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
 from .report import PrefillReport
 
@@ -19,6 +19,7 @@ DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside
 
 prefill   run serial and ISO prefill on the same prompt over a TP group, check they agree, report timings
 simulate  predict serial vs ISO prefill on the paper's hardware (RTX 4090 PCIe, A800 NVLink) from datasheets
+plan      whether and where to split a prompt, from the cost model (--table: the decision table)
 compile-report  compile every Triton kernel for sm_80/89/90 (no GPU needed): registers, spills, shared memory
 """
 
@@ -184,6 +185,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     _prefill_arguments(sub.add_parser("prefill", help="serial vs ISO prefill on a TP group"))
     simulate.add_arguments(sub.add_parser("simulate", help="predict ISO on the paper's hardware"))
+    planner.add_arguments(sub.add_parser("plan", help="whether and where to split a prompt"))
     compile_report.add_arguments(sub.add_parser("compile-report", help="compile the kernels for sm_80/89/90"))
     args = parser.parse_args(argv)
     one_line_warnings()
@@ -191,6 +193,8 @@ def main(argv=None):
         with _stop_signals():
             if args.command == "simulate":
                 return simulate.run(args)
+            if args.command == "plan":
+                return planner.run(args)
             if args.command == "compile-report":
                 return compile_report.run(args)
             _check_extras(args)
