@@ -137,6 +137,14 @@ def format_report(report: PrefillReport):
              f"device={report.device} dtype={report.dtype} comm={report.comm_backend}"
              + (f" link={report.link['name']}" if report.link else ""),
              f"chunks={report.chunks} bounds={report.bounds}"]
+    if report.plan == "cached":
+        lines.append("split                the split trial's choice for this bucket, cached (--recalibrate times "
+                     "the candidates again)")
+    elif report.trial:
+        lines.append(f"split trial          {len(report.trial)} candidates in {report.trial_ms / 1e3:.2f} s "
+                     "(ISO ms: measured / predicted); the fastest is used")
+        lines += [f"  {list(c.ends)!s:<19}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:.2f}"
+                  for c in report.trial]
     lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
     for name, predicted in (("serial", report.predicted_serial_ms), ("iso", report.predicted_iso_ms)):
         if name in report.runs_ms:

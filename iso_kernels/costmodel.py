@@ -22,10 +22,8 @@ into the per-token terms (a fit absorbs them; the datasheet model ignores them).
 """
 
 import dataclasses
-import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import envs
-from .cache import locked, write_text_atomically
+from .cache import KeyedJsonFile
 from .hardware import HardwareSpec, ring_factor
 from .split import ChunkSplit
 
@@ -194,55 +192,21 @@ def default_cache_path() -> Path:
     return envs.cache_dir() / "calibration.json"
 
 
-def _normalized_key(key: dict) -> dict:
-    if not isinstance(key, dict):
-        raise TypeError(f"key must be a dict of machine/model descriptors, got {type(key).__name__}")
-    try:
-        return json.loads(json.dumps(key, sort_keys=True))
-    except TypeError as exc:
-        raise TypeError(f"key must be JSON-serialisable: {exc}") from None
-
-
-def _read_entries(path: Path, *, warn=True) -> list:
-    """The file's entries as (key, LayerCosts); an unreadable, truncated or malformed file counts as empty
-    (with a warning when loading), so the caller calibrates again and its save replaces the file."""
-    try:
-        entries = json.loads(path.read_text())["entries"]
-        return [(entry["key"], LayerCosts(**entry["costs"])) for entry in entries]
-    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder for one: saving will say)
-        return []
-    except OSError as exc:
-        problem = exc.strerror
-    except (ValueError, KeyError, TypeError) as exc:  # not JSON, cut short, or not our layout
-        problem = f"{type(exc).__name__}: {exc}"
-    if warn:
-        warnings.warn(f"ignoring unreadable calibration cache {path} ({problem}); calibrating again", stacklevel=3)
-    return []
+def _calibration_file(path: os.PathLike | None) -> KeyedJsonFile:
+    return KeyedJsonFile(path if path is not None else default_cache_path(), "calibration", "calibrating again",
+                         parse=lambda value: LayerCosts(**value))
 
 
 def save_calibration(path: os.PathLike | None, costs: LayerCosts, key: dict) -> Path | None:
     """Store ``costs`` under ``key`` (replacing an entry with the same key); ``path=None`` = default cache.
     Returns the path, or None (with a warning) when it cannot be written: the costs are then just not cached.
     """
-    path = Path(path) if path is not None else default_cache_path()
-    key = _normalized_key(key)
-    try:
-        with locked(path):  # read, add, write as one step, so runs saving at once keep each other's entries
-            entries = [{"key": k, "costs": dataclasses.asdict(c)} for k, c in _read_entries(path, warn=False)
-                       if k != key]
-            entries.append({"key": key, "costs": dataclasses.asdict(costs)})
-            write_text_atomically(path, json.dumps({"version": 1, "entries": entries}, indent=1))
-    except OSError as exc:
-        warnings.warn(f"calibration not cached: cannot write {path} ({exc.strerror or exc})", stacklevel=2)
-        return None
-    return path
+    return _calibration_file(path).save(key, dataclasses.asdict(costs))
 
 
 def load_calibration(path: os.PathLike | None, key: dict) -> LayerCosts | None:
-    """The costs stored under exactly ``key``, else None."""
-    path = Path(path) if path is not None else default_cache_path()
-    key = _normalized_key(key)
-    return next((costs for k, costs in _read_entries(path) if k == key), None)
+    """The costs stored under exactly ``key``, else None (with a warning if the file is unreadable)."""
+    return _calibration_file(path).load(key)
 
 
 # --- schedule simulation ---

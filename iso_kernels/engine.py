@@ -7,7 +7,9 @@ joins the existing group) and returns rank 0's ``PrefillReport``. ``prefill_rank
 import dataclasses
 import math
 import os
+import statistics
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import calibration, checkpoint, comm, costmodel, hardware, launch, planner, schedule, tp
+from . import calibration, checkpoint, comm, costmodel, envs, hardware, launch, planner, schedule, tp
+from .cache import KeyedJsonFile
 from .metrics import broadcast, max_over_ranks, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
-from .report import PrefillReport
+from .report import PrefillReport, TrialCandidate
 from .split import ChunkSplit
 
 # A thread lock only: tqdm's default lock adds a multiprocessing semaphore, which a rank stopped by a signal
@@ -136,9 +139,10 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
         # No-communication time of the unsplit prefill: the floor, and what a ratio link is derived from.
         compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
         prefill.communicator = _open_communicator(prefill, compute_only_s)
-        split, predicted = _plan(prefill, compute_only_s)
+        split, predicted, trial = _plan(prefill, compute_only_s)
         logits, runs, traces = _timed_runs(prefill, split, show_progress=rank == 0)
         report = _report(prefill, split, predicted, compute_only_s, logits, runs, traces)
+        report.plan, report.trial, report.trial_ms = trial.source, trial.candidates, trial.seconds * 1e3
         report.generated = _greedy_decode(prefill, logits[_decode_from(cfg)], cfg.generate)
     if prefill.communicator is not None:
         prefill.communicator.close()
@@ -193,17 +197,97 @@ def _open_communicator(prefill, compute_only_s):
 
 
 def _plan(prefill, compute_only_s):
-    """(the ISO chunks, their predicted times or None), the same on every rank."""
+    """(the ISO chunks, their predicted times or None, the split trial), the same on every rank."""
     cfg, model, seq_len = prefill.cfg, prefill.model, prefill.seq_len
     costs = calibration.fitted_costs(prefill, compute_only_s)
-    split = requested_split(cfg, seq_len)
+    split, trial = requested_split(cfg, seq_len), _Trial()
     if split is None:
-        split = planner.prefill_split(costs, model.args.n_layer, seq_len, cfg.chunks, **prefill.predict_kw())
-    # Every rank must run the same chunks (or their collectives mismatch): rank 0's choice is everyone's.
-    split = broadcast(split)
+        split, trial = _chosen_split(prefill, costs)
     predicted = costmodel.predict(costs, model.args.n_layer, seq_len, split, **prefill.predict_kw()) \
         if costs else None
-    return split, predicted
+    return split, predicted, trial
+
+
+# --- the split trial ---
+# The planner proposes, a measurement disposes: on the CPU dev machine the calibrated model's error (up to
+# ~30 %, bench/README.md) exceeds the gaps between its best splits, so its few best candidates (always with the
+# unsplit prompt and the paper's two even chunks) are timed here, one warm-up round and TRIAL_REPEATS timed
+# rounds, interleaved so that drifting load hits each alike. The choice is cached per model, TP size, batch,
+# length bucket, machine, dtype and link; --recalibrate times them again.
+TRIAL_CANDIDATES = 4
+TRIAL_REPEATS = 3
+
+
+@dataclass
+class _Trial:
+    """How the split was chosen: ``source`` is "given" (by the user), "trial" (timed now), "cached" or "off"
+    (no communication to hide)."""
+
+    source: str = "given"
+    candidates: list = dataclasses.field(default_factory=list)  # TrialCandidate per timed split
+    seconds: float = 0.0  # the trial's cost
+
+
+def _candidates(prefill, costs):
+    """The splits worth timing: the planner's best (by the cost model), or without costs (a prompt too short
+    to calibrate on) the unsplit prompt and its even split; only ``--chunks`` chunks where that is fixed."""
+    seq_len, chunks = prefill.seq_len, prefill.cfg.chunks
+    if costs is not None:
+        ranked = planner.candidate_plans(costs, prefill.model.args.n_layer, seq_len,
+                                         keep=TRIAL_CANDIDATES if chunks is None else 3 * chunks,
+                                         max_chunks=chunks or planner.MAX_AUTO_CHUNKS, **prefill.predict_kw())
+    else:
+        ranked = [ChunkSplit((seq_len,))] + ([ChunkSplit.even(seq_len, 2)] if seq_len >= 2 else [])
+    if chunks is None:
+        return ranked
+    fixed = ChunkSplit.even(seq_len, chunks)
+    return ([fixed] + [c for c in ranked if len(c) == chunks and c != fixed])[:TRIAL_CANDIDATES]
+
+
+def _length_bucket(seq_len):
+    """Prompts of one power-of-two bucket share a cached split trial (its ends kept as fractions)."""
+    return 1 << max(0, seq_len - 1).bit_length()
+
+
+def _chosen_split(prefill, costs):
+    """(the fastest candidate on these ranks, the trial that found it), from the cache where it holds one."""
+    candidates, seq_len = _candidates(prefill, costs), prefill.seq_len
+    if prefill.communicator is None and prefill.cfg.chunks is None:
+        return ChunkSplit((seq_len,)), _Trial("off")  # no all-reduce to hide: chunks could only cost
+    if len(candidates) == 1:
+        return candidates[0], _Trial()
+    key = dict(calibration.cache_key(prefill, kind="split-trial"), seq_len=_length_bucket(seq_len),
+               chunks=prefill.cfg.chunks)
+    store = _trial_file()
+    cached = store.load(key) if dist.get_rank() == 0 and not prefill.cfg.recalibrate else None
+    cached = broadcast(cached)
+    if cached is not None:
+        return ChunkSplit.from_fractions(seq_len, cached), _Trial("cached")
+    trial = _timed_trial(prefill, candidates, costs)
+    best = min(trial.candidates, key=lambda c: (c.measured_iso_ms, len(c.ends)))
+    if dist.get_rank() == 0:
+        store.save(key, [end / seq_len for end in best.ends])
+    return ChunkSplit(best.ends), trial
+
+
+def _trial_file():
+    return KeyedJsonFile(envs.cache_dir() / "split_trials.json", "split trial", "timing the candidates again")
+
+
+def _timed_trial(prefill, candidates, costs):
+    """Time ISO over each candidate split (the slowest rank's, so every rank sees the same numbers)."""
+    start = time.perf_counter()
+    seconds = {split: [] for split in candidates}
+    for round_ in range(1 + TRIAL_REPEATS):
+        for split in candidates:
+            _, elapsed, _ = traced_run(lambda t, s=split: prefill.run(s, "iso", t), prefill.device)
+            if round_ > 0:
+                seconds[split].append(elapsed)
+    n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
+    timed = [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
+                            if costs else math.nan, statistics.median(seconds[split]) * 1e3)
+             for split in candidates]
+    return _Trial("trial", timed, max_over_ranks(time.perf_counter() - start))
 
 
 def _timed_runs(prefill, split, show_progress):

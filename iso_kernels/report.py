@@ -40,8 +40,10 @@ class PrefillReport:
     max_abs_diff: float | None = None  # max |iso - serial| over the logits, when both ran
     agree: bool | None = None  # max_abs_diff within the dtype's tolerance
     iso_equals_serial_same_chunks: bool | None = None
-    trial: list = field(default_factory=list)  # TrialCandidate per plan the split trial timed (auto only)
-    trial_ms: float = 0.0  # what that trial cost, 0 when the plan came from the cache or the user
+    plan: str = "given"  # where the split came from: "given" (by the user), "trial" (timed now), "cached"
+    # (an earlier trial's) or "off" (no communication to hide, so the prompt stays whole)
+    trial: list = field(default_factory=list)  # TrialCandidate per split the trial timed
+    trial_ms: float = 0.0  # what the trial cost
     generated: list | None = None  # greedy token ids after the prompt, per batch row
     lanes: dict | None = None  # {(schedule, rank): timeline rows of its last run} with --trace
     logits: dict | None = None  # {schedule: fp32 logits (batch, seq, vocab)} with --save-logits
@@ -82,7 +84,6 @@ class PrefillReport:
         if self.agree is not None:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
-        if self.trial:
-            out.update(trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms)
+        out.update(plan=self.plan, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms)
         out["generated"] = self.generated
         return out

@@ -46,6 +46,13 @@ class ChunkSplit:
             raise ValueError(f"split {where} is outside the prompt (1 .. {seq_len - 1})")
         return cls((where, seq_len))
 
+    @classmethod
+    def from_fractions(cls, seq_len, fractions):
+        """The split of a ``seq_len``-token prompt whose chunk ends sit at ``fractions`` of it (the last 1.0);
+        ends that round onto each other merge."""
+        ends = sorted({max(1, min(seq_len, round(f * seq_len))) for f in fractions} | {seq_len})
+        return cls(tuple(ends))
+
     @property
     def seq_len(self):
         return self.ends[-1]

@@ -1,6 +1,7 @@
 """``python -m iso_kernels prefill``: a full run on the tiny preset, and one clear error line for bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -114,6 +115,36 @@ def test_config_without_required_keys(tmp_path, capsys):
 
 def test_short_prompt_runs_without_calibration(tmp_path):
     report_path = tmp_path / "r.json"
-    assert cli.main(TINY + ["--tp", "1", "--seq-len", "3", "--json", str(report_path)]) == 0
+    assert cli.main(TINY + ["--tp", "2", "--seq-len", "3", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["bounds"] == [[0, 2], [2, 3]] and report["agree"]
+    assert report["plan"] == "trial" and {tuple(c["ends"]) for c in report["trial"]} == {(3,), (2, 3)}
+    assert math.isnan(report["predicted_iso_ms"]) and report["agree"]
+
+
+def test_nothing_to_overlap_keeps_the_prompt_whole(tmp_path):
+    report_path = tmp_path / "r.json"
+    assert cli.main(TINY + ["--tp", "1", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["plan"] == "off" and report["bounds"] == [[0, 40]] and report["iso_equals_serial_same_chunks"]
+
+
+def test_split_auto_times_its_candidates_once_then_uses_the_cached_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISO_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    run = TINY + ["--tp", "2", "--link", "ratio:1.0", "--seq-len", "48", "--generate", "0"]
+
+    def report(*extra):
+        path = tmp_path / "report.json"
+        assert cli.main(run + ["--json", str(path), *extra]) == 0
+        return json.loads(path.read_text())
+
+    first = report()
+    assert first["plan"] == "trial" and first["trial_ms"] > 0
+    timed = {tuple(c["ends"]): c["measured_iso_ms"] for c in first["trial"]}
+    assert {(48,), (24, 48)} <= set(timed)  # the unsplit prompt and the paper's two even chunks, always
+    assert all(math.isfinite(c["predicted_iso_ms"]) for c in first["trial"])
+    assert tuple(end for _, end in first["bounds"]) == min(timed, key=timed.get)
+    again = report()
+    assert again["plan"] == "cached" and again["trial"] == [] and again["bounds"] == first["bounds"]
+    assert report("--recalibrate")["plan"] == "trial"
+    three = report("--chunks", "3")
+    assert three["plan"] != "cached" and three["chunks"] == 3  # its own cache entry, not the auto one's

@@ -70,3 +70,9 @@ def test_policy_gives_the_chunks_asked_for():
     for chunks in (1, 2, 3, 4):
         assert len(prefill_split(costs, 10, 1024, chunks, **UNIT)) == chunks
     assert 1 <= len(prefill_split(costs, 10, 1024, **UNIT)) <= planner.MAX_AUTO_CHUNKS
+
+
+def test_from_fractions_scales_a_split_to_another_length():
+    assert ChunkSplit.from_fractions(64, [0.59375, 1.0]) == ChunkSplit((38, 64))
+    assert ChunkSplit.from_fractions(60, [0.59375, 1.0]) == ChunkSplit((36, 60))
+    assert ChunkSplit.from_fractions(3, [0.1, 0.2, 1.0]) == ChunkSplit((1, 3))  # ends that round together merge
