@@ -124,28 +124,13 @@ def requested_split(cfg, seq_len) -> ChunkSplit | None:
 # --- per-rank job ---
 def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
     """One rank of the prefill job; rank 0 returns the report."""
-    job = resolve(cfg)
-    if job.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    torch.manual_seed(cfg.seed)
-    model = checkpoint.load_checkpoint(job.folder, rank=rank, world_size=world_size, device=job.device,
-                                       dtype=job.dtype)
-    tokens = cfg.tokens
-    if tokens is None:
-        tokens = torch.randint(0, job.args.vocab_size, (cfg.batch, cfg.seq_len))
-    prefill = _Prefill(cfg, model, tokens.to(job.device), job.device, job.dtype)
-    model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
     with torch.inference_mode():
-        # No-communication time of the unsplit prefill: the floor, and what a ratio link is derived from.
-        compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
-        prefill.communicator = _open_communicator(prefill, compute_only_s)
-        split, predicted, trial = _plan(prefill, compute_only_s)
-        logits, runs, traces = _timed_runs(prefill, split, show_progress=rank == 0)
-        report = _report(prefill, split, predicted, compute_only_s, logits, runs, traces)
-        report.plan, report.trial, report.trial_ms = trial.source, trial.candidates, trial.seconds * 1e3
+        prefill, compute_only_s = open_prefill(rank, world_size, cfg)
+        choice = choose_split(prefill, compute_only_s)
+        logits, runs, traces = _timed_runs(prefill, choice.split, show_progress=rank == 0)
+        report = _report(prefill, choice, compute_only_s, logits, runs, traces)
         report.generated = _greedy_decode(prefill, logits[_decode_from(cfg)], cfg.generate)
-    if prefill.communicator is not None:
-        prefill.communicator.close()
+    prefill.close()
     report.lanes = _gathered_lanes(traces) if cfg.trace else None
     # Leave together: a rank that exits while a peer's gloo pair still expects traffic makes that peer's
     # transport thread abort ("Connection reset by peer"), seen under torchrun.
@@ -157,8 +142,28 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
     return report
 
 
+def open_prefill(rank, world_size, cfg: PrefillConfig):
+    """(this rank's ``Prefill``: model shard, prompt, communicator; the no-communication time of the unsplit
+    prefill, the slowest rank's), in an initialised process group, under ``torch.inference_mode``."""
+    job = resolve(cfg)
+    if job.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.manual_seed(cfg.seed)
+    model = checkpoint.load_checkpoint(job.folder, rank=rank, world_size=world_size, device=job.device,
+                                       dtype=job.dtype)
+    tokens = cfg.tokens
+    if tokens is None:
+        tokens = torch.randint(0, job.args.vocab_size, (cfg.batch, cfg.seq_len))
+    prefill = Prefill(cfg, model, tokens.to(job.device), job.device, job.dtype)
+    model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
+    # The floor of any schedule, and what a ratio link is derived from.
+    compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
+    prefill.communicator = _open_communicator(prefill, compute_only_s)
+    return prefill, compute_only_s
+
+
 @dataclass
-class _Prefill:
+class Prefill:
     """One rank's prefill: the model shard, the prompt, and the TP group's communicator (None at TP=1
     without a link)."""
 
@@ -185,6 +190,10 @@ class _Prefill:
         return schedule.forward(self.model, self.tokens, self.communicator, split, schedule=mode,
                                 timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
 
+    def close(self):
+        if self.communicator is not None:
+            self.communicator.close()
+
 
 def _open_communicator(prefill, compute_only_s):
     """The TP group's communicator (None at TP=1 without a link), over the emulated link ``cfg.link``."""
@@ -196,16 +205,13 @@ def _open_communicator(prefill, compute_only_s):
     return comm.make_communicator(cfg.comm_backend, link=link)
 
 
-def _plan(prefill, compute_only_s):
-    """(the ISO chunks, their predicted times or None, the split trial), the same on every rank."""
-    cfg, model, seq_len = prefill.cfg, prefill.model, prefill.seq_len
+def choose_split(prefill, compute_only_s) -> "SplitChoice":
+    """The ISO chunks (the user's, or the split trial's), the same on every rank, and the fitted costs."""
     costs = calibration.fitted_costs(prefill, compute_only_s)
-    split, trial = requested_split(cfg, seq_len), _Trial()
-    if split is None:
-        split, trial = _chosen_split(prefill, costs)
-    predicted = costmodel.predict(costs, model.args.n_layer, seq_len, split, **prefill.predict_kw()) \
-        if costs else None
-    return split, predicted, trial
+    split = requested_split(prefill.cfg, prefill.seq_len)
+    if split is not None:
+        return SplitChoice(split, "given", costs)
+    return _tried_split(prefill, costs)
 
 
 # --- the split trial ---
@@ -219,13 +225,16 @@ TRIAL_REPEATS = 3
 
 
 @dataclass
-class _Trial:
-    """How the split was chosen: ``source`` is "given" (by the user), "trial" (timed now), "cached" or "off"
-    (no communication to hide)."""
+class SplitChoice:
+    """The ISO chunks and how they were chosen: ``source`` is "given" (by the user), "trial" (timed now),
+    "cached" (an earlier trial's) or "off" (no communication to hide); ``costs``: the fitted cost model (None
+    for a prompt too short to calibrate on)."""
 
-    source: str = "given"
-    candidates: list = dataclasses.field(default_factory=list)  # TrialCandidate per timed split
-    seconds: float = 0.0  # the trial's cost
+    split: ChunkSplit
+    source: str
+    costs: costmodel.LayerCosts | None
+    trial: list = dataclasses.field(default_factory=list)  # TrialCandidate per timed split
+    trial_s: float = 0.0  # the trial's cost
 
 
 def _candidates(prefill, costs):
@@ -249,45 +258,45 @@ def _length_bucket(seq_len):
     return 1 << max(0, seq_len - 1).bit_length()
 
 
-def _chosen_split(prefill, costs):
-    """(the fastest candidate on these ranks, the trial that found it), from the cache where it holds one."""
+def _tried_split(prefill, costs):
+    """The fastest candidate on these ranks, from the cache where it holds one."""
     candidates, seq_len = _candidates(prefill, costs), prefill.seq_len
     if prefill.communicator is None and prefill.cfg.chunks is None:
-        return ChunkSplit((seq_len,)), _Trial("off")  # no all-reduce to hide: chunks could only cost
+        return SplitChoice(ChunkSplit((seq_len,)), "off", costs)  # no all-reduce to hide: chunks only cost
     if len(candidates) == 1:
-        return candidates[0], _Trial()
+        return SplitChoice(candidates[0], "given", costs)
     key = dict(calibration.cache_key(prefill, kind="split-trial"), seq_len=_length_bucket(seq_len),
                chunks=prefill.cfg.chunks)
     store = _trial_file()
     cached = store.load(key) if dist.get_rank() == 0 and not prefill.cfg.recalibrate else None
     cached = broadcast(cached)
     if cached is not None:
-        return ChunkSplit.from_fractions(seq_len, cached), _Trial("cached")
-    trial = _timed_trial(prefill, candidates, costs)
-    best = min(trial.candidates, key=lambda c: (c.measured_iso_ms, len(c.ends)))
+        return SplitChoice(ChunkSplit.from_fractions(seq_len, cached), "cached", costs)
+    start = time.perf_counter()
+    trial = time_iso_splits(prefill, candidates, costs, TRIAL_REPEATS)
+    best = min(trial, key=lambda c: (c.measured_iso_ms, len(c.ends)))
     if dist.get_rank() == 0:
         store.save(key, [end / seq_len for end in best.ends])
-    return ChunkSplit(best.ends), trial
+    return SplitChoice(ChunkSplit(best.ends), "trial", costs, trial, max_over_ranks(time.perf_counter() - start))
 
 
 def _trial_file():
     return KeyedJsonFile(envs.cache_dir() / "split_trials.json", "split trial", "timing the candidates again")
 
 
-def _timed_trial(prefill, candidates, costs):
-    """Time ISO over each candidate split (the slowest rank's, so every rank sees the same numbers)."""
-    start = time.perf_counter()
-    seconds = {split: [] for split in candidates}
-    for round_ in range(1 + TRIAL_REPEATS):
-        for split in candidates:
+def time_iso_splits(prefill, splits, costs, repeats):
+    """A TrialCandidate per split: ISO over it, one warm-up round then ``repeats`` rounds, interleaved (the
+    slowest rank's times, so every rank sees the same numbers)."""
+    seconds = {split: [] for split in splits}
+    for round_ in range(1 + repeats):
+        for split in splits:
             _, elapsed, _ = traced_run(lambda t, s=split: prefill.run(s, "iso", t), prefill.device)
             if round_ > 0:
                 seconds[split].append(elapsed)
     n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
-    timed = [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
-                            if costs else math.nan, statistics.median(seconds[split]) * 1e3)
-             for split in candidates]
-    return _Trial("trial", timed, max_over_ranks(time.perf_counter() - start))
+    return [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
+                           if costs else math.nan, statistics.median(seconds[split]) * 1e3)
+            for split in splits]
 
 
 def _timed_runs(prefill, split, show_progress):
@@ -316,17 +325,22 @@ def _timed_runs(prefill, split, show_progress):
     return logits, runs, traces
 
 
-def _report(prefill, split, predicted, compute_only_s, logits, runs, traces) -> PrefillReport:
+def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillReport:
     """The report of the timed runs; the overlap metrics and the logits' agreement when both schedules ran."""
-    communicator = prefill.communicator
+    communicator, costs = prefill.communicator, choice.costs
     link = getattr(communicator, "link", None)
+    predicted = costmodel.predict(costs, prefill.model.args.n_layer, prefill.seq_len, choice.split,
+                                  **prefill.predict_kw()) if costs else None
     report = PrefillReport(
-        tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=prefill.batch, device=hardware.device_name(prefill.device),
-        dtype=str(prefill.dtype), comm_backend=getattr(communicator, "inner", communicator).name if communicator
-        else "none", link=dataclasses.asdict(link) if link is not None else None, bounds=split.bounds(),
-        compute_only_ms=compute_only_s * 1e3, predicted_serial_ms=predicted.serial_s * 1e3 if predicted else math.nan,
+        tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=prefill.batch,
+        device=hardware.device_name(prefill.device), dtype=str(prefill.dtype),
+        comm_backend=getattr(communicator, "inner", communicator).name if communicator else "none",
+        link=dataclasses.asdict(link) if link is not None else None, bounds=choice.split.bounds(),
+        compute_only_ms=compute_only_s * 1e3,
+        predicted_serial_ms=predicted.serial_s * 1e3 if predicted else math.nan,
         predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan,
-        runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()})
+        runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()},
+        plan=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3)
     if prefill.cfg.mode == "both":
         report.overlap = overlap_metrics(report.serial_ms, report.iso_ms, traces,
                                          has_comm=report.comm_backend != "none")
