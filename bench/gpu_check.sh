@@ -21,7 +21,7 @@ KILL_GRACE_S=5
 # import transformers at collection. tests/test_gpu_check.py checks this list against the tests' markers and
 # imports.
 GPU_TEST_FILES="tests/test_chunked_attention.py tests/test_comm_nccl.py tests/test_add_rms_norm.py"
-GPU_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py"
+GPU_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py tests/test_chunked_attention_varlen.py"
 # The plan, the single place that says what runs: step name, limit in seconds, command (run by bash -c with
 # $PYTHON and $OUT set). The limits must sum to at most BUDGET_S; the steps run in this order.
 PLAN="\

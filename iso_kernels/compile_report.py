@@ -176,6 +176,27 @@ def _attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start, caus
                 lambda: chunked_attention_fwd(q, kv, kv, q_start, causal, head_dim ** -0.5))
 
 
+def _varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, batch, total_q, kv_capacity, block_size,
+                           causal=True):
+    """``batch`` sequences of ``total_q`` queries in all, each over up to ``kv_capacity`` keys: a contiguous
+    (batch, kv_capacity, ...) cache for ``block_size`` None, else pages of ``block_size`` through a block table
+    (the launch reads no index values, so meta tensors stand for them)."""
+    from triton_ops.chunked_attention_varlen import chunked_attention_varlen_fwd
+
+    q = _meta(total_q, n_heads, head_dim, dtype=dtype)
+    index = _meta(batch + 1, dtype=torch.int32), _meta(batch, dtype=torch.int32)
+    if block_size is None:
+        kv, block_table, cache = _meta(batch, kv_capacity, n_kv_heads, head_dim, dtype=dtype), None, "contiguous"
+    else:
+        blocks_per_seq = -(-kv_capacity // block_size)
+        kv = _meta(batch * blocks_per_seq, block_size, n_kv_heads, head_dim, dtype=dtype)
+        block_table, cache = _meta(batch, blocks_per_seq, dtype=torch.int32), f"pages of {block_size}"
+    name = (f"hd{head_dim} {n_heads}/{n_kv_heads} heads {batch} seqs {total_q} queries over <={kv_capacity} keys, "
+            f"{cache}{'' if causal else ' non-causal'}")
+    return Case("chunked_attention_varlen", name, dtype,
+                lambda: chunked_attention_varlen_fwd(q, kv, kv, *index, block_table, causal, head_dim ** -0.5))
+
+
 # Llama-2/3-70B (hidden 8192, intermediate 28672) row-parallel GEMMs: (label, N, K) at TP 4 and 8.
 LLAMA_70B_ROW_PARALLEL = [("o_proj TP4", 8192, 2048), ("down_proj TP4", 8192, 7168),
                           ("o_proj TP8", 8192, 1024), ("down_proj TP8", 8192, 3584)]
@@ -218,6 +239,9 @@ def cases(matrix="main"):
             _attention_case(bf16, 128, 8, 1, 4096, 1536),  # 70B at TP8: 64/8 heads -> 8/1 per rank
             _attention_case(bf16, 64, 32, 8, 4096, 1536),
             _attention_case(fp32, 128, 8, 1, 4096, 1536),
+            _varlen_attention_case(bf16, 128, 8, 1, 16, 4096, 8192, None),
+            _varlen_attention_case(bf16, 128, 8, 1, 16, 4096, 8192, 16),
+            _varlen_attention_case(fp32, 128, 8, 1, 16, 4096, 8192, 16),
             _gemm_case(bf16, "o_proj TP8", 8192, 1024, 4096, None),
             _gemm_case(bf16, "down_proj TP4", 8192, 7168, 4096, 128),
             _gemm_case(fp32, "o_proj TP8", 8192, 1024, 4096, None),
@@ -232,6 +256,11 @@ def cases(matrix="main"):
             for seq_len, q_start in ((4096, 0), (4096, 1536), (16384, 7001)):
                 found.append(_attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start))
             found.append(_attention_case(dtype, head_dim, n_heads, n_kv_heads, 4096, 0, causal=False))
+            for block_size in (None, 16, 256):
+                found.append(_varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, 16, 4096, 8192,
+                                                    block_size))
+            found.append(_varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, 16, 4096, 8192, 64,
+                                                causal=False))
         for label, n, k in LLAMA_70B_ROW_PARALLEL:
             for m in (4096, 16384, 9383):
                 found.append(_gemm_case(dtype, label, n, k, m, None))
@@ -297,9 +326,11 @@ def _jit_functions():
     """(autotuner or None, jit function) of every kernel a case may launch."""
     from triton.runtime.autotuner import Autotuner
 
-    from triton_ops import add_rms_norm, chunked_attention, gemm_signal, merge_attention_states
+    from triton_ops import (add_rms_norm, chunked_attention, chunked_attention_varlen, gemm_signal,
+                            merge_attention_states)
 
-    kernels = [chunked_attention._chunked_attention_fwd_kernel, gemm_signal._gemm_signal_kernel,
+    kernels = [chunked_attention._chunked_attention_fwd_kernel,
+               chunked_attention_varlen._chunked_attention_varlen_fwd_kernel, gemm_signal._gemm_signal_kernel,
                add_rms_norm._add_rms_norm_kernel, merge_attention_states._merge_attention_states_kernel]
     return [(k, k.fn) if isinstance(k, Autotuner) else (None, k) for k in kernels]
 

@@ -38,6 +38,44 @@ def chunked_attention_ref(q, k, v, *, q_start=None, causal=True, softmax_scale=N
     return out.to(q.dtype), lse
 
 
+
+def varlen_attention_per_sequence(attend, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table=None):
+    """Run ``attend(q_i, k_i, v_i) -> (out_i, lse_i)`` on each sequence of a varlen batch; pack the results.
+
+    q: (total_q, n_heads, head_dim) with sequence i at rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``; its keys
+    are the first ``seqused_k[i]`` of row i of k_cache, v_cache (batch, max_kv, n_kv_heads, head_dim), or with
+    ``block_table`` (batch, max_blocks_per_seq) of the pages ``block_table[i, :]`` of k_cache, v_cache
+    (num_blocks, block_size, n_kv_heads, head_dim), in that order. ``attend`` gets them with a batch of one
+    (q_i: (1, len_q_i, n_heads, head_dim), k_i, v_i: (1, seqused_k[i], n_kv_heads, head_dim)) and returns out_i
+    like q_i and lse_i (1, n_heads, len_q_i). Returns out (total_q, n_heads, head_dim), lse (n_heads, total_q).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    bounds, kv_lens = cu_seqlens_q.tolist(), seqused_k.tolist()
+    for seq, kv_len in enumerate(kv_lens):
+        if block_table is None:
+            k, v = k_cache[seq, :kv_len], v_cache[seq, :kv_len]
+        else:
+            pages = block_table[seq, :-(-kv_len // k_cache.shape[1])].long()
+            k, v = (cache[pages].flatten(0, 1)[:kv_len] for cache in (k_cache, v_cache))
+        begin, end = bounds[seq], bounds[seq + 1]
+        out_i, lse_i = attend(q[None, begin:end], k[None], v[None])
+        out[begin:end], lse[:, begin:end] = out_i[0], lse_i[0]
+    return out, lse
+
+
+def chunked_attention_varlen_ref(q, k_cache, v_cache, *, cu_seqlens_q, seqused_k, block_table=None, causal=True,
+                                 softmax_scale=None, upcast=True):
+    """``chunked_attention_ref`` of each sequence of a varlen batch over its keys (see
+    ``varlen_attention_per_sequence`` for the layouts), bottom-right causal: query j of sequence i sees keys
+    ``0 .. seqused_k[i] - len_q_i + j``. Returns ``(out, lse)``: out (total_q, n_heads, head_dim) in q's dtype,
+    lse (n_heads, total_q) fp32."""
+
+    def attend(q_i, k_i, v_i):
+        return chunked_attention_ref(q_i, k_i, v_i, causal=causal, softmax_scale=softmax_scale, upcast=upcast)
+
+    return varlen_attention_per_sequence(attend, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)
+
 def merge_attention_states_ref(out_a, lse_a, out_b, lse_b):
     """Combine two attentions of the same queries over disjoint key ranges.
 

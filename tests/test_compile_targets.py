@@ -25,6 +25,7 @@ ARCHS = (80, 89, 90)
 # Opt-in shared memory per block, from the CUDA programming guide's table (not from the report's own table).
 SHARED_MEMORY_KIB = {80: 163, 89: 99, 90: 227}
 MAX_SPILL_STORE_BYTES = 64
+MATMUL_KERNELS = ("chunked_attention", "chunked_attention_varlen", "gemm_signal")  # the kernels built on tl.dot
 # Cold Triton cache, 2 busy cores: ~3 minutes for the main matrix, ~20 for the full one.
 TIMEOUT_S = {"main": 900, "full": 3600}[MATRIX]
 
@@ -98,8 +99,7 @@ def test_the_launcher_drops_only_what_does_not_fit(rows):
 
 def test_16bit_gemm_and_attention_run_on_tensor_cores(rows):
     """wgmma (SASS HGMMA) on sm_90, mma.sync (HMMA) on sm_80/89."""
-    matmul_kernels = ("chunked_attention", "gemm_signal")
-    checked = [r for r in _kept(rows) if r["kernel"] in matmul_kernels and r["dtype"] in ("bfloat16", "float16")]
+    checked = [r for r in _kept(rows) if r["kernel"] in MATMUL_KERNELS and r["dtype"] in ("bfloat16", "float16")]
     assert {r["arch"] for r in checked} == set(ARCHS)
     wrong = [f"{_label(r)}: {r['tensor_core_op']}" for r in checked
              if r["tensor_core_op"] != ("HGMMA" if r["arch"] == 90 else "HMMA")]
@@ -109,7 +109,7 @@ def test_16bit_gemm_and_attention_run_on_tensor_cores(rows):
 def test_fp32_stays_on_its_documented_path(rows):
     """fp32 attention and GEMM are exact (ieee dots on the FMA units); GEMM uses TF32 tensor cores exactly
     when torch allows TF32 (the ``tf32`` cases)."""
-    fp32 = [r for r in _kept(rows) if r["kernel"] in ("chunked_attention", "gemm_signal") and r["dtype"] == "float32"]
+    fp32 = [r for r in _kept(rows) if r["kernel"] in MATMUL_KERNELS and r["dtype"] == "float32"]
     assert fp32
     for row in fp32:
         mix = json.loads(row["sass"])

@@ -12,6 +12,7 @@ import torch
 
 import triton_ops.add_rms_norm
 import triton_ops.chunked_attention
+import triton_ops.chunked_attention_varlen
 import triton_ops.gemm_signal
 import triton_ops.merge_attention_states
 from iso_kernels import checkpoint, ops
@@ -19,11 +20,15 @@ from iso_kernels import checkpoint, ops
 # (custom op, the Triton launcher its CUDA kernel calls, a call of the public function on CPU tensors)
 x, w, res = torch.randn(20, 64), torch.randn(12, 64), torch.randn(20, 64)
 q, lse = torch.randn(1, 5, 2, 64), torch.randn(1, 2, 5)
+cu_seqlens_q, seqused_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([4, 3], dtype=torch.int32)
 CALLS = [
     ("add_rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.add_rms_norm(x, res, w[0], 1e-6)),
     ("rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.rms_norm(x, w[0], 1e-6)),
     ("chunked_attention", triton_ops.chunked_attention, "chunked_attention_fwd",
      lambda: ops.chunked_attention(q, q, q)),
+    ("chunked_attention_varlen", triton_ops.chunked_attention_varlen, "chunked_attention_varlen_fwd",
+     lambda: ops.chunked_attention_varlen(q[0], q.expand(2, 5, 2, 64), q.expand(2, 5, 2, 64),
+                                          cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k)),
     ("gemm_signal", triton_ops.gemm_signal, "gemm_signal", lambda: ops.gemm_signal(x, w)),
     ("merge_attention_states", triton_ops.merge_attention_states, "merge_attention_states",
      lambda: ops.merge_attention_states(q, lse, q, lse)),
@@ -91,6 +96,10 @@ def test_ops_run_without_gpu_or_interpreter():
         "out, lse = ops.chunked_attention(q, q, q, return_lse=True)\n"
         "sdpa = torch.nn.functional.scaled_dot_product_attention(*[q.transpose(1, 2)] * 3, is_causal=True)\n"
         "assert torch.allclose(out, sdpa.transpose(1, 2), atol=1e-5)\n"
+        "cu, used = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([3, 7], dtype=torch.int32)\n"
+        "kv = torch.cat([q, q]).expand(2, 7, 2, 16)\n"
+        "varlen = ops.chunked_attention_varlen(q[0], kv, kv, cu_seqlens_q=cu, seqused_k=used)\n"
+        "assert torch.allclose(varlen[3:], out[0, 3:], atol=1e-6), 'the second sequence: the last 4 queries of 7'\n"
         "merged, _ = ops.merge_attention_states(out, lse, out, lse)\n"
         "assert torch.allclose(merged, out, atol=1e-6)\n"
         "import sys; assert not [m for m in sys.modules if m.startswith('triton_ops')], 'a kernel was imported'\n"

@@ -44,27 +44,48 @@ _CONFIGS_FP32 = [
 _INTERPRETER_CONFIG = config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
-def _keep(configs_, named_args, **kwargs):
+def keep_attention_configs(kernel, named_args, kwargs):
     """The configs of the input's dtype that compile for this device without spilling and within its shared
-    memory (see ``_config.keep_fitting``)."""
+    memory (see ``_config.keep_fitting``): the ``early_config_prune`` of the attention kernels (``kernel``, an
+    autotuned kernel whose query argument is ``q_ptr``)."""
     arguments = launch_arguments(named_args, kwargs)
     if arguments["q_ptr"].dtype == torch.float32:
-        return keep_fitting(_chunked_attention_fwd_kernel.fn, _CONFIGS_FP32, arguments, first_fit=True)
-    return keep_fitting(_chunked_attention_fwd_kernel.fn, _CONFIGS_16BIT, arguments)
+        return keep_fitting(kernel.fn, _CONFIGS_FP32, arguments, first_fit=True)
+    return keep_fitting(kernel.fn, _CONFIGS_16BIT, arguments)
+
+
+def _keep(configs_, named_args, **kwargs):
+    return keep_attention_configs(_chunked_attention_fwd_kernel, named_args, kwargs)
+
+
+def dot_options(dtype):
+    """The dot constexprs for inputs of ``dtype``: fp32 operands when interpreting bf16 (the interpreter's bf16
+    arithmetic is wrong), and exact products for fp32 inputs, like torch's default matmul, not TF32."""
+    return {"DOT_F32": interpreting() and dtype == torch.bfloat16,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 @triton.jit
 def _chunked_attention_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, row_limit,
-    stride_kn, stride_vn, kv_len, qk_scale, start_n, end_n,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit,
+    stride_kp, stride_kn, stride_vp, stride_vn, kv_len, qk_scale, start_n, end_n,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if PAGE_SIZE == 0:  # key n at row n of the sequence's keys
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
     for _ in range(start_n, end_n, BLOCK_N):
+        if PAGE_SIZE > 0:  # key n at slot n % PAGE_SIZE of page page_table[n // PAGE_SIZE]
+            if MASKED:
+                page = tl.load(page_table_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0).to(tl.int64)
+            else:
+                page = tl.load(page_table_ptr + offs_n // PAGE_SIZE).to(tl.int64)
+            slot = offs_n % PAGE_SIZE
+            k_ptrs = k_base + (page * stride_kp + slot * stride_kn)[:, None] + offs_d[None, :]
+            v_ptrs = v_base + (page * stride_vp + slot * stride_vn)[:, None] + offs_d[None, :]
         # --- scores ---
         if MASKED:
             k = tl.load(k_ptrs, mask=(offs_n < kv_len)[:, None], other=0.0)
@@ -91,9 +112,63 @@ def _chunked_attention_fwd_inner(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
         offs_n += BLOCK_N
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if PAGE_SIZE == 0:
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
+
+
+@triton.jit
+def _chunked_attention_fwd_tile(
+    q_base, k_base, v_base, out_base, lse_base, page_table_ptr,
+    stride_qm, stride_kp, stride_kn, stride_vp, stride_vn, stride_om,
+    start_m, q_len, kv_len, q_start, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Query rows ``start_m * BLOCK_M + [0, BLOCK_M)`` of one sequence and head, of ``q_len``, over its keys
+    ``[0, kv_len)``: writes their output and LSE. ``q_base``, ``out_base`` and ``lse_base`` point at the head's
+    row 0 (LSE rows contiguous); ``k_base``/``v_base`` at the head's key 0, or with ``PAGE_SIZE`` at the head in
+    page 0 of a pool whose page stride is ``stride_kp``/``stride_vp``, pages listed by ``page_table_ptr``."""
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = offs_m < q_len
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    # --- key ranges: [0, full_end) seen by every row of the block, [.., band_end) seen by some ---
+    if CAUSAL:
+        row_limit = tl.minimum(q_start + offs_m, kv_len - 1)
+        full_end = q_start + start_m * BLOCK_M + 1
+        band_end = q_start + tl.minimum((start_m + 1) * BLOCK_M, q_len)
+    else:
+        row_limit = tl.full([BLOCK_M], kv_len - 1, tl.int64)
+        full_end = kv_len
+        band_end = kv_len
+    n_full = full_end // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = qk_scale * LOG2_E  # scores go to base 2 once, here
+    acc, l_i, m_i = _chunked_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit, stride_kp, stride_kn, stride_vp, stride_vn,
+        kv_len, qk_scale, 0, n_full, False, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_F32, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _chunked_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit, stride_kp, stride_kn, stride_vp, stride_vn,
+        kv_len, qk_scale, n_full, band_end, True, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_F32, DOT_PRECISION,
+    )
+
+    # --- epilogue: normalise, natural-log LSE ---
+    # Only kv_len == 0 (non-causal, empty key range) leaves l_i == 0: output 0 and LSE -inf, as merging expects.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) / LOG2_E
+    out_ptrs = out_base + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_base.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
 @triton.autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
@@ -118,49 +193,13 @@ def _chunked_attention_fwd_kernel(
     bh = tl.program_id(1).to(tl.int64)
     batch, head = bh // n_heads, bh % n_heads
     kv_head = head // group_size
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = offs_m < q_len
-
-    q_ptrs = q_ptr + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
-
-    # --- key ranges: [0, full_end) seen by every row of the block, [.., band_end) seen by some ---
-    if CAUSAL:
-        row_limit = tl.minimum(q_start + offs_m, kv_len - 1)
-        full_end = q_start + start_m * BLOCK_M + 1
-        band_end = q_start + tl.minimum((start_m + 1) * BLOCK_M, q_len)
-    else:
-        row_limit = tl.full([BLOCK_M], kv_len - 1, tl.int64)
-        full_end = kv_len
-        band_end = kv_len
-    n_full = full_end // BLOCK_N * BLOCK_N
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    qk_scale = qk_scale * LOG2_E  # scores go to base 2 once, here
-    acc, l_i, m_i = _chunked_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, row_limit, stride_kn, stride_vn, kv_len, qk_scale, 0, n_full,
-        False, HEAD_DIM, BLOCK_N, DOT_F32, DOT_PRECISION,
+    _chunked_attention_fwd_tile(
+        q_ptr + batch * stride_qb + head * stride_qh, k_ptr + batch * stride_kb + kv_head * stride_kh,
+        v_ptr + batch * stride_vb + kv_head * stride_vh, out_ptr + batch * stride_ob + head * stride_oh,
+        lse_ptr + batch * stride_lb + head * stride_lh, None,
+        stride_qm, 0, stride_kn, 0, stride_vn, stride_om, start_m, q_len, kv_len, q_start, qk_scale,
+        HEAD_DIM, CAUSAL, 0, DOT_F32, DOT_PRECISION, BLOCK_M, BLOCK_N,
     )
-    acc, l_i, m_i = _chunked_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, row_limit, stride_kn, stride_vn, kv_len, qk_scale, n_full, band_end,
-        True, HEAD_DIM, BLOCK_N, DOT_F32, DOT_PRECISION,
-    )
-
-    # --- epilogue: normalise, natural-log LSE ---
-    # Only kv_len == 0 (non-causal, empty key range) leaves l_i == 0: output 0 and LSE -inf, as merging expects.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = (m_i + tl.math.log2(l_safe)) / LOG2_E
-    out_ptrs = out_ptr + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
-    tl.store(lse_ptr + batch * stride_lb + head * stride_lh + offs_m, lse, mask=row_mask)
 
 
 def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
@@ -193,10 +232,7 @@ def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
         lse.stride(0), lse.stride(1),
         n_heads, n_heads // n_kv_heads, q_len, kv_len, q_start if causal else 0, softmax_scale,
         triton.next_power_of_2(q_len), triton.next_power_of_2(max(kv_len, 1)),
-        HEAD_DIM=head_dim, CAUSAL=causal,
-        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
-        # fp32 inputs: exact products like torch's default matmul, not TF32.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, CAUSAL=causal, **dot_options(q.dtype),
     )
     return out, lse
 
