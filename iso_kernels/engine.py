@@ -273,7 +273,7 @@ def _tried_split(prefill, costs):
     if cached is not None:
         return SplitChoice(ChunkSplit.from_fractions(seq_len, cached), "cached", costs)
     start = time.perf_counter()
-    trial = time_iso_splits(prefill, candidates, costs, TRIAL_REPEATS)
+    trial = _timed_candidates(prefill, candidates, costs)
     best = min(trial, key=lambda c: (c.measured_iso_ms, len(c.ends)))
     if dist.get_rank() == 0:
         store.save(key, [end / seq_len for end in best.ends])
@@ -284,19 +284,26 @@ def _trial_file():
     return KeyedJsonFile(envs.cache_dir() / "split_trials.json", "split trial", "timing the candidates again")
 
 
-def time_iso_splits(prefill, splits, costs, repeats):
-    """A TrialCandidate per split: ISO over it, one warm-up round then ``repeats`` rounds, interleaved (the
-    slowest rank's times, so every rank sees the same numbers)."""
-    seconds = {split: [] for split in splits}
+def timed_rounds(prefill, plans, repeats):
+    """Seconds of each (split, schedule) plan per timed round: one warm-up round, then ``repeats`` rounds in
+    which every plan runs once, the order rotated each round so no plan always follows the same one. The
+    slowest rank's times, so every rank sees the same numbers."""
+    seconds = [[] for _ in plans]
     for round_ in range(1 + repeats):
-        for split in splits:
-            _, elapsed, _ = traced_run(lambda t, s=split: prefill.run(s, "iso", t), prefill.device)
+        for i in [(round_ + j) % len(plans) for j in range(len(plans))]:
+            split, mode = plans[i]
+            _, elapsed, _ = traced_run(lambda t, s=split, m=mode: prefill.run(s, m, t), prefill.device)
             if round_ > 0:
-                seconds[split].append(elapsed)
+                seconds[i].append(elapsed)
+    return seconds
+
+
+def _timed_candidates(prefill, splits, costs):
     n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
+    seconds = timed_rounds(prefill, [(split, "iso") for split in splits], TRIAL_REPEATS)
     return [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
-                           if costs else math.nan, statistics.median(seconds[split]) * 1e3)
-            for split in splits]
+                           if costs else math.nan, statistics.median(times) * 1e3)
+            for split, times in zip(splits, seconds)]
 
 
 def _timed_runs(prefill, split, show_progress):
