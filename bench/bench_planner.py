@@ -14,6 +14,8 @@ picked in its own, earlier trial and is measured here without that bonus.
 """
 
 import argparse
+import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -25,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import common
-from iso_kernels import comm, engine, launch, planner
+from iso_kernels import comm, costmodel, engine, launch, planner
 from iso_kernels.split import ChunkSplit
 
 LINKS = ["ratio:0.25", "ratio:0.5", "ratio:1.0", "ratio:2.0"]
@@ -36,7 +38,8 @@ PLANS = ("auto", "even-2", "none", "best")
 
 
 def _compare_rank(rank, world_size, cfg, repeats):
-    """Rank 0: {"serial": [ms per round], "splits": {ends: [ms per round]}, "auto": ends, "trial_ms": ms}."""
+    """Rank 0: {"serial": [ms per round], "splits": {ends: [ms per round]}, "predicted": {ends: (ms by the
+    calibrated model, ms by the model the trial corrected)}, "auto": ends, "trial_ms": ms, ...}."""
     with torch.inference_mode():
         prefill, compute_only_s = engine.open_prefill(rank, world_size, cfg)
         choice = engine.choose_split(prefill, compute_only_s)
@@ -46,13 +49,18 @@ def _compare_rank(rank, world_size, cfg, repeats):
         splits = list(dict.fromkeys([ChunkSplit((seq_len,)), ChunkSplit.even(seq_len, 2), choice.split, *ranked]))
         seconds = engine.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
                                       + [(split, "iso") for split in splits], repeats)
+        n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
+        predicted = {split.ends: tuple(costmodel.predict(costs, n_layer, seq_len, split, **kw).iso_s * 1e3
+                                       for costs in (choice.calibrated_costs, choice.costs))
+                     for split in splits} if choice.costs else {}
     prefill.close()
     dist.barrier()
     if rank != 0:
         return None
     to_ms = [[t * 1e3 for t in times] for times in seconds]
     return {"serial": to_ms[0], "splits": {split.ends: ms for split, ms in zip(splits, to_ms[1:])},
-            "auto": choice.split.ends, "trial_ms": choice.trial_s * 1e3, "compute_only_ms": compute_only_s * 1e3}
+            "predicted": predicted, "auto": choice.split.ends, "trial_ms": choice.trial_s * 1e3,
+            "correction": dataclasses.asdict(choice.correction), "compute_only_ms": compute_only_s * 1e3}
 
 
 def reductions(serial_ms, iso_ms):
@@ -79,11 +87,21 @@ def summarize(measured):
             for plan, ends in chosen.items()}
 
 
+def prediction_errors(measured):
+    """(before, after): mean |predicted - measured| / measured in percent over every timed split, by the
+    calibrated model and by the model the split trial corrected; nan without predictions."""
+    errors = [[abs(predicted[i] - statistics.median(measured["splits"][ends])) / statistics.median(
+        measured["splits"][ends]) for ends, predicted in measured["predicted"].items()] for i in (0, 1)]
+    return tuple(100 * statistics.mean(e) if e else math.nan for e in errors)
+
+
 def rows_for_point(seq_len, link, measured, setup):
     """Tidy CSV rows: serial and each plan's ms, each plan's reduction with its spread."""
     base = {"op": "iso_planner", "mode": link, "x_name": "seq_len", "x_value": seq_len}
+    before, after = prediction_errors(measured)
     config = {**setup, "auto": list(measured["auto"]), "trial_ms": measured["trial_ms"],
-              "compute_only_ms": measured["compute_only_ms"], "candidates": len(measured["splits"])}
+              "compute_only_ms": measured["compute_only_ms"], "candidates": len(measured["splits"]),
+              "correction": measured["correction"], "prediction_error_pct": [before, after]}
     rows = [{**base, "provider": "serial", "metric": "ms", "unit": "ms",
              **dict(zip(("p50", "p20", "p80"), quantiles(measured["serial"]))), "config_json": config}]
     for plan, (ends, reduction, iso_ms) in summarize(measured).items():
@@ -98,7 +116,7 @@ def summary_table(measured_by_point):
     """Markdown: per (link, seq_len), each plan's median reduction [p20, p80] and auto's gap to even-2 and
     best in points (the issue's bar: >= -3 and >= -4)."""
     header = ("| link | seq_len | serial ms | auto: split, R | even-2 R | none R | best: split, R "
-              "| auto - even-2 | auto - best |")
+              "| auto - even-2 | auto - best | pred. error before / after |")
     lines = [header, "|---" * header.count(" |") + "|"]
 
     def cell(reduction):
@@ -111,7 +129,8 @@ def summary_table(measured_by_point):
         lines.append(f"| {link} | {seq_len} | {statistics.median(measured['serial']):.1f} "
                      f"| {list(plans['auto'][0])}, {cell(plans['auto'][1])} | {cell(plans['even-2'][1])} "
                      f"| {cell(plans['none'][1])} | {list(plans['best'][0])}, {cell(plans['best'][1])} "
-                     f"| {r['auto'] - r['even-2']:+.1f} | {r['auto'] - r['best']:+.1f} |")
+                     f"| {r['auto'] - r['even-2']:+.1f} | {r['auto'] - r['best']:+.1f} "
+                     "| {:.1f}% / {:.1f}% |".format(*prediction_errors(measured)))
     return "\n".join(lines)
 
 

@@ -142,9 +142,12 @@ def format_report(report: PrefillReport):
                      "the candidates again)")
     elif report.trial:
         lines.append(f"split trial          {len(report.trial)} candidates in {report.trial_ms / 1e3:.2f} s "
-                     "(ISO ms: measured / predicted); the fastest is used")
+                     "(ISO ms: measured / predicted by the calibration); the fastest is used")
         lines += [f"  {list(c.ends)!s:<19}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:.2f}"
                   for c in report.trial]
+        correction = report.model_correction
+        lines.append(f"model correction     blocks {1e3 * correction['block_offset_s']:+.3f} ms each, "
+                     f"compute x {correction['compute_scale']:.3f} (fitted to the trial; the predictions below)")
     lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
     for name, predicted in (("serial", report.predicted_serial_ms), ("iso", report.predicted_iso_ms)):
         if name in report.runs_ms:

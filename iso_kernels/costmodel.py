@@ -353,6 +353,66 @@ def predict(costs: LayerCosts, n_layers: int, seq_len: int, split: ChunkSplit | 
     return Prediction(ends, serial.total_s, iso.total_s, iso.compute_s, iso.comm_s, bound)
 
 
+# --- correcting the model with measured plans ---
+# Offsets tried per refinement pass, and passes (each narrows the range around the best offset 20-fold).
+OFFSET_GRID = 41
+OFFSET_PASSES = 3
+# A corrected model keeps at least this share of its calibrated compute (the measured unsplit prefill could
+# otherwise be explained by communication alone).
+MIN_COMPUTE_SCALE = 0.05
+
+
+@dataclass(frozen=True)
+class PlanCorrection:
+    """What timed plans say the calibration missed: ``block_offset_s`` added to every attention and MLP block's
+    fixed cost, then compute terms times ``compute_scale``."""
+
+    block_offset_s: float = 0.0
+    compute_scale: float = 1.0
+
+    def apply(self, costs: LayerCosts) -> LayerCosts:
+        shifted = dataclasses.replace(costs, attn_fixed=costs.attn_fixed + self.block_offset_s,
+                                      mlp_fixed=costs.mlp_fixed + self.block_offset_s)
+        return shifted.scaled(compute=self.compute_scale)
+
+
+def fit_plan_correction(costs: LayerCosts, n_layers: int, seq_len: int, measured: dict, batch: int = 1, *,
+                        hidden: int, dtype_bytes: int) -> PlanCorrection:
+    """The correction that best explains ``measured`` ({chunk ends: ISO seconds} of several splits of one
+    prompt, the unsplit one among them), in relative error.
+
+    The per-block offset (may be negative) stands for what a block timed alone does not pay but a chunked
+    prefill pays per chunk (smaller GEMMs running less efficiently, a real collective's fixed cost under an
+    emulated link, kernel and Python overheads), or saves per chunk (on CPU, chunks skip part of attention's
+    masked triangle); for each offset tried, the compute scale makes the unsplit prompt's prediction equal
+    its measurement, so the offset is fitted to the differences between plans.
+    """
+    if (seq_len,) not in measured or len(measured) < 2:
+        raise ValueError("measured needs the unsplit prompt and at least one split")
+    kw = {"batch": batch, "hidden": hidden, "dtype_bytes": dtype_bytes}
+    splits = list(measured)
+    times = np.array([measured[ends] for ends in splits])
+
+    def correction(offset):
+        unsplit = simulate_prefill(PlanCorrection(offset).apply(costs), n_layers, seq_len, [seq_len], **kw)
+        scale = (measured[(seq_len,)] - unsplit.comm_s) / unsplit.compute_s
+        return PlanCorrection(offset, max(scale, MIN_COMPUTE_SCALE))
+
+    def error(offset):
+        corrected = correction(offset).apply(costs)
+        predicted = np.array([simulate_prefill(corrected, n_layers, seq_len, ends, **kw).total_s for ends in splits])
+        return float(np.sum(((predicted - times) / times) ** 2))
+
+    serial = simulate_prefill(costs, n_layers, seq_len, [seq_len], **kw).total_s
+    low, high = -min(costs.attn_fixed, costs.mlp_fixed), serial / (2 * n_layers)  # a block can't cost < 0
+    best = 0.0
+    for _ in range(OFFSET_PASSES):
+        best = float(min(np.linspace(low, high, OFFSET_GRID), key=error))
+        width = (high - low) / 20
+        low, high = max(low, best - width), best + width
+    return correction(best)
+
+
 # --- split solver ---
 def balanced_split(costs: LayerCosts, seq_len: int, n_chunks: int) -> list:
     """Chunk ends that equalise chunk compute. Tokens [0, x) cost W(x) = a*x^2 + b*x beyond fixed terms

@@ -227,14 +227,21 @@ TRIAL_REPEATS = 3
 @dataclass
 class SplitChoice:
     """The ISO chunks and how they were chosen: ``source`` is "given" (by the user), "trial" (timed now),
-    "cached" (an earlier trial's) or "off" (no communication to hide); ``costs``: the fitted cost model (None
-    for a prompt too short to calibrate on)."""
+    "cached" (an earlier trial's) or "off" (no communication to hide). ``calibrated_costs``: the cost model
+    fitted to this job's blocks (None for a prompt too short to calibrate on); ``correction``: what the
+    trial's times add to it."""
 
     split: ChunkSplit
     source: str
-    costs: costmodel.LayerCosts | None
+    calibrated_costs: costmodel.LayerCosts | None
     trial: list = dataclasses.field(default_factory=list)  # TrialCandidate per timed split
     trial_s: float = 0.0  # the trial's cost
+    correction: costmodel.PlanCorrection = costmodel.PlanCorrection()
+
+    @property
+    def costs(self):
+        """The cost model corrected by the trial."""
+        return self.correction.apply(self.calibrated_costs) if self.calibrated_costs else None
 
 
 def _candidates(prefill, costs):
@@ -271,13 +278,27 @@ def _tried_split(prefill, costs):
     cached = store.load(key) if dist.get_rank() == 0 and not prefill.cfg.recalibrate else None
     cached = broadcast(cached)
     if cached is not None:
-        return SplitChoice(ChunkSplit.from_fractions(seq_len, cached), "cached", costs)
+        split = ChunkSplit.from_fractions(seq_len, cached["fractions"])
+        return SplitChoice(split, "cached", costs, correction=costmodel.PlanCorrection(**cached["correction"]))
     start = time.perf_counter()
     trial = _timed_candidates(prefill, candidates, costs)
     best = min(trial, key=lambda c: (c.measured_iso_ms, len(c.ends)))
+    correction = _fitted_correction(prefill, costs, trial)
     if dist.get_rank() == 0:
-        store.save(key, [end / seq_len for end in best.ends])
-    return SplitChoice(ChunkSplit(best.ends), "trial", costs, trial, max_over_ranks(time.perf_counter() - start))
+        store.save(key, {"fractions": [end / seq_len for end in best.ends],
+                         "correction": dataclasses.asdict(correction)})
+    return SplitChoice(ChunkSplit(best.ends), "trial", costs, trial, max_over_ranks(time.perf_counter() - start),
+                       correction)
+
+
+def _fitted_correction(prefill, costs, trial):
+    """What the trial's times say the calibration missed (none without costs, or without the unsplit prompt
+    among the candidates to compare with)."""
+    measured = {c.ends: c.measured_iso_ms / 1e3 for c in trial}
+    if costs is None or (prefill.seq_len,) not in measured:
+        return costmodel.PlanCorrection()
+    return costmodel.fit_plan_correction(costs, prefill.model.args.n_layer, prefill.seq_len, measured,
+                                         **prefill.predict_kw())
 
 
 def _trial_file():
@@ -347,7 +368,8 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
         predicted_serial_ms=predicted.serial_s * 1e3 if predicted else math.nan,
         predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan,
         runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()},
-        plan=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3)
+        plan=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3,
+        model_correction=dataclasses.asdict(choice.correction))
     if prefill.cfg.mode == "both":
         report.overlap = overlap_metrics(report.serial_ms, report.iso_ms, traces,
                                          has_comm=report.comm_backend != "none")

@@ -11,7 +11,8 @@ from .metrics import OverlapMetrics
 
 @dataclass(frozen=True)
 class TrialCandidate:
-    """One plan the split trial timed: its chunk ends, the cost model's prediction and the measured median."""
+    """One plan the split trial timed: its chunk ends, the calibrated model's prediction (before the trial
+    corrected it) and the measured median."""
 
     ends: tuple
     predicted_iso_ms: float
@@ -44,6 +45,7 @@ class PrefillReport:
     # (an earlier trial's) or "off" (no communication to hide, so the prompt stays whole)
     trial: list = field(default_factory=list)  # TrialCandidate per split the trial timed
     trial_ms: float = 0.0  # what the trial cost
+    model_correction: dict = field(default_factory=dict)  # costmodel.PlanCorrection the trial fitted
     generated: list | None = None  # greedy token ids after the prompt, per batch row
     lanes: dict | None = None  # {(schedule, rank): timeline rows of its last run} with --trace
     logits: dict | None = None  # {schedule: fp32 logits (batch, seq, vocab)} with --save-logits
@@ -84,6 +86,7 @@ class PrefillReport:
         if self.agree is not None:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
-        out.update(plan=self.plan, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms)
+        out.update(plan=self.plan, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms,
+                   model_correction=self.model_correction)
         out["generated"] = self.generated
         return out

@@ -328,3 +328,18 @@ def test_scaled_scales_compute_and_comm_separately():
     assert tripled.mlp_block(100) == costs.mlp_block(100)
     with pytest.raises(ValueError, match="factors"):
         costs.scaled(compute=0.0)
+
+
+@pytest.mark.parametrize("offset", [2e-3, -4e-4])
+def test_fit_plan_correction_recovers_a_per_chunk_cost_the_calibration_missed(offset):
+    from iso_kernels.costmodel import PlanCorrection, fit_plan_correction
+
+    costs, kw = LayerCosts(1e-3, 1e-5, 1e-8, 1e-3, 2e-5, 1e-4, 1e8), {"hidden": 512, "dtype_bytes": 4}
+    truth = PlanCorrection(offset, 1.3).apply(costs)
+    splits = [(512,), (256, 512), (170, 340, 512), (128, 256, 384, 512)]
+    measured = {ends: simulate_prefill(truth, 8, 512, list(ends), **kw).total_s for ends in splits}
+    fitted = fit_plan_correction(costs, 8, 512, measured, **kw)
+    assert fitted.block_offset_s == pytest.approx(offset, rel=0.01)
+    assert fitted.compute_scale == pytest.approx(1.3, rel=0.01)
+    with pytest.raises(ValueError, match="unsplit"):
+        fit_plan_correction(costs, 8, 512, {(256, 512): 1.0, (128, 512): 1.0}, **kw)
