@@ -242,7 +242,8 @@ def candidate_plans(costs: LayerCosts, n_layers: int, seq_len: int, *, batch: in
     """The cost model's best ``keep`` splits of a ``seq_len``-token prompt, best predicted first, plus the
     unsplit ``(L,)`` and the even two-chunk split (when L >= 2) wherever they rank: for every chunk count
     up to ``max_chunks``, the solver's best split (``choose_split``), the equal-compute split
-    (``balanced_split``) and the even split, deduplicated. Deterministic (ties: fewer chunks, then earlier
+    (``balanced_split``) and the even split, without splits within ``granularity`` tokens of a better one
+    (the unsplit and even two-chunk splits excepted). Deterministic (ties: fewer chunks, then earlier
     ends); an engine times these on the real ranks and keeps the fastest."""
     for name, value in (("n_layers", n_layers), ("seq_len", seq_len), ("keep", keep),
                         ("max_chunks", max_chunks)):
@@ -256,9 +257,16 @@ def candidate_plans(costs: LayerCosts, n_layers: int, seq_len: int, *, batch: in
                        ChunkSplit.even(seq_len, k)}
     timed = sorted((simulate_prefill(costs, n_layers, seq_len, c, **kw).total_s, len(c), c.ends, c)
                    for c in candidates)
-    ranked = [c for *_, c in timed]
     must = [unsplit] + ([ChunkSplit.even(seq_len, 2)] if seq_len >= 2 else [])
+    ranked = []
+    for *_, c in timed:  # a split within ``granularity`` tokens of a better one would time the same plan again
+        if c in must or not any(_near(c, kept, granularity) for kept in ranked):
+            ranked.append(c)
     return [c for c in ranked if c in ranked[:keep] or c in must]
+
+
+def _near(a: ChunkSplit, b: ChunkSplit, tokens: int) -> bool:
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a.ends, b.ends)) <= tokens
 
 
 # --- the decision table ---
