@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .paged_cache import DEFAULT_BLOCK_SIZE, PackedBatch, PagedCache, PagedKVCache
 
 
 @dataclass
@@ -113,6 +114,11 @@ class KVCache(nn.Module):
         self.v[:, start:end] = v
         return self.k[:, :end], self.v[:, :end]
 
+    def attend(self, q, k, v, start):
+        """Store k, v at [start, start + len) and return the causal attention of q over [0, start + len)."""
+        keys, values = self.update(start, k, v)
+        return ops.chunked_attention(q, keys, values, q_start=start)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -125,7 +131,9 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, start, rope):
-        """x: (batch, n, dim) normed input at positions [start, start + n). Returns the partial o_proj output."""
+        """x: (batch, n, dim) normed input at positions [start, start + n), or (1, total, dim) of a packed
+        stream whose positions a ``PackedBatch`` ``start`` gives (paged caches). Returns the partial o_proj
+        output."""
         batch, n, _ = x.shape
         qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias)
         q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_heads * self.head_dim,
@@ -133,10 +141,10 @@ class Attention(nn.Module):
         q = q.view(batch, n, self.n_head, self.head_dim)
         k = k.view(batch, n, self.n_kv_heads, self.head_dim)
         v = v.view(batch, n, self.n_kv_heads, self.head_dim)
-        cos, sin = rope[0][start:start + n], rope[1][start:start + n]
+        positions = start.positions if isinstance(start, PackedBatch) else slice(start, start + n)
+        cos, sin = rope[0][positions], rope[1][positions]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = self.kv_cache.update(start, k, v)
-        out = ops.chunked_attention(q, keys, values, q_start=start)
+        out = self.kv_cache.attend(q, k, v, start)
         return self.wo(out.reshape(batch, n, -1))
 
 
@@ -205,11 +213,12 @@ class Transformer(nn.Module):
         self.rope = None
 
     def forward(self, tokens, start=0, comm=None):
-        """fp32 logits (batch, n, vocab) of ``tokens`` (batch, n) at positions [start, start + n), unsplit.
+        """fp32 logits (batch, n, vocab) of ``tokens`` (batch, n) at positions [start, start + n), unsplit; or,
+        with a ``PackedBatch`` ``start`` (paged caches), of the packed stream ``tokens`` (1, total).
 
         comm: the tensor-parallel group's ``iso_kernels.comm`` communicator; None at TP=1.
         """
-        self.check_positions(start + tokens.shape[1])
+        self.check_positions(tokens, start)
         residual, update = self.tok_embeddings(tokens), None
         for layer in self.layers:
             out, residual = layer.attention_half(residual, update, start, self.rope)
@@ -223,26 +232,50 @@ class Transformer(nn.Module):
         normed, _ = self.norm.add_forward(update, residual)
         return F.linear(normed, self.output.weight).float()
 
-    def check_positions(self, end):
-        """Refuse positions beyond what ``setup_caches`` allocated (or before it ran)."""
+    def check_positions(self, tokens, start):
+        """Refuse positions beyond what ``setup_caches`` allocated (or before it ran), and a packed batch
+        (``start`` a ``PackedBatch``) unless the caches are the paged ones, or the other way round."""
         if self.rope is None:
             raise RuntimeError("call model.setup_caches(batch, max_seq_len) before running the model")
+        packed = isinstance(start, PackedBatch)
+        if packed != isinstance(self.layers[0].attention.kv_cache, PagedKVCache):
+            raise ValueError("a PackedBatch runs on the caches of setup_paged_caches, positions from an int on "
+                             "those of setup_caches")
+        if packed:
+            start.check_tokens(tokens)
+        end = start.max_end if packed else start + tokens.shape[1]
         if end > self.rope[0].shape[0]:
             raise ValueError(f"positions up to {end} are beyond the {self.rope[0].shape[0]} that setup_caches "
                              "allocated")
 
     def setup_caches(self, batch, max_seq_len):
         """Allocate KV caches and RoPE tables for ``batch`` sequences of up to ``max_seq_len`` tokens."""
+        self._setup_rope(max_seq_len)
+        weight = self.output.weight
+        for layer in self.layers:
+            attention = layer.attention
+            attention.kv_cache = KVCache(batch, max_seq_len, attention.n_kv_heads, attention.head_dim,
+                                         weight.dtype, weight.device)
+
+    def setup_paged_caches(self, num_blocks, max_seq_len, *, block_size=DEFAULT_BLOCK_SIZE):
+        """Allocate every layer's pool of ``num_blocks`` KV pages of ``block_size`` tokens and RoPE tables for
+        requests of up to ``max_seq_len`` tokens; returns the ``PagedCache`` that hands the pages out to
+        requests (``add_request``, then ``append`` gives the ``PackedBatch`` to run)."""
+        self._setup_rope(max_seq_len)
+        weight = self.output.weight
+        for layer in self.layers:
+            attention = layer.attention
+            attention.kv_cache = PagedKVCache(num_blocks, block_size, attention.n_kv_heads, attention.head_dim,
+                                              weight.dtype, weight.device)
+        return PagedCache([layer.attention.kv_cache for layer in self.layers], max_seq_len)
+
+    def _setup_rope(self, max_seq_len):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len} positions")
         if self.args.sliding_window and max_seq_len > self.args.sliding_window:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the sliding window "
                              f"{self.args.sliding_window}, which this model does not implement")
         weight = self.output.weight
-        for layer in self.layers:
-            attention = layer.attention
-            attention.kv_cache = KVCache(batch, max_seq_len, attention.n_kv_heads, attention.head_dim,
-                                         weight.dtype, weight.device)
         self.rope = rope_tables(self.args, max_seq_len, weight.device, weight.dtype)
 
 

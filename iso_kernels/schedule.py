@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .comm import PendingAllReduce
+from .paged_cache import PackedBatch
 from .split import ChunkSplit
 
 SCHEDULES = ("serial", "iso")
@@ -66,11 +67,14 @@ class RowSignal:
 
 
 class _Chunk:
-    """One chunk's residual stream and the all-reduce it still has to wait for."""
+    """One chunk's residual stream and the all-reduce it still has to wait for.
 
-    def __init__(self, start, end, hidden):
-        self.start, self.end = start, end
-        self.residual = hidden
+    start: the position of the chunk's first token (int), or the ``PackedBatch`` of its part of a packed stream.
+    head_rows: which of its rows (dim 1) the LM head runs on: a slice or an index tensor; None for none.
+    """
+
+    def __init__(self, start, hidden, head_rows):
+        self.start, self.residual, self.head_rows = start, hidden, head_rows
         self.pending = None
 
     def take_reduced(self):
@@ -84,11 +88,16 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
     """Run ``tokens`` (batch, n) at positions [start, start + n) through ``model`` in the chunks of ``split``
     (a ``ChunkSplit`` of n tokens; default one chunk); return fp32 logits.
 
+    A packed batch of requests (``iso_kernels.paged_cache``, the model's paged caches) runs the same way:
+    ``start`` is its ``PackedBatch`` and ``tokens`` (1, total) its stream. The split cuts the stream by token
+    count, so a chunk may end inside a request; the request's next chunk attends to it through the cache.
+
     comm: an ``iso_kernels.comm`` communicator of the tensor-parallel group, or None at TP=1.
     schedule: "serial" or "iso". all_logits: logits for every position (batch, n, vocab), else the last
-    position's (batch, vocab). row_signal_rows: with a communicator that starts collectives from device flags,
-    row-parallel GEMMs announce finished row groups of at least this many rows (``row_group_rows``: at most
-    MAX_ROW_GROUPS per block) and each group's all-reduce starts as soon as it is stored (GPU only).
+    position's (batch, vocab), of a packed batch the last of each request's (requests, vocab).
+    row_signal_rows: with a communicator that starts collectives from device flags, row-parallel GEMMs announce
+    finished row groups of at least this many rows (``row_group_rows``: at most MAX_ROW_GROUPS per block) and
+    each group's all-reduce starts as soon as it is stored (GPU only).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -96,13 +105,12 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
     split = split or ChunkSplit((n,))
     if split.seq_len != n:
         raise ValueError(f"split {list(split.ends)} covers {split.seq_len} positions, tokens have {n}")
-    model.check_positions(start + n)
+    model.check_positions(tokens, start)
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
     if reducer.row_signal_rows is not None and tokens.is_cuda:
         _warm_row_signal_kernels(model, tokens, split, start, reducer.row_signal_rows)
-    embedded = model.tok_embeddings(tokens)
-    chunks = [_Chunk(start + a, start + b, embedded[:, a:b].contiguous()) for a, b in split.bounds()]
+    chunks = _make_chunks(model.tok_embeddings(tokens), split, start, all_logits)
 
     # Each half ends where its all-reduce starts; only the waiting (take_reduced) differs between schedules,
     # and waiting is not compute: outside the spans.
@@ -119,25 +127,44 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
             chunk.pending = reducer.start(out, c, index, "mlp", signal)
 
     logits = []
-    last = len(chunks) - 1
     for c, chunk in enumerate(chunks):
         update = chunk.take_reduced()
-        if all_logits or c == last:
+        if chunk.head_rows is not None:
             with span("head", c, len(model.layers)):
-                residual = chunk.residual
-                if not all_logits:  # the LM head for the last position only
-                    residual, update = residual[:, -1:], update[:, -1:]
-                logits.append(model.head(residual, update))
+                rows = chunk.head_rows
+                logits.append(model.head(chunk.residual[:, rows], update[:, rows]))
     # Every rank, after its last collective: a failure on any rank (a timed-out flag wait, an NCCL error) is
     # raised here on all of them alike. Duck-typed stand-ins (tests) need not have it.
     settle = getattr(comm, "settle", None)
     if settle is not None:
         settle()
     logits = torch.cat(logits, dim=1)
-    return logits if all_logits else logits[:, -1]
+    if all_logits:
+        return logits
+    return logits[0] if isinstance(start, PackedBatch) else logits[:, -1]
 
 
-# model -> the (batch, chunk ends, rows per signal, device) whose row-signal kernels have run once
+def _make_chunks(embedded, split, start, all_logits):
+    """The chunks of ``split``, each with its positions and the rows its LM head runs on: all of them, the last
+    chunk's last row, or the last rows of the packed requests that end in it."""
+    bounds = split.bounds()
+    if not isinstance(start, PackedBatch):
+        rows = [slice(None) if all_logits else None] * len(bounds)
+        if not all_logits:
+            rows[-1] = slice(-1, None)
+        return [_Chunk(start + a, embedded[:, a:b].contiguous(), r) for (a, b), r in zip(bounds, rows)]
+    chunks = []
+    for a, b in bounds:
+        if all_logits:
+            rows = slice(None)
+        else:
+            ends = [row - a for row in start.last_rows if a <= row < b]
+            rows = torch.tensor(ends, device=embedded.device) if ends else None
+        chunks.append(_Chunk(start.slice(a, b), embedded[:, a:b].contiguous(), rows))
+    return chunks
+
+
+# model -> the (batch, chunk ends, rows per signal, device, packed) whose row-signal kernels have run once
 _WARMED_ROW_SIGNAL = weakref.WeakKeyDictionary()
 
 
@@ -150,7 +177,7 @@ def _warm_row_signal_kernels(model, tokens, split, start, row_signal_rows):
     of that up front. It writes the KV cache at the same positions, which the real pass overwrites before it
     reads them.
     """
-    key = (tokens.shape[0], split.ends, row_signal_rows, tokens.device)
+    key = (tokens.shape[0], split.ends, row_signal_rows, tokens.device, isinstance(start, PackedBatch))
     warmed = _WARMED_ROW_SIGNAL.setdefault(model, set())
     if key not in warmed:
         warmed.add(key)  # first: the warm-up pass itself must not warm up again

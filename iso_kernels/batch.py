@@ -1,0 +1,48 @@
+"""Serving batches over the paged cache: requests from prompts (some continuing a cached prefix), prefilled as one
+packed stream by ``schedule.forward``, then decoded greedily from their pages.
+
+    cache = model.setup_paged_caches(num_blocks, max_seq_len, block_size=16)
+    tokens, batch = add_prompts(cache, prompts)           # prompts: 1-D token tensors of any lengths
+    logits = schedule.forward(model, tokens, comm, ChunkSplit.even(batch.total), start=batch)
+    per_request = batch.unpack(logits[0])                 # [(len_i, vocab), ...]
+    fed, step_logits = greedy_decode(model, cache, batch.requests, next_tokens, steps, comm)
+"""
+
+import torch
+
+from . import schedule
+
+
+def add_prompts(cache, prompts, prefixes=None):
+    """New requests of ``cache`` (a ``PagedCache``) for ``prompts``, 1-D token tensors: each request's tokens
+    to compute. ``prefixes[i]``, a (request, length) pair or None, makes request i begin with the first
+    ``length`` cached tokens of that earlier request, so only ``prompts[i]`` follows them.
+
+    Returns (tokens (1, total) on the cache's device, the ``PackedBatch`` of those tokens) for the model or
+    ``schedule.forward``.
+    """
+    prefixes = prefixes if prefixes is not None else [None] * len(prompts)
+    requests = []
+    for prefix in prefixes:
+        prefix_of, prefix_len = prefix if prefix is not None else (None, 0)
+        requests.append(cache.add_request(prefix_of=prefix_of, prefix_len=prefix_len))
+    batch = cache.append(requests, [len(prompt) for prompt in prompts])
+    return torch.cat(list(prompts))[None].to(batch.device), batch
+
+
+def greedy_decode(model, cache, requests, first, steps, comm=None):
+    """Continue ``requests`` from their pages, one token per request per step: feed ``first`` (requests,) (the
+    argmax of their prefill's last logits), then each step's argmax, ``steps`` steps in all.
+
+    Returns (the tokens fed (requests, steps), their fp32 logits (requests, steps, vocab)); the argmax of the
+    last step's logits is the token after them.
+    """
+    fed, logits = [], []
+    token = first
+    for _ in range(steps):
+        batch = cache.append(requests, [1] * len(requests))
+        step = schedule.forward(model, token[None], comm, start=batch, schedule="serial", all_logits=False)
+        fed.append(token)
+        logits.append(step)
+        token = step.argmax(-1)
+    return torch.stack(fed, dim=1), torch.stack(logits, dim=1)

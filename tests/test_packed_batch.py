@@ -1,0 +1,277 @@
+"""Serving batches: the paged KV cache (allocator, shared prefix pages), ragged requests packed in one stream
+through the model and the schedules, chunks cut inside requests, cached prefixes, greedy decode from the pages;
+ISO bitwise equal to serial on the same chunks at TP 1, 2 and 4 over gloo; and each request's logits against
+Hugging Face's forward on that request alone (Llama, Mistral, Qwen2; TP 1 and 2)."""
+
+import os
+
+import pytest
+import torch
+
+from iso_kernels import checkpoint, comm, launch, schedule
+from iso_kernels.batch import add_prompts, greedy_decode
+from iso_kernels.paged_cache import BlockAllocator, PackedBatch
+from iso_kernels.split import ChunkSplit
+
+# Ragged prompts computed from scratch, then two requests that continue one cached prefix (not a page multiple).
+PROMPT_LENS = [1, 37, 91, 200]
+PREFIX_LEN, SUFFIX_LENS = 40, [30, 25]
+TOTAL = sum(PROMPT_LENS) + sum(SUFFIX_LENS)  # 384 tokens: requests at [0, 1, 38, 129, 329, 359, 384)
+# Cuts inside the 200-token request (192), after the first request, inside the 91-token one (50), the 200-token
+# one (250) and a cached-prefix one (340).
+SPLITS = [ChunkSplit.even(TOTAL), ChunkSplit((1, 50, 250, 340, TOTAL))]
+BLOCK_SIZE, NUM_BLOCKS, MAX_SEQ_LEN = 16, 64, 256
+DECODE_STEPS = 2
+VOCAB = checkpoint.PRESETS["llama-tiny"]["vocab_size"]
+
+
+def _prompts(generator=None):
+    """(the prompts, the shared prefix, the suffixes after it): 1-D token tensors."""
+    def draw(n):
+        return torch.randint(0, VOCAB, (n,), generator=generator)
+    return [draw(n) for n in PROMPT_LENS], draw(PREFIX_LEN), [draw(n) for n in SUFFIX_LENS]
+
+
+def _serve(model, cache, prompts, prefix, suffixes, communicator=None):
+    """Prefill ``prefix`` as its own request, then add the batch: the prompts from scratch and the suffixes
+    after the cached prefix. Returns (tokens, PackedBatch) of the batch."""
+    tokens, first = add_prompts(cache, [prefix])
+    schedule.forward(model, tokens, communicator, start=first, schedule="serial")
+    owner = first.requests[0]
+    return add_prompts(cache, prompts + suffixes,
+                       prefixes=[None] * len(prompts) + [(owner, PREFIX_LEN)] * len(suffixes))
+
+
+def _packed_runs(model, communicator, prompts, prefix, suffixes):
+    """Per-request logits of every split under both schedules and of model(tokens); then greedy decode steps
+    from the pages the last prefill filled: {key: [(len_i, vocab), ...]}, "decode": (fed, logits)."""
+    cache = model.setup_paged_caches(NUM_BLOCKS, MAX_SEQ_LEN, block_size=BLOCK_SIZE)
+    out = {}
+    with torch.inference_mode():
+        tokens, batch = _serve(model, cache, prompts, prefix, suffixes, communicator)
+        out["unsplit"] = batch.unpack(model(tokens, start=batch, comm=communicator)[0])
+        for split in SPLITS:
+            for mode in schedule.SCHEDULES:
+                logits = schedule.forward(model, tokens, communicator, split, start=batch, schedule=mode)
+                out[(split.ends, mode)] = [x.clone() for x in batch.unpack(logits[0])]
+        first = torch.stack([x[-1] for x in out["unsplit"]]).argmax(-1)
+        out["decode"] = greedy_decode(model, cache, batch.requests, first, DECODE_STEPS, communicator)
+    return out
+
+
+def _assert_iso_equals_serial(out, where):
+    for split in SPLITS:
+        for i, (iso, serial) in enumerate(zip(out[(split.ends, "iso")], out[(split.ends, "serial")])):
+            assert torch.equal(iso, serial), f"{where} split {split.ends} request {i}: ISO != serial"
+
+
+# --- the paged cache's bookkeeping ---
+def test_allocator_shares_and_frees_pages():
+    pages = BlockAllocator(3)
+    a, b = pages.allocate(), pages.allocate()
+    assert (a, b, pages.num_free) == (0, 1, 1)
+    pages.share(a)
+    pages.release(a)
+    assert pages.num_free == 1  # still held once
+    pages.release(a)
+    assert pages.num_free == 2 and pages.allocate() == a
+    with pytest.raises(ValueError, match="already free"):
+        pages.release(2)
+    with pytest.raises(ValueError, match="only a page in use"):
+        pages.share(2)
+    pages.allocate()
+    with pytest.raises(RuntimeError, match="all 3 are in use"):
+        pages.allocate()
+
+
+def test_prefix_requests_share_full_pages_and_copy_the_partial_one(tiny_checkpoint):
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    cache = model.setup_paged_caches(8, 256, block_size=16)
+    owner = cache.add_request()
+    cache.append([owner], [40])  # pages 0, 1, 2 (8 tokens of page 2)
+    for layer in cache.layers:
+        layer.k.normal_()
+        layer.v.normal_()
+    child = cache.add_request(prefix_of=owner, prefix_len=37)
+    assert cache.tables[child][:2] == cache.tables[owner][:2] and cache.tables[child][2] == 3
+    assert cache.lengths[child] == 37 and cache.allocator.holders[:4] == [2, 2, 1, 1]
+    for layer in cache.layers:
+        assert torch.equal(layer.k[3], layer.k[2]) and torch.equal(layer.v[3], layer.v[2])
+    batch = cache.append([child, owner], [5, 1])
+    assert batch.starts == (37, 40) and batch.positions.tolist() == [37, 38, 39, 40, 41, 40]
+    assert batch.slots.tolist() == [3 * 16 + 5, 3 * 16 + 6, 3 * 16 + 7, 3 * 16 + 8, 3 * 16 + 9, 2 * 16 + 8]
+    cache.release(owner)
+    assert cache.allocator.holders[:4] == [1, 1, 0, 1]
+    with pytest.raises(RuntimeError, match="needs 6 more, 5 are free"):
+        cache.append([child], [96])
+    assert cache.lengths[child] == 42 and len(cache.tables[child]) == 3  # a refused append changes nothing
+    with pytest.raises(ValueError, match="beyond the 256"):
+        cache.append([child], [215])
+
+
+def test_slicing_a_packed_batch_cuts_requests_at_token_indices():
+    batch = PackedBatch((3, 5, 2), (0, 10, 4), ((0,), (1,), (2,)), 16, requests=(7, 8, 9))
+    assert batch.cu_seqlens == (0, 3, 8, 10) and batch.last_rows == [2, 7, 9] and batch.max_end == 15
+    part = batch.slice(2, 7)  # the last token of request 7, the first four of request 8
+    assert (part.q_lens, part.starts, part.requests) == ((1, 4), (2, 10), (7, 8))
+    assert part.seqused_k.tolist() == [3, 14] and part.positions.tolist() == [2, 10, 11, 12, 13]
+    with pytest.raises(ValueError, match="cannot hold 17"):
+        PackedBatch((3,), (14,), ((0,),), 16)
+
+
+def test_packed_batches_need_the_paged_caches(tiny_checkpoint):
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    model.setup_caches(1, 16)
+    batch = PackedBatch((4,), (0,), ((0,),), 16)
+    with pytest.raises(ValueError, match="setup_paged_caches"):
+        model(torch.zeros(1, 4, dtype=torch.long), start=batch)
+    model.setup_paged_caches(4, 16)
+    with pytest.raises(ValueError, match="setup_paged_caches"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(1, 4\)"):
+        model(torch.zeros(2, 4, dtype=torch.long), start=batch)
+
+
+# --- the packed model at TP=1: against each request run alone, cached prefixes, decode ---
+def test_packed_requests_match_each_request_alone(tiny_checkpoint):
+    """Every split and schedule of the ragged batch against the contiguous-cache model on each full prompt
+    (a cached-prefix request: its prefix + suffix, from scratch), and greedy decode against the same."""
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    prompts, prefix, suffixes = _prompts()
+    out = _packed_runs(model, None, prompts, prefix, suffixes)
+    full_prompts = prompts + [torch.cat([prefix, s]) for s in suffixes]
+    fed, decode_logits = out["decode"]
+    with torch.inference_mode():
+        for i, full in enumerate(full_prompts):
+            model.setup_caches(1, len(full) + DECODE_STEPS)
+            alone = model(full[None])[0, -len(out["unsplit"][i]):]
+            steps = [model(fed[i, j].view(1, 1), start=len(full) + j)[0, -1] for j in range(DECODE_STEPS)]
+            for key, logits in out.items():
+                if key != "decode":
+                    torch.testing.assert_close(logits[i], alone, atol=2e-5, rtol=1e-4, msg=f"{key} request {i}")
+            torch.testing.assert_close(decode_logits[i], torch.stack(steps), atol=2e-5, rtol=1e-4)
+            assert fed[i, 0] == alone[-1].argmax() and fed[i, 1] == steps[0].argmax()
+    _assert_iso_equals_serial(out, "tp=1")
+
+
+def test_last_logits_of_a_packed_batch_are_each_requests_last_row(tiny_checkpoint):
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    cache = model.setup_paged_caches(NUM_BLOCKS, MAX_SEQ_LEN, block_size=BLOCK_SIZE)
+    prompts, prefix, suffixes = _prompts()
+    with torch.inference_mode():
+        tokens, batch = _serve(model, cache, prompts, prefix, suffixes)
+        every = schedule.forward(model, tokens, None, SPLITS[1], start=batch)
+        last = schedule.forward(model, tokens, None, SPLITS[1], start=batch, all_logits=False)
+    assert last.shape == (len(batch.q_lens), VOCAB)
+    torch.testing.assert_close(last, every[0, batch.last_rows], atol=1e-6, rtol=1e-6)
+
+
+def test_triton_kernels_on_a_packed_batch_match_the_cpu_kernels(tiny_checkpoint, request):
+    """A small packed ISO prefill (a cut inside a request, a cached prefix) with every op on its Triton kernel
+    (interpreted on CPU) against the CPU kernels."""
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    prompts, prefix, suffixes = [torch.randint(0, VOCAB, (n,)) for n in (1, 21)], torch.randint(0, VOCAB, (18,)), \
+        [torch.randint(0, VOCAB, (5,))]
+    split = ChunkSplit((12, 27))
+    results = []
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            request.getfixturevalue("triton_backend")
+        cache = model.setup_paged_caches(8, 64, block_size=16)
+        with torch.inference_mode():
+            tokens, batch = add_prompts(cache, [prefix])
+            schedule.forward(model, tokens, None, start=batch)
+            tokens, batch = add_prompts(cache, prompts + suffixes, prefixes=[None, None, (batch.requests[0], 18)])
+            results.append(schedule.forward(model, tokens, None, split, start=batch))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
+# --- ISO == serial over gloo, TP 2 and 4 ---
+def _iso_equals_serial(rank, world_size, folder, prompts, prefix, suffixes, link):
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
+    communicator = comm.make_communicator("torch", link=link)
+    cache = model.setup_paged_caches(NUM_BLOCKS, MAX_SEQ_LEN, block_size=BLOCK_SIZE)
+    equal = []
+    with torch.inference_mode():
+        tokens, batch = _serve(model, cache, prompts, prefix, suffixes, communicator)
+        for split in SPLITS:
+            iso = schedule.forward(model, tokens, communicator, split, start=batch, schedule="iso")
+            serial = schedule.forward(model, tokens, communicator, split, start=batch, schedule="serial")
+            equal.append(torch.equal(iso, serial))
+    return equal
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_packed_iso_is_bitwise_equal_to_serial_on_same_chunks(tiny_checkpoint, world_size):
+    # As in test_schedule: a slow emulated link lets ISO run ahead of the all-reduces it does not need yet.
+    link = comm.LinkModel("slow", latency_s=2e-3, bus_bandwidth=1e8)
+    results = launch.spawn_ranks(_iso_equals_serial, world_size,
+                                 args=(str(tiny_checkpoint), *_prompts(), link))
+    for rank_result in results:
+        assert rank_result == [True] * len(SPLITS)
+
+
+# --- against Hugging Face: every request alone, Llama, Mistral, Qwen2 at the llama-tiny shapes ---
+@pytest.fixture(scope="module")
+def hf_serving(tmp_path_factory):
+    """Per family: a save_pretrained folder, the batch's prompts, and HF's logits of each request's new tokens
+    (its whole prompt, prefix included, run alone) and of its greedy decode steps."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    shapes = dict(checkpoint.PRESETS["llama-tiny"])
+    families = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                  dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                        "rope_theta": 500000.0})),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                    dict(sliding_window=shapes["max_position_embeddings"])),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    }
+    made = {}
+    for seed, (family, (config_cls, model_cls, extra)) in enumerate(families.items()):
+        torch.manual_seed(seed)
+        model = model_cls(config_cls(**shapes, **extra)).eval()
+        folder = tmp_path_factory.mktemp(f"serving-{family}")
+        model.save_pretrained(folder)
+        prompts, prefix, suffixes = _prompts(torch.Generator().manual_seed(seed))
+        requests = [(p, p) for p in prompts] + [(torch.cat([prefix, s]), s) for s in suffixes]
+        with torch.no_grad():
+            made[family] = dict(folder=str(folder), inputs=(prompts, prefix, suffixes),
+                                expected=[_hf_request(model, full, len(new)) for full, new in requests])
+    return made
+
+
+def _hf_request(model, full, n_new):
+    """HF's logits of the last ``n_new`` tokens of ``full`` alone, its greedy tokens after them, and their logits."""
+    sequence = full[None]
+    for _ in range(DECODE_STEPS):
+        next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    logits = model(sequence).logits[0]
+    prompt_end = len(full)
+    return dict(logits=logits[prompt_end - n_new:prompt_end], greedy=sequence[0, prompt_end:],
+                decode_logits=logits[prompt_end:])
+
+
+def _hf_family_runs(rank, world_size, folder, inputs):
+    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
+    communicator = comm.make_communicator("torch") if world_size > 1 else None
+    return _packed_runs(model, communicator, *inputs)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_packed_requests_match_hugging_face(hf_serving, world_size):
+    for family, made in hf_serving.items():
+        results = launch.spawn_ranks(_hf_family_runs, world_size, args=(made["folder"], made["inputs"]))
+        for rank, out in enumerate(results):
+            where = f"{family} tp={world_size} rank={rank}"
+            fed, decode_logits = out.pop("decode")
+            for i, expected in enumerate(made["expected"]):
+                for key, logits in out.items():
+                    torch.testing.assert_close(logits[i], expected["logits"], atol=2e-5, rtol=1e-4,
+                                               msg=f"{where} {key} request {i}")
+                assert torch.equal(fed[i], expected["greedy"]), f"{where} request {i}: greedy tokens"
+                torch.testing.assert_close(decode_logits[i], expected["decode_logits"], atol=2e-5, rtol=1e-4,
+                                           msg=f"{where} decode request {i}")
+            _assert_iso_equals_serial(out, where)
