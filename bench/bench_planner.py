@@ -27,7 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import common
-from iso_kernels import comm, costmodel, engine, launch, planner
+from iso_kernels import comm, costmodel, engine, launch, planner, split_trial
 from iso_kernels.split import ChunkSplit
 
 LINKS = ["ratio:0.25", "ratio:0.5", "ratio:1.0", "ratio:2.0"]
@@ -47,8 +47,8 @@ def _compare_rank(rank, world_size, cfg, repeats):
         ranked = planner.candidate_plans(choice.costs, prefill.model.args.n_layer, seq_len, keep=EVERY_CANDIDATE,
                                          **prefill.predict_kw()) if choice.costs else []
         splits = list(dict.fromkeys([ChunkSplit((seq_len,)), ChunkSplit.even(seq_len, 2), choice.split, *ranked]))
-        seconds = engine.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
-                                      + [(split, "iso") for split in splits], repeats)
+        seconds = split_trial.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
+                                           + [(split, "iso") for split in splits], repeats)
         n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
         predicted = {split.ends: tuple(costmodel.predict(costs, n_layer, seq_len, split, **kw).iso_s * 1e3
                                        for costs in (choice.calibrated_costs, choice.costs))
