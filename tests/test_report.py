@@ -7,10 +7,11 @@ from iso_kernels.metrics import OverlapMetrics
 from iso_kernels.report import PrefillReport, TrialCandidate
 
 
-def report(**extra):
-    return PrefillReport(tp=2, seq_len=96, batch=1, device="cpu x2", dtype="torch.float32", comm_backend="torch",
-                         link=None, bounds=[(0, 40), (40, 96)], compute_only_ms=50.0, predicted_serial_ms=98.0,
-                         predicted_iso_ms=math.nan, runs_ms={"serial": [3.0, 1.0, 2.0], "iso": [1.0]}, **extra)
+def report(**fields):
+    defaults = dict(tp=2, seq_len=96, batch=1, device="cpu x2", dtype="torch.float32", comm_backend="torch",
+                    link=None, bounds=[(0, 40), (40, 96)], compute_only_ms=50.0, predicted_serial_ms=98.0,
+                    predicted_iso_ms=math.nan, runs_ms={"serial": [3.0, 1.0, 2.0], "iso": [1.0]})
+    return PrefillReport(**{**defaults, **fields})
 
 
 def test_keys_per_schedule_and_the_split():
