@@ -2,9 +2,11 @@
 packed stream by ``schedule.forward``, then decoded greedily from their pages.
 
     cache = model.setup_paged_caches(num_blocks, max_seq_len, block_size=16)
-    tokens, batch = add_prompts(cache, prompts)           # prompts: 1-D token tensors of any lengths
+    shared = cache_prefix(model, cache, system_prompt, comm)     # optional: K/V that requests share
+    tokens, batch = add_prompts(cache, prompts, prefixes=[(shared, len(system_prompt))] * len(prompts))
     logits = schedule.forward(model, tokens, comm, ChunkSplit.even(batch.total), start=batch)
-    per_request = batch.unpack(logits[0])                 # [(len_i, vocab), ...]
+    per_request = batch.unpack(logits[0])                        # [(len(prompts[i]), vocab), ...]
+    next_tokens = torch.stack([x[-1] for x in per_request]).argmax(-1)
     fed, step_logits = greedy_decode(model, cache, batch.requests, next_tokens, steps, comm)
 """
 
@@ -30,6 +32,14 @@ def add_prompts(cache, prompts, prefixes=None):
     return torch.cat(list(prompts))[None].to(batch.device), batch
 
 
+def cache_prefix(model, cache, prefix, comm=None):
+    """Prefill ``prefix`` (1-D tokens) as a request of its own, unsplit and serial; returns that request, whose
+    pages later requests share through ``add_prompts(..., prefixes=[(request, len(prefix)), ...])``."""
+    tokens, batch = add_prompts(cache, [prefix])
+    schedule.forward(model, tokens, comm, start=batch, schedule="serial", all_logits=False)
+    return batch.requests[0]
+
+
 def greedy_decode(model, cache, requests, first, steps, comm=None):
     """Continue ``requests`` from their pages, one token per request per step: feed ``first`` (requests,) (the
     argmax of their prefill's last logits), then each step's argmax, ``steps`` steps in all.
@@ -37,6 +47,8 @@ def greedy_decode(model, cache, requests, first, steps, comm=None):
     Returns (the tokens fed (requests, steps), their fp32 logits (requests, steps, vocab)); the argmax of the
     last step's logits is the token after them.
     """
+    if steps == 0:
+        return first.new_empty(len(requests), 0), torch.empty(len(requests), 0, model.args.vocab_size)
     fed, logits = [], []
     token = first
     for _ in range(steps):

@@ -5,7 +5,9 @@ all-reduce: ``attention_half`` (add-norm, QKV, RoPE, attention over the KV cache
 (add-norm, gate/up, SiLU*mul, down_proj). ``forward`` all-reduces each half's output at once; the ISO schedule
 in ``iso_kernels.schedule`` runs the same halves chunk by chunk and waits for an all-reduce only where a chunk
 needs it. At tensor parallel size 1 a partial output is already the full output. Tensor parallelism is a
-transform applied to this model (``iso_kernels.tp``), not a different model.
+transform applied to this model (``iso_kernels.tp``), not a different model. With ``setup_paged_caches`` instead
+of ``setup_caches`` the same model runs packed batches of ragged requests over paged KV caches
+(``iso_kernels.paged_cache``: ``start`` is then a ``PackedBatch``).
 """
 
 import math

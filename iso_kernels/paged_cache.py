@@ -39,7 +39,7 @@ class PackedBatch:
     block_tables: tuple
     block_size: int
     requests: tuple = ()
-    device: torch.device = torch.device("cpu")
+    device: torch.device | str = "cpu"
 
     def __post_init__(self):
         if not len(self.q_lens) == len(self.starts) == len(self.block_tables):
@@ -228,6 +228,8 @@ class PagedCache:
     def append(self, requests, counts):
         """Reserve ``counts[i]`` new tokens at the end of request ``requests[i]`` (pages as needed); returns the
         ``PackedBatch`` of those tokens, in this order. The tokens' K/V are stored when the model runs it."""
+        if len(set(requests)) != len(requests):
+            raise ValueError(f"a request may appear once in a batch, got {list(requests)}")
         needed = 0
         for request, count in zip(requests, counts, strict=True):
             end = self.lengths[request] + count

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iso_kernels import checkpoint, comm, launch, schedule
-from iso_kernels.batch import add_prompts, greedy_decode
+from iso_kernels.batch import add_prompts, cache_prefix, greedy_decode
 from iso_kernels.paged_cache import BlockAllocator, PackedBatch
 from iso_kernels.split import ChunkSplit
 
@@ -35,9 +35,7 @@ def _prompts(generator=None):
 def _serve(model, cache, prompts, prefix, suffixes, communicator=None):
     """Prefill ``prefix`` as its own request, then add the batch: the prompts from scratch and the suffixes
     after the cached prefix. Returns (tokens, PackedBatch) of the batch."""
-    tokens, first = add_prompts(cache, [prefix])
-    schedule.forward(model, tokens, communicator, start=first, schedule="serial")
-    owner = first.requests[0]
+    owner = cache_prefix(model, cache, prefix, communicator)
     return add_prompts(cache, prompts + suffixes,
                        prefixes=[None] * len(prompts) + [(owner, PREFIX_LEN)] * len(suffixes))
 
@@ -107,6 +105,16 @@ def test_prefix_requests_share_full_pages_and_copy_the_partial_one(tiny_checkpoi
     assert cache.lengths[child] == 42 and len(cache.tables[child]) == 3  # a refused append changes nothing
     with pytest.raises(ValueError, match="beyond the 256"):
         cache.append([child], [215])
+
+
+def test_a_batch_holds_each_request_once_and_decode_of_no_steps_runs_nothing(tiny_checkpoint):
+    model = checkpoint.load_checkpoint(tiny_checkpoint)
+    cache = model.setup_paged_caches(4, 32)
+    request = cache.add_request()
+    with pytest.raises(ValueError, match="appear once"):
+        cache.append([request, request], [1, 1])
+    fed, logits = greedy_decode(model, cache, [request], torch.tensor([3]), 0)
+    assert fed.shape == (1, 0) and logits.shape == (1, 0, VOCAB) and cache.lengths[request] == 0
 
 
 def test_slicing_a_packed_batch_cuts_requests_at_token_indices():
@@ -179,15 +187,26 @@ def test_triton_kernels_on_a_packed_batch_match_the_cpu_kernels(tiny_checkpoint,
             request.getfixturevalue("triton_backend")
         cache = model.setup_paged_caches(8, 64, block_size=16)
         with torch.inference_mode():
-            tokens, batch = add_prompts(cache, [prefix])
-            schedule.forward(model, tokens, None, start=batch)
-            tokens, batch = add_prompts(cache, prompts + suffixes, prefixes=[None, None, (batch.requests[0], 18)])
+            owner = cache_prefix(model, cache, prefix)
+            tokens, batch = add_prompts(cache, prompts + suffixes, prefixes=[None, None, (owner, 18)])
             results.append(schedule.forward(model, tokens, None, split, start=batch))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
-# --- ISO == serial over gloo, TP 2 and 4 ---
+# As in test_schedule: a slow emulated link lets ISO run ahead of the all-reduces it does not need yet, and
+# delivers each result only at wait(), so reading a block output before waiting would see partial sums.
+SLOW_LINK = comm.LinkModel("slow", latency_s=2e-3, bus_bandwidth=1e8)
+
+
+def _one_thread_per_rank(world_size):
+    """Ranks share the dev machine's 2 cores: more threads than cores only slow them down."""
+    if world_size > 1:
+        torch.set_num_threads(1)
+
+
+# --- ISO == serial over gloo at TP 4 (TP 1 and 2: the Hugging Face test) ---
 def _iso_equals_serial(rank, world_size, folder, prompts, prefix, suffixes, link):
+    _one_thread_per_rank(world_size)
     model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
     communicator = comm.make_communicator("torch", link=link)
     cache = model.setup_paged_caches(NUM_BLOCKS, MAX_SEQ_LEN, block_size=BLOCK_SIZE)
@@ -201,12 +220,8 @@ def _iso_equals_serial(rank, world_size, folder, prompts, prefix, suffixes, link
     return equal
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_packed_iso_is_bitwise_equal_to_serial_on_same_chunks(tiny_checkpoint, world_size):
-    # As in test_schedule: a slow emulated link lets ISO run ahead of the all-reduces it does not need yet.
-    link = comm.LinkModel("slow", latency_s=2e-3, bus_bandwidth=1e8)
-    results = launch.spawn_ranks(_iso_equals_serial, world_size,
-                                 args=(str(tiny_checkpoint), *_prompts(), link))
+def test_packed_iso_is_bitwise_equal_to_serial_on_same_chunks_at_tp4(tiny_checkpoint):
+    results = launch.spawn_ranks(_iso_equals_serial, 4, args=(str(tiny_checkpoint), *_prompts(), SLOW_LINK))
     for rank_result in results:
         assert rank_result == [True] * len(SPLITS)
 
@@ -254,18 +269,25 @@ def _hf_request(model, full, n_new):
                 decode_logits=logits[prompt_end:])
 
 
-def _hf_family_runs(rank, world_size, folder, inputs):
-    model = checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size)
-    communicator = comm.make_communicator("torch") if world_size > 1 else None
-    return _packed_runs(model, communicator, *inputs)
+def _hf_families_runs(rank, world_size, families):
+    """{family: _packed_runs} of this rank, every family in one launch (each launch costs seconds)."""
+    _one_thread_per_rank(world_size)
+    communicator = comm.make_communicator("torch", link=SLOW_LINK) if world_size > 1 else None
+    return {family: _packed_runs(checkpoint.load_checkpoint(folder, rank=rank, world_size=world_size),
+                                 communicator, *inputs)
+            for family, (folder, inputs) in families.items()}
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_packed_requests_match_hugging_face(hf_serving, world_size):
-    for family, made in hf_serving.items():
-        results = launch.spawn_ranks(_hf_family_runs, world_size, args=(made["folder"], made["inputs"]))
-        for rank, out in enumerate(results):
-            where = f"{family} tp={world_size} rank={rank}"
+    families = {family: (made["folder"], made["inputs"]) for family, made in hf_serving.items()}
+    if world_size == 1:
+        results = [_hf_families_runs(0, 1, families)]
+    else:
+        results = launch.spawn_ranks(_hf_families_runs, world_size, args=(families,))
+    for rank, per_family in enumerate(results):
+        for family, out in per_family.items():
+            made, where = hf_serving[family], f"{family} tp={world_size} rank={rank}"
             fed, decode_logits = out.pop("decode")
             for i, expected in enumerate(made["expected"]):
                 for key, logits in out.items():
