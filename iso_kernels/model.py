@@ -10,6 +10,7 @@ of ``setup_caches`` the same model runs packed batches of ragged requests over p
 (``iso_kernels.paged_cache``: ``start`` is then a ``PackedBatch``).
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .paged_cache import DEFAULT_BLOCK_SIZE, PackedBatch, PagedCache, PagedKVCache
+from .paged_cache import DEFAULT_BLOCK_SIZE, KVBuffers, PackedBatch, PagedCache, PagedKVCache
 
 
 @dataclass
@@ -102,12 +103,9 @@ class RMSNorm(nn.Module):
         return ops.add_rms_norm(update, residual, self.weight, self.eps)
 
 
-class KVCache(nn.Module):
+class KVCache(KVBuffers):
     def __init__(self, batch, max_seq_len, n_kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch, max_seq_len, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        super().__init__((batch, max_seq_len, n_kv_heads, head_dim), dtype, device)
 
     def update(self, start, k, v):
         """Write positions [start, start + len) and return views of K and V over [0, start + len)."""
@@ -252,32 +250,27 @@ class Transformer(nn.Module):
 
     def setup_caches(self, batch, max_seq_len):
         """Allocate KV caches and RoPE tables for ``batch`` sequences of up to ``max_seq_len`` tokens."""
-        self._setup_rope(max_seq_len)
-        weight = self.output.weight
-        for layer in self.layers:
-            attention = layer.attention
-            attention.kv_cache = KVCache(batch, max_seq_len, attention.n_kv_heads, attention.head_dim,
-                                         weight.dtype, weight.device)
+        self._setup(max_seq_len, functools.partial(KVCache, batch, max_seq_len))
 
     def setup_paged_caches(self, num_blocks, max_seq_len, *, block_size=DEFAULT_BLOCK_SIZE):
         """Allocate every layer's pool of ``num_blocks`` KV pages of ``block_size`` tokens and RoPE tables for
         requests of up to ``max_seq_len`` tokens; returns the ``PagedCache`` that hands the pages out to
         requests (``add_request``, then ``append`` gives the ``PackedBatch`` to run)."""
-        self._setup_rope(max_seq_len)
-        weight = self.output.weight
-        for layer in self.layers:
-            attention = layer.attention
-            attention.kv_cache = PagedKVCache(num_blocks, block_size, attention.n_kv_heads, attention.head_dim,
-                                              weight.dtype, weight.device)
+        self._setup(max_seq_len, functools.partial(PagedKVCache, num_blocks, block_size))
         return PagedCache([layer.attention.kv_cache for layer in self.layers], max_seq_len)
 
-    def _setup_rope(self, max_seq_len):
+    def _setup(self, max_seq_len, make_cache):
+        """RoPE tables for ``max_seq_len`` positions; each layer's cache ``make_cache(n_kv_heads, head_dim, dtype,
+        device)`` for its (possibly sharded) heads."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len} positions")
         if self.args.sliding_window and max_seq_len > self.args.sliding_window:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the sliding window "
                              f"{self.args.sliding_window}, which this model does not implement")
         weight = self.output.weight
+        for layer in self.layers:
+            attention = layer.attention
+            attention.kv_cache = make_cache(attention.n_kv_heads, attention.head_dim, weight.dtype, weight.device)
         self.rope = rope_tables(self.args, max_seq_len, weight.device, weight.dtype)
 
 

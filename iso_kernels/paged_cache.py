@@ -132,14 +132,20 @@ class PackedBatch:
                           for table, p in zip(pages, position_lists)])
 
 
-class PagedKVCache(nn.Module):
+class KVBuffers(nn.Module):
+    """One layer's K and V: zero buffers of ``shape``, not saved with the weights."""
+
+    def __init__(self, shape, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class PagedKVCache(KVBuffers):
     """One layer's K and V pages: (num_blocks, block_size, n_kv_heads, head_dim) each."""
 
     def __init__(self, num_blocks, block_size, n_kv_heads, head_dim, dtype, device):
-        super().__init__()
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        super().__init__((num_blocks, block_size, n_kv_heads, head_dim), dtype, device)
 
     def attend(self, q, k, v, batch: PackedBatch):
         """q: (1, total, n_head, head_dim), k, v: (1, total, n_kv_heads, head_dim) of ``batch``'s tokens. Stores
