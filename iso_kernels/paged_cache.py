@@ -238,6 +238,8 @@ class PagedCache:
             raise ValueError(f"a request may appear once in a batch, got {list(requests)}")
         needed = 0
         for request, count in zip(requests, counts, strict=True):
+            if count < 1:
+                raise ValueError(f"request {request}: a batch adds >= 1 token to each of its requests, got {count}")
             end = self.lengths[request] + count
             if end > self.max_seq_len:
                 raise ValueError(f"request {request} would hold {end} tokens, beyond the {self.max_seq_len} "
