@@ -74,9 +74,9 @@ def _chunked_attention_fwd_inner(
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if PAGE_SIZE == 0:  # key n at row n of the sequence's keys
-        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if PAGE_SIZE == 0:  # key n at row n of the sequence's keys (int64 offsets, int32 positions)
+        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
     for _ in range(start_n, end_n, BLOCK_N):
         if PAGE_SIZE > 0:  # key n at slot n % PAGE_SIZE of page page_table[n // PAGE_SIZE]
             if MASKED:
@@ -133,7 +133,8 @@ def _chunked_attention_fwd_tile(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m < q_len
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -166,7 +167,7 @@ def _chunked_attention_fwd_tile(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) / LOG2_E
-    out_ptrs = out_base + offs_m[:, None] * stride_om + offs_d[None, :]
+    out_ptrs = out_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_base.dtype.element_ty), mask=row_mask[:, None])
     tl.store(lse_base + offs_m, lse, mask=row_mask)
 

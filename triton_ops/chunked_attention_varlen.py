@@ -66,7 +66,7 @@ def _chunked_attention_varlen_fwd_kernel(
         hi = tl.where(starts_before, hi, mid - 1)
     q_begin = tl.load(cu_seqlens_q_ptr + lo)
     q_len = tl.load(cu_seqlens_q_ptr + lo + 1) - q_begin
-    start_m = tile - (q_begin // BLOCK_M + lo)
+    start_m = tile - (q_begin // BLOCK_M + lo)  # positions stay int32; the tile's pointer offsets are int64
     if start_m * BLOCK_M >= q_len:
         return
     kv_len = tl.load(seqused_k_ptr + lo)
