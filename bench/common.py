@@ -40,6 +40,22 @@ def bench(fn, *, warmup=25, rep=100):
     return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8]))
 
 
+def bench_cpu(fn, *, reps=7):
+    """(p50, p20, p80) wall milliseconds of ``fn`` over ``reps`` calls after one warm-up call: the CPU
+    counterpart of ``bench`` (do_bench times with CUDA events)."""
+    import statistics
+    import time
+
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), deciles[1], deciles[7]
+
+
 def attention_tflops(batch, heads, q_len, kv_len, head_dim, ms, causal=True, q_start=None):
     """4*B*H*Nq*Nk*D, counting only visible (query, key) pairs when causal."""
     if causal:
