@@ -1,9 +1,9 @@
 """Per-rank timelines of a prefill: compute blocks and all-reduces, per chunk and layer.
 
 On CPU spans are host clocks (``time.perf_counter``) and an all-reduce's interval is when the link was busy
-(the emulated link knows it exactly; gloo reports completion from its own thread). On GPU spans are CUDA events
-on the compute stream and, where the communicator records them, on its comm stream. Export: Chrome trace JSON
-(Perfetto, chrome://tracing) and a PNG Gantt chart with one lane per stream.
+(the emulated link knows it exactly; for gloo the communicator's watcher thread sees each one end). On GPU
+spans are CUDA events on the compute stream and, where the communicator records them, on its comm stream.
+Export: Chrome trace JSON (Perfetto, chrome://tracing) and a PNG Gantt chart with one lane per stream.
 """
 
 import contextlib

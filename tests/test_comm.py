@@ -1,11 +1,14 @@
-"""iso_kernels.comm over gloo on loopback: exact sums, the emulated link's time and overlap, bad input,
-and the multi-rank harness's own failure handling."""
+"""iso_kernels.comm over gloo on loopback: exact sums, the torch backend's watcher thread, the emulated link's
+time and overlap, bad input, and the multi-rank harness's own failure handling."""
 
+import datetime
 import math
+import threading
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import integer_valued
 
 from iso_kernels import comm, launch
@@ -40,6 +43,38 @@ def _exact_sums(rank, world_size):
 def test_all_reduce_is_exact_sum(world_size):
     counts = launch.spawn_ranks(_exact_sums, world_size, timeout_s=120)
     assert counts == [2 * 2 * len(DTYPES) * len(SHAPES)] * world_size
+
+
+def _gloo_watcher(rank, world_size):
+    """TorchCommunicator on gloo: its watcher records when the collective ended, hands the collective's own
+    error to the caller, abandons what is in flight at abort(), and is gone after close()."""
+    communicator = comm.make_communicator("torch")
+    pending = communicator.all_reduce_start(torch.full((64,), float(rank + 1)))
+    reduced = pending.wait()
+    returned = time.perf_counter()
+    assert torch.equal(reduced, torch.full((64,), 3.0))
+    start, end = pending.interval
+    assert start <= end <= returned
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    spare = dist.new_group()
+    if rank == 0:
+        with comm.TorchCommunicator(quick) as timing_out, pytest.raises(RuntimeError, match="(?i)timed out"):
+            timing_out.all_reduce_start(torch.ones(4)).wait()  # rank 1 never issues its side
+        abandoning = comm.TorchCommunicator(spare)
+        pending = abandoning.all_reduce_start(torch.ones(4))  # rank 1 issues its side after the barrier
+        abandoning.abort()
+        with pytest.raises(RuntimeError, match="abandoned"):
+            pending.wait()
+        assert not pending.work.is_completed()
+    dist.barrier()
+    if rank == 1:
+        dist.all_reduce(torch.ones(4), group=spare)
+    communicator.close()
+    return [thread.name for thread in threading.enumerate() if thread.name == "iso-kernels-gloo-watcher"]
+
+
+def test_gloo_all_reduce_is_waited_for_on_the_communicators_thread():
+    assert launch.spawn_ranks(_gloo_watcher, 2, timeout_s=120) == [[], []]
 
 
 def _busy_compute(seconds):
