@@ -1,3 +1,5 @@
-from .cli import exit_process, main
+import sys
 
-exit_process(main())
+from .cli import main
+
+sys.exit(main())

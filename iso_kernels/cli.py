@@ -238,23 +238,5 @@ def _stop_signals():
     return handle_stop_signals(signal.SIG_DFL if _under_torchrun() else _raise_stopped)
 
 
-def exit_process(status):
-    """Exit with ``status``. A rank started by torchrun leaves through os._exit, like a multiprocessing child.
-
-    Why: comm.TorchCommunicator attaches a Python done-callback to every gloo all-reduce, and gloo runs (and
-    frees) it on its own worker thread. If that thread needs the GIL while the interpreter is finalizing,
-    CPython (before 3.14) ends it with pthread_exit, whose forced unwind through libtorch's noexcept
-    Future::markCompleted calls std::terminate: "terminate called without an active exception", SIGABRT,
-    after the report was written (1 of 41 torchrun runs at 9048c99; a two-rank script whose rank 0 exits
-    while such a callback is pending aborts every time, and never without the callback). os._exit skips
-    finalization, so nothing can take the GIL late.
-    """
-    if _under_torchrun():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
-    exit_process(main())
+    sys.exit(main())

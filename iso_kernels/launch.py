@@ -24,6 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn.functional, imported before any process group exists (engine and cli import this
+# module before they start or join one): its collectives take ``group=group.WORLD`` defaults, evaluated at
+# first import. Imported later (torch._dynamo imports it, and creating a model may import dynamo), they keep
+# the default group alive past destroy_process_group, and with it gloo's worker threads into interpreter
+# finalization, where one that releases a finished collective's tensors needs the GIL: CPython before 3.14
+# ends it with pthread_exit, and the unwind through libtorch's noexcept frames calls std::terminate (SIGABRT
+# at a rank's exit).
+import torch.distributed.nn.functional
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
