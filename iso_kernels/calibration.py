@@ -21,7 +21,9 @@ MIN_CALIBRATION_TOKENS = 16
 def cache_key(prefill, kind="block-costs"):
     """What a cached measurement of this prefill depends on: model, TP size, shape, machine and link."""
     cfg, communicator = prefill.cfg, prefill.communicator
+    requests = len(prefill.packed.q_lens) if prefill.packed is not None else None  # of a serving batch
     return dict(kind=kind, model=cfg.model, tp=cfg.tp, batch=prefill.batch, seq_len=prefill.seq_len,
+                requests=requests, cached_prefix=cfg.cached_prefix,
                 device=hardware.device_name(prefill.device), dtype=str(prefill.dtype),
                 threads=torch.get_num_threads(), link=str(cfg.link) if cfg.link else None,
                 comm=communicator.name if communicator else None)
@@ -29,8 +31,10 @@ def cache_key(prefill, kind="block-costs"):
 
 def fitted_costs(prefill, compute_only_s):
     """The calibrated block costs, scaled so that the model predicts this machine's whole serial prefill; None
-    for a prompt too short to calibrate on. The same on every rank."""
-    if prefill.seq_len < MIN_CALIBRATION_TOKENS:
+    for a prompt too short to calibrate on, and for a serving batch. The same on every rank."""
+    if prefill.seq_len < MIN_CALIBRATION_TOKENS or prefill.packed is not None:
+        # A serving batch's attention is per request, which the one-sequence block model does not describe:
+        # the split trial alone chooses its chunks.
         return None
     model, communicator, unsplit = prefill.model, prefill.communicator, ChunkSplit((prefill.seq_len,))
     # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale

@@ -4,6 +4,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -41,7 +42,15 @@ def _prefill_arguments(parser):
                              "(all-reduce time = R x compute time); default none")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--tokens", help="JSON file: a list of token ids or a list of equal-length lists")
+    parser.add_argument("--tokens", help="JSON file: a list of token ids, or a list of lists (one prompt each; "
+                                         "lists of different lengths run as one packed serving batch)")
+    parser.add_argument("--prompt-lens", metavar="N,N,...",
+                        help="a serving batch of random prompts of these lengths, packed into one stream")
+    parser.add_argument("--cached-prefix", type=int, default=0, metavar="N",
+                        help="every prompt continues a shared prefix of N random tokens whose K/V are cached "
+                             "before the timed prefill (a packed serving batch)")
+    parser.add_argument("--block-size", type=int, default=defaults.block_size,
+                        help="tokens per KV cache page of a serving batch (16..256, a power of two)")
     parser.add_argument("--generate", type=int, default=defaults.generate, help="greedy tokens after prefill")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs per schedule")
@@ -104,8 +113,19 @@ def parse_split(text):
     raise ValueError(f"--split must be auto, a token index or a fraction, got {text!r}")
 
 
+def parse_prompt_lens(text):
+    """``1024,77,3000`` -> [1024, 77, 3000]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-lens must be comma-separated integers, got {text!r}") from None
+
+
 def load_tokens(path):
-    """(batch, seq_len) token ids from a JSON list (one prompt) or a list of equal-length lists (a batch)."""
+    """Token ids from a JSON list (one prompt) or a list of lists: (batch, seq_len) when the lists have one
+    length, else a list of 1-D tensors (a serving batch)."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -113,19 +133,25 @@ def load_tokens(path):
     except ValueError as exc:
         raise ValueError(f"--tokens {path}: invalid JSON ({exc})") from None
     rows = data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
-    if not all(isinstance(r, list) and r for r in rows) or any(len(r) != len(rows[0]) for r in rows):
-        raise ValueError(f"--tokens {path}: need a non-empty list of ids or equal-length lists of ids")
+    if not all(isinstance(r, list) and r for r in rows):
+        raise ValueError(f"--tokens {path}: need a non-empty list of ids or a list of non-empty lists of ids")
     if not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r):
         raise ValueError(f"--tokens {path}: token ids must be integers")
+    if any(len(r) != len(rows[0]) for r in rows):
+        return [torch.tensor(r, dtype=torch.long) for r in rows]
     return torch.tensor(rows, dtype=torch.long)
 
 
 def _config(args):
+    tokens = load_tokens(args.tokens) if args.tokens else None
+    ragged = isinstance(tokens, list)
     return engine.PrefillConfig(
         model=args.model, tp=args.tp, seq_len=args.seq_len, batch=args.batch, mode=args.mode,
         split=parse_split(args.split), chunks=parse_chunks(args.chunks), link=comm.parse_link(args.link),
         dtype=parse_dtype(args.dtype), device=None if args.device == "auto" else args.device,
-        tokens=load_tokens(args.tokens) if args.tokens else None, generate=args.generate, warmup=args.warmup,
+        tokens=None if ragged else tokens, prompts=tokens if ragged else None,
+        prompt_lens=parse_prompt_lens(args.prompt_lens), cached_prefix=args.cached_prefix,
+        block_size=args.block_size, generate=args.generate, warmup=args.warmup,
         repeats=args.repeats, comm_backend=args.comm_backend, row_signal=args.row_signal, seed=args.seed,
         trace=bool(args.trace or args.plot), save_logits=bool(args.save_logits), recalibrate=args.recalibrate,
         timeout_s=args.timeout)
@@ -137,6 +163,7 @@ def format_report(report: PrefillReport):
              f"device={report.device} dtype={report.dtype} comm={report.comm_backend}"
              + (f" link={report.link['name']}" if report.link else ""),
              f"chunks={report.chunks} bounds={report.bounds}"]
+    lines += _request_lines(report.requests or [])
     if report.plan == "cached":
         lines.append("split                the split trial's choice for this bucket, cached (--recalibrate times "
                      "the candidates again)")
@@ -146,8 +173,9 @@ def format_report(report: PrefillReport):
         lines += [f"  {list(c.ends)!s:<19}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:.2f}"
                   for c in report.trial]
         correction = report.model_correction
-        lines.append(f"model correction     blocks {1e3 * correction['block_offset_s']:+.3f} ms each, "
-                     f"compute x {correction['compute_scale']:.3f} (fitted to the trial; the predictions below)")
+        if not math.isnan(report.predicted_iso_ms):
+            lines.append(f"model correction     blocks {1e3 * correction['block_offset_s']:+.3f} ms each, compute"
+                         f" x {correction['compute_scale']:.3f} (fitted to the trial; the predictions below)")
     lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
     for name, predicted in (("serial", report.predicted_serial_ms), ("iso", report.predicted_iso_ms)):
         if name in report.runs_ms:
@@ -168,6 +196,17 @@ def format_report(report: PrefillReport):
     if report.generated:
         lines.append(f"generated            {report.generated}")
     return "\n".join(lines)
+
+
+# A serving batch lists this many requests, then a count of the rest (--json has them all).
+REQUEST_LINES = 8
+
+
+def _request_lines(requests):
+    lines = [f"request {i:<3}          {r['cached_prefix']} cached + {r['new_tokens']} new tokens, stream "
+             f"[{r['stream'][0]}, {r['stream'][1]}), chunks {r['chunks']}" for i, r in enumerate(requests)]
+    return lines[:REQUEST_LINES] + ([f"... {len(lines) - REQUEST_LINES} more requests"]
+                                    if len(lines) > REQUEST_LINES else [])
 
 
 def _prefill(args):

@@ -371,8 +371,10 @@ class PlanCorrection:
     compute_scale: float = 1.0
 
     def apply(self, costs: LayerCosts) -> LayerCosts:
-        shifted = dataclasses.replace(costs, attn_fixed=costs.attn_fixed + self.block_offset_s,
-                                      mlp_fixed=costs.mlp_fixed + self.block_offset_s)
+        """``costs`` corrected; a negative offset stops at a free block (a cached correction may meet costs
+        calibrated again, with smaller fixed terms than those it was fitted to)."""
+        shifted = dataclasses.replace(costs, attn_fixed=max(0.0, costs.attn_fixed + self.block_offset_s),
+                                      mlp_fixed=max(0.0, costs.mlp_fixed + self.block_offset_s))
         return shifted.scaled(compute=self.compute_scale)
 
 

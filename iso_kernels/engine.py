@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import calibration, checkpoint, comm, costmodel, hardware, launch, schedule, split_trial, tp
+from . import batch, calibration, checkpoint, comm, costmodel, hardware, launch, schedule, split_trial, tp
 from .metrics import max_over_ranks, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
+from .paged_cache import PackedBatch, PagedCache
 from .report import PrefillReport
 from .split import ChunkSplit
 
@@ -45,6 +46,14 @@ class PrefillConfig:
     dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # cpu | cuda; None: cuda where available
     tokens: torch.Tensor | None = None  # (batch, seq_len) prompt ids; None: random
+    # A serving batch, packed into one token stream over paged KV caches: ragged prompts (1-D id tensors), or
+    # the lengths of random ones; a shared prefix of cached_prefix random tokens, cached before the timed
+    # prefill, that every request continues (then --tokens rows or --batch x --seq-len random prompts follow
+    # it); block_size tokens per KV page.
+    prompts: list | None = None
+    prompt_lens: list | None = None
+    cached_prefix: int = 0
+    block_size: int = 16
     generate: int = 4
     warmup: int = 2
     repeats: int = 5
@@ -84,21 +93,43 @@ def resolve(cfg: PrefillConfig) -> _Resolved:
     folder = checkpoint.model_folder(cfg.model)
     args = ModelArgs.from_hf_config(checkpoint.read_config(folder))
     tp.check_divisible(args, cfg.tp)
-    if cfg.tokens is not None and (cfg.tokens.min() < 0 or cfg.tokens.max() >= args.vocab_size):
-        raise ValueError(f"--tokens: ids must lie in [0, {args.vocab_size}), "
-                         f"got [{cfg.tokens.min()}, {cfg.tokens.max()}]")
-    seq_len = _seq_len(cfg)
-    if seq_len < 1:
-        raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
-    if seq_len + cfg.generate > args.max_seq_len:
-        raise ValueError(f"a prompt of {seq_len} tokens plus {cfg.generate} generated exceeds the model's "
+    for ids in [cfg.tokens] if cfg.tokens is not None else cfg.prompts or []:
+        if ids.min() < 0 or ids.max() >= args.vocab_size:
+            raise ValueError(f"--tokens: ids must lie in [0, {args.vocab_size}), got [{ids.min()}, {ids.max()}]")
+    lens = request_lens(cfg) or [_seq_len(cfg)]
+    if min(lens) < 1:
+        raise ValueError(f"--seq-len and --prompt-lens must be >= 1, got {min(lens)}")
+    longest = cfg.cached_prefix + max(lens)
+    if longest + cfg.generate > args.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens plus {cfg.generate} generated exceeds the model's "
                          f"{args.max_seq_len} positions")
-    requested_split(cfg, seq_len)  # rejects splits outside the prompt before ranks start
+    _check_packing(cfg)
+    requested_split(cfg, sum(lens) if request_lens(cfg) else lens[0])  # rejects splits outside the prompt
     return _Resolved(device, cfg.dtype or (torch.bfloat16 if device == "cuda" else torch.float32), folder, args)
 
 
 def _seq_len(cfg):
     return cfg.tokens.shape[1] if cfg.tokens is not None else cfg.seq_len
+
+
+def request_lens(cfg):
+    """New tokens per request of a packed serving batch, or None for an equal-length batch."""
+    if cfg.prompts is not None:
+        return [len(prompt) for prompt in cfg.prompts]
+    if cfg.prompt_lens is not None:
+        return list(cfg.prompt_lens)
+    if cfg.cached_prefix:
+        return [_seq_len(cfg)] * (cfg.tokens.shape[0] if cfg.tokens is not None else cfg.batch)
+    return None
+
+
+def _check_packing(cfg):
+    if cfg.prompts is not None and (cfg.prompt_lens is not None or cfg.tokens is not None):
+        raise ValueError("give the prompts once: ragged --tokens or --prompt-lens")
+    if cfg.cached_prefix < 0:
+        raise ValueError(f"--cached-prefix must be >= 0, got {cfg.cached_prefix}")
+    if cfg.block_size not in [1 << k for k in range(4, 9)]:
+        raise ValueError(f"--block-size must be a power of two in 16..256, got {cfg.block_size}")
 
 
 def requested_split(cfg, seq_len) -> ChunkSplit | None:
@@ -135,7 +166,8 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
     if rank != 0:
         return None
     if cfg.save_logits:
-        report.logits = {mode: out.float().cpu() for mode, out in logits.items() if mode != "serial-chunks"}
+        report.logits = {mode: prefill.per_request(out) if prefill.packed else out.float().cpu()
+                         for mode, out in logits.items() if mode != "serial-chunks"}
     return report
 
 
@@ -148,15 +180,46 @@ def open_prefill(rank, world_size, cfg: PrefillConfig):
     torch.manual_seed(cfg.seed)
     model = checkpoint.load_checkpoint(job.folder, rank=rank, world_size=world_size, device=job.device,
                                        dtype=job.dtype)
-    tokens = cfg.tokens
-    if tokens is None:
-        tokens = torch.randint(0, job.args.vocab_size, (cfg.batch, cfg.seq_len))
-    prefill = Prefill(cfg, model, tokens.to(job.device), job.device, job.dtype)
-    model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
+    # The real all-reduce, opened first: a cached prefix is prefilled through it, untimed.
+    base = comm.make_communicator(cfg.comm_backend) if cfg.tp > 1 or cfg.link else None
+    if request_lens(cfg):
+        prefill = _serving_batch(cfg, model, job, base)
+    else:
+        tokens = cfg.tokens
+        if tokens is None:
+            tokens = torch.randint(0, job.args.vocab_size, (cfg.batch, cfg.seq_len))
+        prefill = Prefill(cfg, model, tokens.to(job.device), job.device, job.dtype)
+        model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
     # The floor of any schedule, and what a ratio link is derived from.
     compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
-    prefill.communicator = _open_communicator(prefill, compute_only_s)
+    prefill.communicator = _with_link(prefill, base, compute_only_s)
     return prefill, compute_only_s
+
+
+def _serving_batch(cfg, model, job, communicator):
+    """The packed prefill of cfg's requests over fresh paged caches, after their shared prefix (if any) was
+    prefilled into the caches through ``communicator``."""
+    vocab, device = job.args.vocab_size, job.device
+    if cfg.prompts is not None:
+        prompts = cfg.prompts
+    elif cfg.tokens is not None:
+        prompts = list(cfg.tokens)
+    else:
+        prompts = [torch.randint(0, vocab, (n,)) for n in request_lens(cfg)]
+    prefix = torch.randint(0, vocab, (cfg.cached_prefix,))
+
+    def pages(n):
+        return -(-n // cfg.block_size)
+
+    lens = [cfg.cached_prefix + len(prompt) + cfg.generate for prompt in prompts]
+    cache = model.setup_paged_caches(sum(map(pages, lens)) + pages(cfg.cached_prefix), max(lens),
+                                     block_size=cfg.block_size)
+    prefixes = None
+    if cfg.cached_prefix:
+        shared = batch.cache_prefix(model, cache, prefix.to(device), communicator)
+        prefixes = [(shared, cfg.cached_prefix)] * len(prompts)
+    tokens, packed = batch.add_prompts(cache, [prompt.to(device) for prompt in prompts], prefixes)
+    return Prefill(cfg, model, tokens, device, job.dtype, packed=packed, cache=cache)
 
 
 @dataclass
@@ -170,6 +233,8 @@ class Prefill:
     device: str
     dtype: torch.dtype
     communicator: object = None
+    packed: PackedBatch | None = None  # a serving batch: its requests in the stream ``tokens`` (1, total)
+    cache: PagedCache | None = None  # and the pages that hold their K/V
 
     @property
     def batch(self):
@@ -184,22 +249,28 @@ class Prefill:
 
     def run(self, split, mode, timeline=None):
         """Logits of the prompt in the chunks of ``split`` (None: unsplit) under schedule ``mode``."""
-        return schedule.forward(self.model, self.tokens, self.communicator, split, schedule=mode,
-                                timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
+        return schedule.forward(self.model, self.tokens, self.communicator, split, start=self.packed or 0,
+                                schedule=mode, timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
+
+    def per_request(self, logits):
+        """Logits (batch, seq, vocab) as a list of (len_i, vocab) fp32 CPU tensors, one per prompt."""
+        rows = self.packed.unpack(logits[0]) if self.packed is not None else list(logits)
+        return [row.float().cpu() for row in rows]
 
     def close(self):
         if self.communicator is not None:
             self.communicator.close()
 
 
-def _open_communicator(prefill, compute_only_s):
-    """The TP group's communicator (None at TP=1 without a link), over the emulated link ``cfg.link``."""
+def _with_link(prefill, base, compute_only_s):
+    """The TP group's communicator: ``base`` (None at TP=1 without a link), behind the emulated link
+    ``cfg.link`` asks for."""
     cfg, args = prefill.cfg, prefill.model.args
-    if cfg.tp == 1 and cfg.link is None:
-        return None
+    if cfg.link is None:
+        return base
     per_block = prefill.batch * prefill.seq_len * args.dim * prefill.dtype.itemsize
-    link = cfg.link.resolve(compute_only_s, per_block, 2 * args.n_layer, cfg.tp) if cfg.link else None
-    return comm.make_communicator(cfg.comm_backend, link=link)
+    link = cfg.link.resolve(compute_only_s, per_block, 2 * args.n_layer, cfg.tp)
+    return comm.EmulatedCommunicator(base, link)
 
 
 def choose_split(prefill, compute_only_s) -> split_trial.SplitChoice:
@@ -243,8 +314,9 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
     link = getattr(communicator, "link", None)
     predicted = costmodel.predict(costs, prefill.model.args.n_layer, prefill.seq_len, choice.split,
                                   **prefill.predict_kw()) if costs else None
+    packed = prefill.packed
     report = PrefillReport(
-        tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=prefill.batch,
+        tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=len(packed.q_lens) if packed else prefill.batch,
         device=hardware.device_name(prefill.device), dtype=str(prefill.dtype),
         comm_backend=getattr(communicator, "inner", communicator).name if communicator else "none",
         link=dataclasses.asdict(link) if link is not None else None, bounds=choice.split.bounds(),
@@ -253,7 +325,8 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
         predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan,
         runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()},
         plan=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3,
-        model_correction=dataclasses.asdict(choice.correction))
+        model_correction=dataclasses.asdict(choice.correction),
+        requests=_requests(packed, choice.split, prefill.cfg.cached_prefix) if packed else None)
     if prefill.cfg.mode == "both":
         report.overlap = overlap_metrics(report.serial_ms, report.iso_ms, traces,
                                          has_comm=report.comm_backend != "none")
@@ -262,6 +335,14 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
         report.max_abs_diff = (logits["iso"] - logits["serial"]).abs().max().item()
         report.agree = report.max_abs_diff <= AGREEMENT_RTOL[prefill.dtype] * (1 + scale)
     return report
+
+
+def _requests(packed, split, cached_prefix):
+    """Per request of a serving batch: its lengths, its tokens' place in the stream and the chunks they fall in."""
+    bounds = split.bounds()
+    return [dict(cached_prefix=cached_prefix, new_tokens=b - a, stream=[a, b],
+                 chunks=[i for i, (lo, hi) in enumerate(bounds) if lo < b and a < hi])
+            for a, b in zip(packed.cu_seqlens, packed.cu_seqlens[1:])]
 
 
 def _decode_from(cfg):
@@ -273,6 +354,11 @@ def _greedy_decode(prefill, prefill_logits, steps):
     """Plain greedy decode from the KV cache the prefill filled (ISO is a prefill technique); None for 0 steps."""
     if steps == 0:
         return None
+    if prefill.packed is not None:
+        first = torch.stack([rows[-1] for rows in prefill.packed.unpack(prefill_logits[0])]).argmax(-1)
+        fed, logits = batch.greedy_decode(prefill.model, prefill.cache, prefill.packed.requests, first, steps - 1,
+                                          prefill.communicator)
+        return torch.cat([fed, logits[:, -1:].argmax(-1) if steps > 1 else first[:, None]], dim=1).tolist()
     position = prefill.seq_len
     next_token = prefill_logits[:, -1].argmax(-1)
     generated = [next_token]

@@ -46,9 +46,12 @@ class PrefillReport:
     trial: list = field(default_factory=list)  # TrialCandidate per split the trial timed
     trial_ms: float = 0.0  # what the trial cost
     model_correction: dict = field(default_factory=dict)  # costmodel.PlanCorrection the trial fitted
-    generated: list | None = None  # greedy token ids after the prompt, per batch row
+    generated: list | None = None  # greedy token ids after the prompt, per batch row or request
+    # A serving batch: per request its cached_prefix, new_tokens, stream [a, b) and the chunks it falls in
+    requests: list | None = None
     lanes: dict | None = None  # {(schedule, rank): timeline rows of its last run} with --trace
-    logits: dict | None = None  # {schedule: fp32 logits (batch, seq, vocab)} with --save-logits
+    # {schedule: fp32 logits (batch, seq, vocab), or of a serving batch a (len_i, vocab) per request}
+    logits: dict | None = None  # with --save-logits
 
     @property
     def chunks(self):
@@ -88,5 +91,7 @@ class PrefillReport:
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
         out.update(plan=self.plan, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms,
                    model_correction=self.model_correction)
+        if self.requests is not None:
+            out["requests"] = self.requests
         out["generated"] = self.generated
         return out

@@ -47,15 +47,16 @@ class SplitChoice:
 
 
 def _candidates(prefill, costs):
-    """The splits worth timing: the planner's best (by the cost model), or without costs (a prompt too short
-    to calibrate on) the unsplit prompt and its even split; only ``--chunks`` chunks where that is fixed."""
+    """The splits worth timing: the planner's best (by the cost model), or without costs even splits; only
+    ``--chunks`` chunks where that is fixed."""
     seq_len, chunks = prefill.seq_len, prefill.cfg.chunks
     if costs is not None:
         ranked = planner.candidate_plans(costs, prefill.model.args.n_layer, seq_len,
                                          keep=TRIAL_CANDIDATES if chunks is None else 3 * chunks,
                                          max_chunks=chunks or planner.MAX_AUTO_CHUNKS, **prefill.predict_kw())
-    else:
-        ranked = [ChunkSplit((seq_len,))] + ([ChunkSplit.even(seq_len, 2)] if seq_len >= 2 else [])
+    else:  # even splits only: of 1 or 2 chunks for a prompt too short to calibrate on, up to 4 for a batch
+        most = planner.MAX_AUTO_CHUNKS if prefill.packed is not None else 2
+        ranked = [ChunkSplit.even(seq_len, k) for k in range(1, min(most, seq_len) + 1)]
     if chunks is None:
         return ranked
     fixed = ChunkSplit.even(seq_len, chunks)

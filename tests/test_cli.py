@@ -70,7 +70,7 @@ def test_bad_input_gives_one_error_line(extra, message, capsys):
 
 
 def test_bad_tokens_file(tmp_path, capsys):
-    cases = {"ids.json": ("[1, 2, 99999]", "ids must lie in"), "ragged.json": ("[[1, 2], [3]]", "equal-length"),
+    cases = {"ids.json": ("[1, 2, 99999]", "ids must lie in"), "empty.json": ("[[1, 2], []]", "non-empty lists"),
              "text.json": ("not json", "invalid JSON"), "object.json": ('{"a": 1}', "list of ids"),
              "mixed.json": ("[[1, 2], 3]", "list of ids"), "bools.json": ("[true, 2]", "integers")}
     for name, (content, message) in cases.items():

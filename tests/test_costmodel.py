@@ -343,3 +343,5 @@ def test_fit_plan_correction_recovers_a_per_chunk_cost_the_calibration_missed(of
     assert fitted.compute_scale == pytest.approx(1.3, rel=0.01)
     with pytest.raises(ValueError, match="unsplit"):
         fit_plan_correction(costs, 8, 512, {(256, 512): 1.0, (128, 512): 1.0}, **kw)
+    cheaper = PlanCorrection(-5e-3).apply(costs)  # more than the fixed costs: blocks become free, not negative
+    assert (cheaper.attn_fixed, cheaper.mlp_fixed) == (0.0, 0.0)

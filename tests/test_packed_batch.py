@@ -3,12 +3,13 @@ through the model and the schedules, chunks cut inside requests, cached prefixes
 ISO bitwise equal to serial on the same chunks at TP 1, 2 and 4 over gloo; and each request's logits against
 Hugging Face's forward on that request alone (Llama, Mistral, Qwen2; TP 1 and 2)."""
 
+import json
 import os
 
 import pytest
 import torch
 
-from iso_kernels import checkpoint, comm, launch, schedule
+from iso_kernels import checkpoint, cli, comm, launch, schedule
 from iso_kernels.batch import add_prompts, cache_prefix, greedy_decode
 from iso_kernels.paged_cache import BlockAllocator, PackedBatch
 from iso_kernels.split import ChunkSplit
@@ -297,3 +298,53 @@ def test_packed_requests_match_hugging_face(hf_serving, world_size):
                 torch.testing.assert_close(decode_logits[i], expected["decode_logits"], atol=2e-5, rtol=1e-4,
                                            msg=f"{where} decode request {i}")
             _assert_iso_equals_serial(out, where)
+
+
+# --- the CLI on a ragged batch ---
+def test_cli_ragged_tokens_match_hugging_face_per_request(hf_serving, tmp_path):
+    """``prefill --tokens ragged.json --save-logits`` (TP 2, the split trial's chunks, which cut requests):
+    each request's saved logits, serial and ISO, are HF's on that request alone; generated tokens are HF's."""
+    made = hf_serving["llama"]
+    prompts = made["inputs"][0]
+    (tmp_path / "ragged.json").write_text(json.dumps([p.tolist() for p in prompts]))
+    report_path, logits_path = tmp_path / "report.json", tmp_path / "logits.pt"
+    assert cli.main(["prefill", "--model", made["folder"], "--tokens", str(tmp_path / "ragged.json"), "--tp", "2",
+                     "--link", "ratio:1.0", "--chunks", "3", "--block-size", "32", "--repeats", "1",
+                     "--warmup", "0", "--generate", str(DECODE_STEPS), "--comm-backend", "torch",
+                     "--json", str(report_path), "--save-logits", str(logits_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["batch"] == len(PROMPT_LENS) and report["seq_len"] == sum(PROMPT_LENS)
+    assert [r["new_tokens"] for r in report["requests"]] == PROMPT_LENS
+    assert any(len(r["chunks"]) > 1 for r in report["requests"])  # a request straddles a cut
+    assert report["iso_equals_serial_same_chunks"] and report["agree"]
+    saved = torch.load(logits_path)
+    for mode in ("serial", "iso"):
+        assert [x.shape for x in saved[mode]] == [(n, VOCAB) for n in PROMPT_LENS]
+        for i, expected in enumerate(made["expected"][:len(prompts)]):
+            torch.testing.assert_close(saved[mode][i], expected["logits"], atol=2e-5, rtol=1e-4,
+                                       msg=f"{mode} request {i}")
+    assert report["generated"] == [e["greedy"].tolist() for e in made["expected"][:len(prompts)]]
+
+
+def test_cli_cached_prefix_and_random_prompt_lens(tmp_path):
+    report_path = tmp_path / "report.json"
+    assert cli.main(["prefill", "--model", "llama-tiny", "--prompt-lens", "30,7,50", "--cached-prefix", "20",
+                     "--tp", "2", "--split", "0.5", "--repeats", "1", "--warmup", "0", "--generate", "2",
+                     "--comm-backend", "torch", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert [(r["cached_prefix"], r["new_tokens"], r["stream"]) for r in report["requests"]] == [
+        (20, 30, [0, 30]), (20, 7, [30, 37]), (20, 50, [37, 87])]
+    assert report["bounds"] == [[0, 44], [44, 87]] and report["requests"][2]["chunks"] == [0, 1]
+    assert report["iso_equals_serial_same_chunks"] and report["agree"]
+    assert [len(g) for g in report["generated"]] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--prompt-lens", "3,x"], "--prompt-lens"), (["--prompt-lens", "3,0"], ">= 1"),
+    (["--cached-prefix", "-1", "--prompt-lens", "3"], "--cached-prefix"),
+    (["--block-size", "24", "--prompt-lens", "3"], "--block-size"),
+    (["--cached-prefix", "500", "--prompt-lens", "10"], "positions"),
+])
+def test_cli_rejects_bad_serving_options(options, message, capsys):
+    assert cli.main(["prefill", "--model", "llama-tiny", *options]) == 2
+    assert message in capsys.readouterr().err
