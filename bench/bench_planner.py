@@ -4,10 +4,11 @@ split found by timing every candidate, on one TP group, interleaved.
 Per (link, prompt length), one launch of the ranks: each opens the prefill as ``engine.run`` does, lets the
 engine choose its split afresh (the split trial, not the cache), then times the serial prefill and ISO over
 every candidate (the planner's full ranking for 1..4 chunks, auto's choice, the even two chunks), one warm-up
-round and ``--repeats`` rounds, each round running every plan once in a rotated order. A plan's reduction per
-round is 1 - iso / serial of that round; the table gives their median and 20th-80th percentiles. ``best`` is
-picked on these same rounds, so it carries a selection bonus (the luckiest of many noisy draws); ``auto`` was
-picked in its own, earlier trial and is measured here without that bonus.
+round, ``--select-rounds`` rounds and ``--repeats`` rounds, each round running every plan once in a rotated
+order. A plan's reduction per round is 1 - iso / serial of that round. ``best`` is the plan with the largest
+median reduction over the selection rounds (found by trying every candidate); every number in the table is
+measured on the later rounds only (median and 20th-80th percentiles), so neither ``best`` (picked on the
+selection rounds) nor ``auto`` (picked in its own, earlier trial) is credited with the luck that picked it.
 
     python bench/bench_planner.py [--quick] [--links ratio:0.25,ratio:0.5] [--seq-lens 256,512] [--repeats N]
                                   [--model NAME] [--tp N] [--csv PATH]
@@ -37,7 +38,7 @@ EVERY_CANDIDATE = 12
 PLANS = ("auto", "even-2", "none", "best")
 
 
-def _compare_rank(rank, world_size, cfg, repeats):
+def _compare_rank(rank, world_size, cfg, select_rounds, repeats):
     """Rank 0: {"serial": [ms per round], "splits": {ends: [ms per round]}, "predicted": {ends: (ms by the
     calibrated model, ms by the model the trial corrected)}, "auto": ends, "trial_ms": ms, ...}."""
     with torch.inference_mode():
@@ -48,7 +49,7 @@ def _compare_rank(rank, world_size, cfg, repeats):
                                          **prefill.predict_kw()) if choice.costs else []
         splits = list(dict.fromkeys([ChunkSplit((seq_len,)), ChunkSplit.even(seq_len, 2), choice.split, *ranked]))
         seconds = split_trial.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
-                                           + [(split, "iso") for split in splits], repeats)
+                                           + [(split, "iso") for split in splits], select_rounds + repeats)
         n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
         predicted = {split.ends: tuple(costmodel.predict(costs, n_layer, seq_len, split, **kw).iso_s * 1e3
                                        for costs in (choice.calibrated_costs, choice.costs))
@@ -60,7 +61,8 @@ def _compare_rank(rank, world_size, cfg, repeats):
     to_ms = [[t * 1e3 for t in times] for times in seconds]
     return {"serial": to_ms[0], "splits": {split.ends: ms for split, ms in zip(splits, to_ms[1:])},
             "predicted": predicted, "auto": choice.split.ends, "trial_ms": choice.trial_s * 1e3,
-            "correction": dataclasses.asdict(choice.correction), "compute_only_ms": compute_only_s * 1e3}
+            "correction": dataclasses.asdict(choice.correction), "compute_only_ms": compute_only_s * 1e3,
+            "select_rounds": select_rounds}
 
 
 def reductions(serial_ms, iso_ms):
@@ -77,13 +79,15 @@ def quantiles(values):
 
 
 def summarize(measured):
-    """{plan: (ends, (p50, p20, p80) reduction, median iso ms)} for auto, even-2, none and best."""
-    serial, by_ends = measured["serial"], measured["splits"]
+    """{plan: (ends, (p50, p20, p80) reduction, median iso ms)} for auto, even-2, none and best: best chosen on
+    the selection rounds, everything measured on the rounds after them."""
+    k, serial, by_ends = measured["select_rounds"], measured["serial"], measured["splits"]
     seq_len = measured["auto"][-1]
-    median_reduction = {ends: statistics.median(reductions(serial, ms)) for ends, ms in by_ends.items()}
+    selection = {ends: statistics.median(reductions(serial[:k], ms[:k])) for ends, ms in by_ends.items()} if k \
+        else {ends: statistics.median(reductions(serial, ms)) for ends, ms in by_ends.items()}
     chosen = {"auto": measured["auto"], "even-2": ChunkSplit.even(seq_len, 2).ends, "none": (seq_len,),
-              "best": max(median_reduction, key=median_reduction.get)}
-    return {plan: (ends, quantiles(reductions(serial, by_ends[ends])), statistics.median(by_ends[ends]))
+              "best": max(selection, key=selection.get)}
+    return {plan: (ends, quantiles(reductions(serial[k:], by_ends[ends][k:])), statistics.median(by_ends[ends][k:]))
             for plan, ends in chosen.items()}
 
 
@@ -141,7 +145,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq-lens", help=f"comma-separated prompt lengths (default {SEQ_LENS})")
     parser.add_argument("--model", default="llama-small")
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per point")
+    parser.add_argument("--select-rounds", type=int, default=3, help="rounds that pick the best plan")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds that measure every plan")
     parser.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "nccl-ext"])
     parser.add_argument("--csv", type=Path, help="append rows here (default bench/results/iso_planner_cpu.csv)")
     parser.add_argument("--png", type=Path, help="plot (default: the CSV path with .png)")
@@ -153,7 +158,8 @@ def main(argv=None):
     links = args.links.split(",") if args.links else ["ratio:1.0"] if args.quick else LINKS
     seq_lens = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else [512] if args.quick else SEQ_LENS
     csv_path = args.csv or common.RESULTS / "iso_planner_cpu.csv"
-    setup = {"model": args.model, "tp": args.tp, "repeats": args.repeats, "cpu_count": os.cpu_count()}
+    setup = {"model": args.model, "tp": args.tp, "select_rounds": args.select_rounds, "repeats": args.repeats,
+             "cpu_count": os.cpu_count()}
     print(f"planner bench: model={args.model} tp={args.tp} links={links} seq_lens={seq_lens} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
     results, rows = {}, []
@@ -162,7 +168,8 @@ def main(argv=None):
             # recalibrate: a fresh split trial per point, so auto's choice is measured, not remembered
             cfg = engine.PrefillConfig(model=args.model, tp=args.tp, seq_len=seq_len, link=comm.parse_link(link),
                                        device="cpu", generate=0, comm_backend=args.comm_backend, recalibrate=True)
-            measured = launch.spawn_ranks(_compare_rank, args.tp, args=(cfg, args.repeats), timeout_s=3600)[0]
+            measured = launch.spawn_ranks(_compare_rank, args.tp, args=(cfg, args.select_rounds, args.repeats),
+                                          timeout_s=3600)[0]
             results[(seq_len, link)] = measured
             point_rows = rows_for_point(seq_len, link, measured, {**setup, "load_avg": os.getloadavg()[0]})
             common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured

@@ -169,7 +169,7 @@ def format_report(report: PrefillReport):
                      "the candidates again)")
     elif report.trial:
         lines.append(f"split trial          {len(report.trial)} candidates in {report.trial_ms / 1e3:.2f} s "
-                     "(ISO ms: measured / predicted by the calibration); the fastest is used")
+                     "(ISO ms: measured / predicted by the calibration)")
         lines += [f"  {list(c.ends)!s:<19}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:.2f}"
                   for c in report.trial]
         correction = report.model_correction

@@ -11,7 +11,7 @@ from bench import bench_planner as bench
 def synthetic(auto=(24, 48)):
     # serial 100 ms per round; the even split gains 30 %, a 3-chunk split 35 %, no split nothing
     return {"serial": [100.0, 100.0, 100.0], "auto": auto, "trial_ms": 5.0, "compute_only_ms": 40.0,
-            "correction": {"block_offset_s": 1e-4, "compute_scale": 1.1},
+            "correction": {"block_offset_s": 1e-4, "compute_scale": 1.1}, "select_rounds": 0,
             "splits": {(48,): [100.0, 101.0, 99.0], (24, 48): [70.0, 69.0, 71.0], (16, 32, 48): [65.0, 66.0, 64.0]},
             "predicted": {(48,): (90.0, 100.0), (24, 48): (56.0, 70.0), (16, 32, 48): (65.0, 65.0)}}
 
@@ -24,6 +24,14 @@ def test_summary_picks_best_on_the_rounds_and_pairs_each_round_with_its_serial()
     line = bench.summary_table({(48, "ratio:1.0"): synthetic()}).splitlines()[-1]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:3] == ["ratio:1.0", "48", "100.0"] and cells[-3:] == ["+0.0", "-5.0", "10.0% / 0.0%"]
+
+
+def test_best_is_picked_on_the_selection_rounds_and_measured_after_them():
+    measured = dict(synthetic(), select_rounds=1, serial=[100.0] * 3,
+                    splits={(48,): [100.0] * 3, (24, 48): [60.0, 80.0, 80.0], (16, 32, 48): [70.0, 70.0, 70.0]})
+    plans = bench.summarize(measured)
+    assert plans["best"][0] == (24, 48)  # lucky in round 1
+    assert plans["best"][1][0] == pytest.approx(0.20) and plans["auto"][1][0] == pytest.approx(0.20)
 
 
 def test_rounds_must_pair_up():
