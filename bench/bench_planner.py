@@ -36,6 +36,8 @@ SEQ_LENS = [256, 512, 1024, 2048]
 # Enough of the planner's ranking to contain every chunk count's solver, equal-compute and even splits.
 EVERY_CANDIDATE = 12
 PLANS = ("auto", "even-2", "none", "best")
+# The issue's bars: auto's median reduction at most this many points below even-2's, and below best's.
+EVEN_BAR, BEST_BAR = 3, 4
 
 
 def _compare_rank(rank, world_size, cfg, select_rounds, repeats):
@@ -127,6 +129,7 @@ def summary_table(measured_by_point):
         p50, p20, p80 = (100 * r for r in reduction)
         return f"{p50:.1f}% [{p20:.1f}, {p80:.1f}]"
 
+    passed = 0
     for (seq_len, link), measured in measured_by_point.items():
         plans = summarize(measured)
         r = {plan: 100 * plans[plan][1][0] for plan in PLANS}
@@ -135,6 +138,9 @@ def summary_table(measured_by_point):
                      f"| {cell(plans['none'][1])} | {list(plans['best'][0])}, {cell(plans['best'][1])} "
                      f"| {r['auto'] - r['even-2']:+.1f} | {r['auto'] - r['best']:+.1f} "
                      "| {:.1f}% / {:.1f}% |".format(*prediction_errors(measured)))
+        passed += r["auto"] >= r["even-2"] - EVEN_BAR and r["auto"] >= r["best"] - BEST_BAR
+    lines.append(f"\nauto within {EVEN_BAR} points of even-2 and {BEST_BAR} of best: {passed} of "
+                 f"{len(measured_by_point)} cells")
     return "\n".join(lines)
 
 
@@ -174,7 +180,7 @@ def main(argv=None):
             point_rows = rows_for_point(seq_len, link, measured, {**setup, "load_avg": os.getloadavg()[0]})
             common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured
             rows += point_rows
-            print(summary_table({(seq_len, link): measured}).splitlines()[-1], flush=True)
+            print(summary_table({(seq_len, link): measured}).splitlines()[-3], flush=True)
     common.plot_panels([r for r in rows if r["metric"] == "reduction"], args.png or csv_path.with_suffix(".png"),
                        ylabel="prefill time reduction (median)", title=f"--split auto vs fixed plans: {args.model}, "
                        f"tp={args.tp}, CPU, emulated links",

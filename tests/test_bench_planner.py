@@ -21,7 +21,8 @@ def test_summary_picks_best_on_the_rounds_and_pairs_each_round_with_its_serial()
     assert plans["best"][0] == (16, 32, 48) and plans["none"][0] == (48,) and plans["even-2"][0] == (24, 48)
     assert plans["auto"][1][0] == pytest.approx(0.30) and plans["best"][1][0] == pytest.approx(0.35)
     assert plans["none"][1][0] == pytest.approx(0.0)
-    line = bench.summary_table({(48, "ratio:1.0"): synthetic()}).splitlines()[-1]
+    *_, line, _, verdict = bench.summary_table({(48, "ratio:1.0"): synthetic()}).splitlines()
+    assert verdict.endswith("0 of 1 cells")  # 5 points below best
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:3] == ["ratio:1.0", "48", "100.0"] and cells[-3:] == ["+0.0", "-5.0", "10.0% / 0.0%"]
 
