@@ -17,4 +17,4 @@ def test_quick_run_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
     config = json.loads(next(r for r in rows if r["x_value"] == "prefix")["config_json"])
     assert config["prefix"] == 32 and config["tokens"] == sum(bench.QUICK_BATCHES["prefix"][0])
     printed = capsys.readouterr().out
-    assert "| mixed | ratio:1.0 | 6 | 160 | 0 |" in printed and "DISAGREE" not in printed
+    assert "| mixed | ratio:1.0 | 6 | 176 | 0 |" in printed and "DISAGREE" not in printed  # 96 + 48 + 4 x 8
