@@ -104,7 +104,7 @@ def resolve(cfg: PrefillConfig) -> _Resolved:
         raise ValueError(f"a prompt of {longest} tokens plus {cfg.generate} generated exceeds the model's "
                          f"{args.max_seq_len} positions")
     _check_packing(cfg)
-    requested_split(cfg, sum(lens) if request_lens(cfg) else lens[0])  # rejects splits outside the prompt
+    requested_split(cfg, sum(lens))  # rejects splits outside the prompt (of a batch: its stream)
     return _Resolved(device, cfg.dtype or (torch.bfloat16 if device == "cuda" else torch.float32), folder, args)
 
 
