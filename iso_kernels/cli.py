@@ -169,8 +169,8 @@ def format_report(report: PrefillReport):
                      "the candidates again)")
     elif report.trial:
         lines.append(f"split trial          {len(report.trial)} candidates in {report.trial_ms / 1e3:.2f} s "
-                     "(ISO ms: measured / predicted by the calibration)")
-        lines += [f"  {list(c.ends)!s:<19}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:.2f}"
+                     "(ISO ms: measured / predicted by the calibration, timed rounds)")
+        lines += [f"  {list(c.ends)!s:<22}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:<9.2f}{c.rounds:>3}"
                   for c in report.trial]
         correction = report.model_correction
         if not math.isnan(report.predicted_iso_ms):

@@ -12,11 +12,12 @@ from .metrics import OverlapMetrics
 @dataclass(frozen=True)
 class TrialCandidate:
     """One plan the split trial timed: its chunk ends, the calibrated model's prediction (before the trial
-    corrected it) and the measured median."""
+    corrected it) and the measured median over its timed rounds (more for the race's finalists)."""
 
     ends: tuple
     predicted_iso_ms: float
     measured_iso_ms: float
+    rounds: int
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The split trial behind ``--split auto``: the planner proposes, a measurement disposes.
 
 On the CPU dev machine the calibrated model's error (up to ~30 %, bench/README.md) exceeds the gaps between
-its best splits, so its few best candidates (always with the unsplit prompt and the paper's two even chunks)
-are timed on the job's own ranks, one warm-up round and TRIAL_REPEATS timed rounds, interleaved so that
-drifting load hits each alike; the fastest runs where it beats the two even chunks clearly (TRIAL_MARGIN),
-else they do. The trial's times also fit a ``costmodel.PlanCorrection``.
+its best splits, so its few best candidates (always with the unsplit prompt and the even two and three chunks)
+are timed on the job's own ranks as a race: one warm-up round and TRIAL_ROUNDS timed rounds of every
+candidate, then more rounds of the few fastest and the paper's two even chunks, interleaved so that drifting
+load hits each alike. The fastest runs where it beats the two even chunks clearly (TRIAL_MARGIN), else they do.
+The trial's times also fit a ``costmodel.PlanCorrection``.
 Choice and correction are cached per model, TP size, batch, length bucket, machine, dtype and link;
 ``--recalibrate`` times them again.
 """
@@ -24,11 +25,20 @@ from .report import TrialCandidate
 from .split import ChunkSplit
 
 TRIAL_CANDIDATES = 4
-TRIAL_REPEATS = 3
+TRIAL_ROUNDS = 3
+# Where the choice is made: the FINALISTS fastest after TRIAL_ROUNDS (with the two even chunks) run on for at
+# least FINAL_ROUNDS rounds, and on to FINAL_BUDGET_S of their own time (a short prefill gets more rounds for
+# the same cost; at most MAX_FINAL_ROUNDS). In bench_planner, 3 rounds of 5-6 candidates kept the two even
+# chunks in 3 cells of 16 where three chunks measured 4.5-6 points faster.
+FINALISTS = 3
+FINAL_ROUNDS = 4
+FINAL_BUDGET_S = 4.0
+MAX_FINAL_ROUNDS = 16
 # How much faster than the paper's two even chunks, round for round, a plan must be to replace them. On the
-# 2-core dev machine the median of 3 paired ratios spreads by about +-4 %; with a 2 % margin, 2 of 11 cells of
-# bench_planner lost 6 and 13 points to the even split with plans picked on luck (bench/README.md).
-TRIAL_MARGIN = 0.05
+# 2-core dev machine the median of 3 paired ratios spreads by about +-4 %: with a 2 % margin on 3 rounds, 2 of
+# 11 cells of bench_planner lost 6 and 13 points to the even split with plans picked on luck. The finalists'
+# 7 or more rounds halve that spread; a plan within the margin gains at most 2-3 points (bench/README.md).
+TRIAL_MARGIN = 0.04
 
 
 @dataclass
@@ -63,7 +73,8 @@ def _candidates(prefill, costs):
         most = planner.MAX_AUTO_CHUNKS if prefill.packed is not None else 2
         ranked = [ChunkSplit.even(seq_len, k) for k in range(1, min(most, seq_len) + 1)]
     if chunks is None:
-        return ranked
+        # Three even chunks always: in bench_planner they were the fastest plan where the model ranked others
+        return list(dict.fromkeys(ranked + [ChunkSplit.even(seq_len, 3)] if seq_len >= 3 else ranked))
     fixed = ChunkSplit.even(seq_len, chunks)
     return ([fixed] + [c for c in ranked if len(c) == chunks and c != fixed])[:TRIAL_CANDIDATES]
 
@@ -89,8 +100,9 @@ def fastest_split(prefill, costs) -> "SplitChoice":
         split = ChunkSplit.from_fractions(seq_len, cached["fractions"])
         return SplitChoice(split, "cached", costs, correction=costmodel.PlanCorrection(**cached["correction"]))
     start = time.perf_counter()
-    seconds = timed_rounds(prefill, [(split, "iso") for split in candidates], TRIAL_REPEATS)
-    best = candidates[_pick(seconds, default=candidates.index(_default_split(prefill)))]
+    default = candidates.index(_default_split(prefill))
+    seconds = _race(prefill, candidates, default)
+    best = candidates[_pick(seconds, default)]
     trial = _trial_candidates(prefill, candidates, seconds, costs)
     correction = _fitted_correction(prefill, costs, trial)
     if dist.get_rank() == 0:
@@ -113,17 +125,35 @@ def _trial_file():
     return KeyedJsonFile(envs.cache_dir() / "split_trials.json", "split trial", "timing the candidates again")
 
 
-def timed_rounds(prefill, plans, repeats):
-    """Seconds of each (split, schedule) plan per timed round: one warm-up round, then ``repeats`` rounds in
-    which every plan runs once, the order rotated each round so no plan always follows the same one. The
-    slowest rank's times, so every rank sees the same numbers."""
+def _race(prefill, candidates, default):
+    """Seconds per timed round of each candidate (index ``default``: the plan kept unless beaten): TRIAL_ROUNDS
+    of all, then the finalists' further rounds; a finalist's list is the longer."""
+    plans = [(split, "iso") for split in candidates]
+    seconds = timed_rounds(prefill, plans, TRIAL_ROUNDS)
+    by_median = sorted(range(len(plans)), key=lambda i: statistics.median(seconds[i]))
+    finalists = list(dict.fromkeys([default] + by_median[:FINALISTS]))
+    final = timed_rounds(prefill, [plans[i] for i in finalists], FINAL_ROUNDS, warmup=0,
+                         budget_s=FINAL_BUDGET_S, max_repeats=MAX_FINAL_ROUNDS)
+    for i, times in zip(finalists, final):
+        seconds[i] += times
+    return seconds
+
+
+def timed_rounds(prefill, plans, repeats, *, warmup=1, budget_s=0.0, max_repeats=None):
+    """Seconds of each (split, schedule) plan per timed round: ``warmup`` untimed rounds, then ``repeats``
+    rounds in which every plan runs once, the order rotated each round so no plan always follows the same one,
+    and more rounds (up to ``max_repeats``) while the timed rounds took less than ``budget_s`` in all. The
+    slowest rank's times, so every rank sees the same numbers and stops after the same round."""
     seconds = [[] for _ in plans]
-    for round_ in range(1 + repeats):
+    round_ = 0
+    while round_ < warmup + repeats or (round_ < warmup + (max_repeats or repeats)
+                                        and sum(map(sum, seconds)) < budget_s):
         for i in [(round_ + j) % len(plans) for j in range(len(plans))]:
             split, mode = plans[i]
             _, elapsed, _ = traced_run(lambda t, s=split, m=mode: prefill.run(s, m, t), prefill.device)
-            if round_ > 0:
+            if round_ >= warmup:
                 seconds[i].append(elapsed)
+        round_ += 1
     return seconds
 
 
@@ -134,16 +164,19 @@ def _default_split(prefill):
 
 
 def _pick(seconds, default):
-    """The index of the plan with the fastest median, where it beats plan ``default`` by TRIAL_MARGIN in the
-    median of their per-round time ratios (rounds are interleaved, so a ratio cancels the load they shared);
-    else ``default``. A few noisy rounds would otherwise trade a sure plan for a lucky one."""
-    fastest = min(range(len(seconds)), key=lambda i: (statistics.median(seconds[i]), i))
-    ratio = statistics.median(t / d for t, d in zip(seconds[fastest], seconds[default]))
+    """The index of the plan with the fastest median among those timed in every round plan ``default`` was
+    (the race's finalists), where it beats ``default`` by TRIAL_MARGIN in the median of their per-round time
+    ratios (rounds are interleaved, so a ratio cancels the load they shared); else ``default``. A few noisy
+    rounds would otherwise trade a sure plan for a lucky one."""
+    rounds = len(seconds[default])
+    finalists = [i for i in range(len(seconds)) if len(seconds[i]) == rounds]
+    fastest = min(finalists, key=lambda i: (statistics.median(seconds[i]), i))
+    ratio = statistics.median(t / d for t, d in zip(seconds[fastest], seconds[default], strict=True))
     return fastest if ratio < 1 - TRIAL_MARGIN else default
 
 
 def _trial_candidates(prefill, splits, seconds, costs):
     n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
     return [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
-                           if costs else math.nan, statistics.median(times) * 1e3)
+                           if costs else math.nan, statistics.median(times) * 1e3, len(times))
             for split, times in zip(splits, seconds)]
