@@ -4,14 +4,14 @@ split found by timing every candidate, on one TP group, interleaved.
 Per (link, prompt length), one launch of the ranks: each opens the prefill as ``engine.run`` does, lets the
 engine choose its split afresh (the split trial, not the cache), then times the serial prefill and ISO over
 every candidate (the planner's full ranking for 1..4 chunks, auto's choice, the even two chunks), one warm-up
-round, ``--select-rounds`` rounds and ``--repeats`` rounds, each round running every plan once in a rotated
-order. A plan's reduction per round is 1 - iso / serial of that round. ``best`` is the plan with the largest
+round, ``--select-rounds`` rounds and ``--repeats`` rounds or more (until ``--budget-s`` of runs), each round
+running every plan once in a rotated order. A plan's reduction per round is 1 - iso / serial of that round. ``best`` is the plan with the largest
 median reduction over the selection rounds (found by trying every candidate); every number in the table is
 measured on the later rounds only (median and 20th-80th percentiles), so neither ``best`` (picked on the
 selection rounds) nor ``auto`` (picked in its own, earlier trial) is credited with the luck that picked it.
 
     python bench/bench_planner.py [--quick] [--links ratio:0.25,ratio:0.5] [--seq-lens 256,512] [--repeats N]
-                                  [--model NAME] [--tp N] [--csv PATH]
+                                  [--budget-s S] [--model NAME] [--tp N] [--csv PATH]
 """
 
 import argparse
@@ -36,11 +36,14 @@ SEQ_LENS = [256, 512, 1024, 2048]
 # Enough of the planner's ranking to contain every chunk count's solver, equal-compute and even splits.
 EVERY_CANDIDATE = 12
 PLANS = ("auto", "even-2", "none", "best")
+# Rounds go on past --select-rounds + --repeats while every plan's runs took less than --budget-s in all: a
+# 130 ms prefill spreads by +-10 % from round to round on the dev machine, so short prompts need more rounds.
+MAX_ROUNDS = 40
 # The issue's bars: auto's median reduction at most this many points below even-2's, and below best's.
 EVEN_BAR, BEST_BAR = 3, 4
 
 
-def _compare_rank(rank, world_size, cfg, select_rounds, repeats):
+def _compare_rank(rank, world_size, cfg, select_rounds, repeats, budget_s):
     """Rank 0: {"serial": [ms per round], "splits": {ends: [ms per round]}, "predicted": {ends: (ms by the
     calibrated model, ms by the model the trial corrected)}, "auto": ends, "trial_ms": ms, ...}."""
     with torch.inference_mode():
@@ -51,7 +54,8 @@ def _compare_rank(rank, world_size, cfg, select_rounds, repeats):
                                          **prefill.predict_kw()) if choice.costs else []
         splits = list(dict.fromkeys([ChunkSplit((seq_len,)), ChunkSplit.even(seq_len, 2), choice.split, *ranked]))
         seconds = split_trial.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
-                                           + [(split, "iso") for split in splits], select_rounds + repeats)
+                                           + [(split, "iso") for split in splits], select_rounds + repeats,
+                                           budget_s=budget_s, max_repeats=MAX_ROUNDS)
         n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
         predicted = {split.ends: tuple(costmodel.predict(costs, n_layer, seq_len, split, **kw).iso_s * 1e3
                                        for costs in (choice.calibrated_costs, choice.costs))
@@ -64,7 +68,7 @@ def _compare_rank(rank, world_size, cfg, select_rounds, repeats):
     return {"serial": to_ms[0], "splits": {split.ends: ms for split, ms in zip(splits, to_ms[1:])},
             "predicted": predicted, "auto": choice.split.ends, "trial_ms": choice.trial_s * 1e3,
             "correction": dataclasses.asdict(choice.correction), "compute_only_ms": compute_only_s * 1e3,
-            "select_rounds": select_rounds}
+            "select_rounds": select_rounds, "trial": [dataclasses.asdict(c) for c in choice.trial]}
 
 
 def reductions(serial_ms, iso_ms):
@@ -107,7 +111,8 @@ def rows_for_point(seq_len, link, measured, setup):
     before, after = prediction_errors(measured)
     config = {**setup, "auto": list(measured["auto"]), "trial_ms": measured["trial_ms"],
               "compute_only_ms": measured["compute_only_ms"], "candidates": len(measured["splits"]),
-              "correction": measured["correction"], "prediction_error_pct": [before, after]}
+              "correction": measured["correction"], "prediction_error_pct": [before, after],
+              "rounds": len(measured["serial"]), "trial": measured["trial"]}
     rows = [{**base, "provider": "serial", "metric": "ms", "unit": "ms",
              **dict(zip(("p50", "p20", "p80"), quantiles(measured["serial"]))), "config_json": config}]
     for plan, (ends, reduction, iso_ms) in summarize(measured).items():
@@ -152,7 +157,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="llama-small")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--select-rounds", type=int, default=3, help="rounds that pick the best plan")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds that measure every plan")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds that measure every plan (at least)")
+    parser.add_argument("--budget-s", type=float, default=40.0,
+                        help=f"more measuring rounds (up to {MAX_ROUNDS} rounds in all) until the timed runs took "
+                             "this long")
     parser.add_argument("--comm-backend", default="auto", choices=["auto", "torch", "nccl-ext"])
     parser.add_argument("--csv", type=Path, help="append rows here (default bench/results/iso_planner_cpu.csv)")
     parser.add_argument("--png", type=Path, help="plot (default: the CSV path with .png)")
@@ -165,7 +173,7 @@ def main(argv=None):
     seq_lens = [int(s) for s in args.seq_lens.split(",")] if args.seq_lens else [512] if args.quick else SEQ_LENS
     csv_path = args.csv or common.RESULTS / "iso_planner_cpu.csv"
     setup = {"model": args.model, "tp": args.tp, "select_rounds": args.select_rounds, "repeats": args.repeats,
-             "cpu_count": os.cpu_count()}
+             "budget_s": args.budget_s, "cpu_count": os.cpu_count()}
     print(f"planner bench: model={args.model} tp={args.tp} links={links} seq_lens={seq_lens} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
     results, rows = {}, []
@@ -174,7 +182,7 @@ def main(argv=None):
             # recalibrate: a fresh split trial per point, so auto's choice is measured, not remembered
             cfg = engine.PrefillConfig(model=args.model, tp=args.tp, seq_len=seq_len, link=comm.parse_link(link),
                                        device="cpu", generate=0, comm_backend=args.comm_backend, recalibrate=True)
-            measured = launch.spawn_ranks(_compare_rank, args.tp, args=(cfg, args.select_rounds, args.repeats),
+            measured = launch.spawn_ranks(_compare_rank, args.tp, args=(cfg, args.select_rounds, args.repeats, args.budget_s),
                                           timeout_s=3600)[0]
             results[(seq_len, link)] = measured
             point_rows = rows_for_point(seq_len, link, measured, {**setup, "load_avg": os.getloadavg()[0]})

@@ -4,8 +4,9 @@ On the CPU dev machine the calibrated model's error (up to ~30 %, bench/README.m
 its best splits, so its few best candidates (always with the unsplit prompt and the even two and three chunks)
 are timed on the job's own ranks as a race: one warm-up round and TRIAL_ROUNDS timed rounds of every
 candidate, then more rounds of the few fastest and the paper's two even chunks, interleaved so that drifting
-load hits each alike. The fastest runs where it beats the two even chunks clearly (TRIAL_MARGIN), else they do.
-The trial's times also fit a ``costmodel.PlanCorrection``.
+load hits each alike. The fastest runs where it beats the two even chunks clearly (TRIAL_MARGIN); else the
+unsplit prompt where the model, corrected by the trial's times (``costmodel.PlanCorrection``), predicts no split
+to save ``planner.MIN_GAIN`` and the unsplit prompt measured no slower than the two even chunks; else they do.
 Choice and correction are cached per model, TP size, batch, length bucket, machine, dtype and link;
 ``--recalibrate`` times them again.
 """
@@ -102,9 +103,11 @@ def fastest_split(prefill, costs) -> "SplitChoice":
     start = time.perf_counter()
     default = candidates.index(_default_split(prefill))
     seconds = _race(prefill, candidates, default)
-    best = candidates[_pick(seconds, default)]
     trial = _trial_candidates(prefill, candidates, seconds, costs)
     correction = _fitted_correction(prefill, costs, trial)
+    whole = candidates.index(ChunkSplit((seq_len,))) if _predicted_off(prefill, costs, correction,
+                                                                       candidates) else None
+    best = candidates[_pick(seconds, default, whole)]
     if dist.get_rank() == 0:
         store.save(key, {"fractions": [end / seq_len for end in best.ends],
                          "correction": dataclasses.asdict(correction)})
@@ -119,6 +122,19 @@ def _fitted_correction(prefill, costs, trial):
         return costmodel.PlanCorrection()
     return costmodel.fit_plan_correction(costs, prefill.model.args.n_layer, prefill.seq_len, measured,
                                          **prefill.predict_kw())
+
+
+def _predicted_off(prefill, costs, correction, candidates):
+    """Whether the model the trial corrected predicts that no candidate split saves ``planner.MIN_GAIN`` of the
+    unsplit prompt's time (``planner.plan``'s "gain" rule); False without costs or without the unsplit prompt
+    among the candidates."""
+    seq_len = prefill.seq_len
+    if costs is None or ChunkSplit((seq_len,)) not in candidates:
+        return False
+    corrected, n_layer, kw = correction.apply(costs), prefill.model.args.n_layer, prefill.predict_kw()
+    iso_s = {split: costmodel.predict(corrected, n_layer, seq_len, split, **kw).iso_s for split in candidates}
+    whole_s = iso_s.pop(ChunkSplit((seq_len,)))
+    return min(iso_s.values()) > (1 - planner.MIN_GAIN) * whole_s
 
 
 def _trial_file():
@@ -163,16 +179,24 @@ def _default_split(prefill):
     return ChunkSplit.even(prefill.seq_len, prefill.cfg.chunks or 2)
 
 
-def _pick(seconds, default):
+def _pick(seconds, default, whole=None):
     """The index of the plan with the fastest median among those timed in every round plan ``default`` was
     (the race's finalists), where it beats ``default`` by TRIAL_MARGIN in the median of their per-round time
-    ratios (rounds are interleaved, so a ratio cancels the load they shared); else ``default``. A few noisy
-    rounds would otherwise trade a sure plan for a lucky one."""
+    ratios (rounds are interleaved, so a ratio cancels the load they shared). Else ``whole`` (the unsplit
+    prompt's index, given where the model predicts no split to gain) where it is a finalist and no slower than
+    ``default`` round for round, else ``default``. A few noisy rounds would otherwise trade a sure plan for a
+    lucky one; where the model and the measurement agree that splitting does not pay, the prompt stays whole.
+    """
     rounds = len(seconds[default])
     finalists = [i for i in range(len(seconds)) if len(seconds[i]) == rounds]
+
+    def ratio(i):
+        return statistics.median(t / d for t, d in zip(seconds[i], seconds[default], strict=True))
+
     fastest = min(finalists, key=lambda i: (statistics.median(seconds[i]), i))
-    ratio = statistics.median(t / d for t, d in zip(seconds[fastest], seconds[default], strict=True))
-    return fastest if ratio < 1 - TRIAL_MARGIN else default
+    if ratio(fastest) < 1 - TRIAL_MARGIN:
+        return fastest
+    return whole if whole in finalists and ratio(whole) <= 1 else default
 
 
 def _trial_candidates(prefill, splits, seconds, costs):

@@ -1,10 +1,13 @@
 """split_trial's race among timed plans and its choice."""
 
+import math
 import types
 
 import pytest
 
 from iso_kernels import split_trial
+from iso_kernels.costmodel import LayerCosts, PlanCorrection
+from iso_kernels.split import ChunkSplit
 from iso_kernels.split_trial import FINAL_ROUNDS, FINALISTS, TRIAL_MARGIN, TRIAL_ROUNDS, _pick
 
 
@@ -17,6 +20,16 @@ def test_a_plan_replaces_the_default_only_where_it_wins_round_for_round():
     lucky = [0.80, 1.30, 0.95]  # the fastest median (0.95 < 1.00), but slower in two of the three rounds
     assert _pick([even, lucky], default=0) == 0
     assert _pick([clearly, even], default=1) == 0  # the default need not come first
+
+
+def test_the_prompt_stays_whole_where_the_model_and_the_measurement_agree_splitting_does_not_pay():
+    even = [1.00, 1.20, 0.90]
+    whole = [t * (1 - TRIAL_MARGIN / 2) for t in even]  # faster, but not by the margin
+    assert _pick([even, whole], default=0) == 0  # the model predicts a split to gain: the even split stays
+    assert _pick([even, whole], default=0, whole=1) == 1
+    slower = [t * 1.01 for t in even]
+    assert _pick([even, slower], default=0, whole=1) == 0  # the measurement disagrees with the model
+    assert _pick([even, whole[:2]], default=0, whole=1) == 0  # out of the race: not compared
 
 
 def test_only_plans_timed_in_every_round_of_the_default_are_chosen():
@@ -69,3 +82,21 @@ def test_the_race_times_the_fastest_and_the_default_on_and_drops_the_rest(script
     assert lengths[3:] == [TRIAL_ROUNDS] * 3  # slower than FINALISTS others: out after the first rounds
     assert FINALISTS == 3 and lengths[0] == lengths[1] == lengths[2] >= TRIAL_ROUNDS + FINAL_ROUNDS
     assert candidates[_pick(seconds, default=0)] == "good"
+
+
+def _prefill(seq_len):
+    return types.SimpleNamespace(seq_len=seq_len, model=types.SimpleNamespace(args=types.SimpleNamespace(n_layer=4)),
+                                 predict_kw=lambda: {"batch": 1, "hidden": 64, "dtype_bytes": 4})
+
+
+def test_off_is_predicted_by_the_corrected_model_where_chunks_cost_more_than_they_hide():
+    # 1 ms of compute per block over 256 tokens, 0.5 ms per all-reduce: two chunks hide a quarter of it
+    costs = LayerCosts(attn_fixed=0.0, attn_per_token=1e-3 / 256, attn_per_pair=0.0, mlp_fixed=0.0,
+                       mlp_per_token=1e-3 / 256, ar_latency=5e-4, ar_bandwidth=math.inf)
+    prefill = _prefill(256)
+    candidates = [ChunkSplit((256,)), ChunkSplit.even(256, 2), ChunkSplit.even(256, 3)]
+    assert not split_trial._predicted_off(prefill, costs, PlanCorrection(), candidates)
+    # the trial found every extra chunk's block to cost 1 ms more: no split saves MIN_GAIN
+    assert split_trial._predicted_off(prefill, costs, PlanCorrection(block_offset_s=1e-3), candidates)
+    assert not split_trial._predicted_off(prefill, None, PlanCorrection(), candidates)  # no model, no opinion
+    assert not split_trial._predicted_off(prefill, costs, PlanCorrection(block_offset_s=1e-3), candidates[1:])
