@@ -240,11 +240,11 @@ def _plan_one(costs, shape, tp, seq_len, batch, min_gain, max_chunks):
 def candidate_plans(costs: LayerCosts, n_layers: int, seq_len: int, *, batch: int, hidden: int,
                     dtype_bytes: int, keep: int = 4, max_chunks: int = 4, granularity: int = 16) -> list:
     """The cost model's best ``keep`` splits of a ``seq_len``-token prompt, best predicted first, plus the
-    unsplit ``(L,)`` and the even two-chunk split (when L >= 2) wherever they rank: for every chunk count
-    up to ``max_chunks``, the solver's best split (``choose_split``), the equal-compute split
-    (``balanced_split``) and the even split, without splits within ``granularity`` tokens of a better one
-    (the unsplit and even two-chunk splits excepted). Deterministic (ties: fewer chunks, then earlier
-    ends); an engine times these on the real ranks and keeps the fastest."""
+    unsplit ``(L,)`` and the even two- and three-chunk splits (where ``L`` and ``max_chunks`` allow) wherever
+    they rank: for every chunk count up to ``max_chunks``, the solver's best split (``choose_split``), the
+    equal-compute split (``balanced_split``) and the even split, without splits within ``granularity``
+    tokens of a better one or of those always kept. Deterministic (ties: fewer chunks, then earlier ends);
+    an engine times these on the real ranks and keeps the fastest."""
     for name, value in (("n_layers", n_layers), ("seq_len", seq_len), ("keep", keep),
                         ("max_chunks", max_chunks)):
         _check_int(name, value)
@@ -257,10 +257,10 @@ def candidate_plans(costs: LayerCosts, n_layers: int, seq_len: int, *, batch: in
                        ChunkSplit.even(seq_len, k)}
     timed = sorted((simulate_prefill(costs, n_layers, seq_len, c, **kw).total_s, len(c), c.ends, c)
                    for c in candidates)
-    must = [unsplit] + ([ChunkSplit.even(seq_len, 2)] if seq_len >= 2 else [])
+    must = [unsplit] + [ChunkSplit.even(seq_len, k) for k in (2, 3) if k <= min(max_chunks, seq_len)]
     ranked = []
-    for *_, c in timed:  # a split within ``granularity`` tokens of a better one would time the same plan again
-        if c in must or not any(_near(c, kept, granularity) for kept in ranked):
+    for *_, c in timed:  # a split within ``granularity`` tokens of another would time the same plan again
+        if c in must or not any(_near(c, kept, granularity) for kept in ranked + must):
             ranked.append(c)
     return [c for c in ranked if c in ranked[:keep] or c in must]
 

@@ -74,8 +74,7 @@ def _candidates(prefill, costs):
         most = planner.MAX_AUTO_CHUNKS if prefill.packed is not None else 2
         ranked = [ChunkSplit.even(seq_len, k) for k in range(1, min(most, seq_len) + 1)]
     if chunks is None:
-        # Three even chunks always: in bench_planner they were the fastest plan where the model ranked others
-        return list(dict.fromkeys(ranked + [ChunkSplit.even(seq_len, 3)] if seq_len >= 3 else ranked))
+        return ranked
     fixed = ChunkSplit.even(seq_len, chunks)
     return ([fixed] + [c for c in ranked if len(c) == chunks and c != fixed])[:TRIAL_CANDIDATES]
 
