@@ -1,7 +1,7 @@
 """Thin CMake driver for the native extension ``iso_kernels._C`` (the build itself is in CMakeLists.txt).
 
-``ISO_KERNELS_BUILD_EXT``: ``auto`` (default) builds when ``$CUDA_HOME/bin/nvcc`` (default /usr/local/cuda)
-and NCCL's header exist and skips with one line otherwise; ``0`` skips; ``1`` makes a missing toolkit or NCCL
+``ISO_KERNELS_BUILD_EXT``: ``auto`` (default) builds when ``$CUDA_HOME/bin/nvcc`` (``CUDA_HOME`` defaults to the
+toolkit of the ``nvcc`` on PATH, else /usr/local/cuda) and NCCL's header exist and skips with one line otherwise; ``0`` skips; ``1`` makes a missing toolkit or NCCL
 an error. Once a build starts, its failure is always an error. Without ``_C`` the package still imports and
 uses torch.distributed; ``iso_kernels/_build_record.json`` records what happened and why.
 Also read: ``ISO_KERNELS_CUDA_ARCHS`` (default 80;89;90), ``CUDA_HOME``, ``NCCL_HOME``, ``MAX_JOBS``.
@@ -10,6 +10,7 @@ Also read: ``ISO_KERNELS_CUDA_ARCHS`` (default 80;89;90), ``CUDA_HOME``, ``NCCL_
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def nccl_root():
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cuda_home():
+    """CUDA_HOME, else the toolkit that holds the ``nvcc`` on PATH (a wrapper script elsewhere does not count:
+    the folder must have the runtime's header), else /usr/local/cuda."""
+    if os.environ.get("CUDA_HOME"):
+        return Path(os.environ["CUDA_HOME"])
+    nvcc = shutil.which("nvcc")
+    toolkit = Path(nvcc).resolve().parents[1] if nvcc else None
+    if toolkit and (toolkit / "include" / "cuda_runtime.h").is_file():
+        return toolkit
+    return Path("/usr/local/cuda")
 
 
 def build_decision(mode, cuda_home, nccl):
@@ -64,7 +77,7 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def run(self):
-        self.cuda_home = Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
+        self.cuda_home = cuda_home()
         self.nccl = nccl_root()
         build, reason = build_decision(os.environ.get("ISO_KERNELS_BUILD_EXT"), self.cuda_home, self.nccl)
         if not build:
@@ -116,9 +129,10 @@ class CMakeBuild(build_ext):
             (root / "iso_kernels").mkdir(parents=True, exist_ok=True)
             (root / "iso_kernels" / "_build_record.json").write_text(json.dumps(record, indent=2) + "\n")
 
+
 if __name__ == "__main__":
+    # The packages are found by pyproject.toml's [tool.setuptools.packages.find], never listed here.
     setup(
-        packages=["iso_kernels", "iso_kernels.ops", "triton_ops"],
         ext_modules=[CMakeExtension("iso_kernels._C")],
         cmdclass={"build_ext": CMakeBuild},
     )
