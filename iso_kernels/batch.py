@@ -5,6 +5,7 @@ packed stream by ``schedule.forward``, then decoded greedily from their pages.
     shared = cache_prefix(model, cache, system_prompt, comm)     # optional: K/V that requests share
     tokens, batch = add_prompts(cache, prompts, prefixes=[(shared, len(system_prompt))] * len(prompts))
     logits = schedule.forward(model, tokens, comm, ChunkSplit.even(batch.total), start=batch)
+    schedule.settle(comm)                                        # every rank, after its forwards
     per_request = batch.unpack(logits[0])                        # [(len(prompts[i]), vocab), ...]
     next_tokens = torch.stack([x[-1] for x in per_request]).argmax(-1)
     fed, step_logits = greedy_decode(model, cache, batch.requests, next_tokens, steps, comm)
@@ -37,6 +38,7 @@ def cache_prefix(model, cache, prefix, comm=None):
     pages later requests share through ``add_prompts(..., prefixes=[(request, len(prefix)), ...])``."""
     tokens, batch = add_prompts(cache, [prefix])
     schedule.forward(model, tokens, comm, start=batch, schedule="serial", all_logits=False)
+    schedule.settle(comm)
     return batch.requests[0]
 
 
@@ -57,4 +59,5 @@ def greedy_decode(model, cache, requests, first, steps, comm=None):
         fed.append(token)
         logits.append(step)
         token = step.argmax(-1)
+    schedule.settle(comm)
     return torch.stack(fed, dim=1), torch.stack(logits, dim=1)

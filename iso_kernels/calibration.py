@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import costmodel, hardware
-from .metrics import broadcast, max_over_ranks, median_seconds, traced_run
+from .metrics import broadcast, max_over_ranks, median_seconds
 from .split import ChunkSplit
 from .timeline import busy_ms
 
@@ -43,7 +43,7 @@ def fitted_costs(prefill, compute_only_s):
     serial_comm_s = 0.0
     if communicator is not None and link_model is None:
         serial_comm_s = max_over_ranks(statistics.median(
-            busy_ms(traced_run(lambda t: prefill.run(unsplit, "serial", t), prefill.device)[2], "comm") / 1e3
+            busy_ms(prefill.timed_run(unsplit, "serial")[2], "comm") / 1e3
             for _ in range(2)))
     costs = _block_costs(prefill)
     modelled = costmodel.simulate_prefill(costs, model.args.n_layer, prefill.seq_len, unsplit,

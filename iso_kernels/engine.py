@@ -252,6 +252,13 @@ class Prefill:
         return schedule.forward(self.model, self.tokens, self.communicator, split, start=self.packed or 0,
                                 schedule=mode, timeline=timeline, row_signal_rows=self.cfg.row_signal or None)
 
+    def timed_run(self, split, mode):
+        """``run`` started in step on every rank and traced (``metrics.traced_run``: logits, the slowest rank's
+        seconds, intervals), then the communicator's failure agreement, outside the timed region."""
+        result = traced_run(lambda timeline: self.run(split, mode, timeline), self.device)
+        schedule.settle(self.communicator)
+        return result
+
     def per_request(self, logits):
         """Logits (batch, seq, vocab) as a list of (len_i, vocab) fp32 CPU tensors, one per prompt."""
         rows = self.packed.unpack(logits[0]) if self.packed is not None else list(logits)
@@ -300,8 +307,7 @@ def _timed_runs(prefill, split, show_progress):
     # disable=None: no bar when stderr is not a terminal (logs, tests)
     for step in (tqdm(steps, desc="prefill runs", leave=False, disable=None) if show_progress else steps):
         for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
-            logits[mode], elapsed, intervals = traced_run(lambda t, plan=plans[mode]: prefill.run(*plan, t),
-                                                          prefill.device)
+            logits[mode], elapsed, intervals = prefill.timed_run(*plans[mode])
             if step >= cfg.warmup:
                 runs[mode].append(elapsed)
                 traces[mode].append(intervals)
@@ -368,6 +374,7 @@ def _greedy_decode(prefill, prefill_logits, steps):
         next_token = step_logits.argmax(-1)
         generated.append(next_token)
         position += 1
+    schedule.settle(prefill.communicator)
     return torch.stack(generated, dim=1).tolist()
 
 

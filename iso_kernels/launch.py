@@ -91,6 +91,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def process_group_options(backend):
+    """torch's NCCL backend on a high-priority stream, so that its collectives do not queue behind the compute
+    kernels they should overlap (nccl-ext's comm stream takes the device's highest priority likewise);
+    None, torch's default, for gloo and where this torch build has no NCCL."""
+    if backend != "nccl" or not hasattr(dist, "ProcessGroupNCCL"):
+        return None
+    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+
+
 # --- inside each rank ---
 def _rank_main(fn, args, device_type, timeout_s, done_folder):
     # Default actions: a stop signal from the launcher (or Ctrl-C reaching the whole process group) ends the
@@ -103,8 +112,9 @@ def _rank_main(fn, args, device_type, timeout_s, done_folder):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            pg_options=process_group_options(backend))
     pids = [None] * world_size
     try:
         dist.all_gather_object(pids, os.getpid())

@@ -243,6 +243,7 @@ class Transformer(nn.Module):
                              "those of setup_caches")
         if packed:
             start.check_tokens(tokens)
+            start.check_pages(self.layers[0].attention.kv_cache.k.shape[0])
         end = start.max_end if packed else start + tokens.shape[1]
         if end > self.rope[0].shape[0]:
             raise ValueError(f"positions up to {end} are beyond the {self.rope[0].shape[0]} that setup_caches "

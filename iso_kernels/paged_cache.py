@@ -13,7 +13,7 @@ the part after the cut attends to the part before it through the cache, like a c
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,7 +31,10 @@ class PackedBatch:
     shared prefix, or earlier chunks); ``block_tables[i]`` are its pages, position p in slot ``p % block_size``
     of page ``block_tables[i][p // block_size]``. ``requests`` are the ``PagedCache`` ids, for the caller.
 
-    Host tuples describe the batch; the index tensors the model reads are made once, on ``device``, on first use.
+    Host tuples describe the batch and are checked here, once. The index tensors the model reads are made once
+    per batch, on ``device``, by one copy from pinned memory that does not block the host (``index_tensors``);
+    a ``slice`` cuts its own out of its whole batch's on the device, so running a batch in chunks reads
+    nothing back to the host.
     """
 
     q_lens: tuple
@@ -40,6 +43,11 @@ class PackedBatch:
     block_size: int
     requests: tuple = ()
     device: torch.device | str = "cpu"
+    # A slice: the whole batch it was cut from, where its stream begins there, and its first request's index
+    # there (its index tensors are views and device arithmetic on the whole batch's).
+    whole: "PackedBatch | None" = field(default=None, repr=False, compare=False)
+    stream_offset: int = 0
+    first_request: int = 0
 
     def __post_init__(self):
         if not len(self.q_lens) == len(self.starts) == len(self.block_tables):
@@ -84,9 +92,11 @@ class PackedBatch:
                 keep.append((i, hi - lo, self.starts[i] + lo - a))
         if not keep:
             raise ValueError(f"stream tokens [{begin}, {end}) are outside the batch's {self.total}")
+        whole = self.whole or self
         return PackedBatch(tuple(n for _, n, _ in keep), tuple(start for _, _, start in keep),
                            tuple(self.block_tables[i] for i, _, _ in keep), self.block_size,
-                           tuple(self.requests[i] for i, _, _ in keep) if self.requests else (), self.device)
+                           tuple(self.requests[i] for i, _, _ in keep) if self.requests else (), self.device,
+                           whole, self.stream_offset + begin, self.first_request + keep[0][0])
 
     def unpack(self, packed):
         """Per request, its rows of ``packed`` (total, ...): a list of (q_lens[i], ...) views."""
@@ -98,38 +108,104 @@ class PackedBatch:
             raise ValueError(f"a packed batch of {len(self.q_lens)} requests runs tokens of shape (1, {self.total}), "
                              f"got {tuple(tokens.shape)}")
 
+    def check_pages(self, num_blocks):
+        """Refuse page numbers outside a pool of ``num_blocks`` pages (on the host: no device read)."""
+        for i, table in enumerate(self.block_tables):
+            bad = [page for page in table if not 0 <= page < num_blocks]
+            if bad:
+                raise ValueError(f"request {i}: page {bad[0]} is outside the pool's {num_blocks} pages")
+
     # --- index tensors for the attention op and the cache writes ---
-    def _int32(self, values):
-        return torch.tensor(values, dtype=torch.int32, device=self.device)
-
     @functools.cached_property
+    def index_tensors(self):
+        """The batch's ``IndexTensors`` on ``device``: built once for the whole batch, cut on the device for a
+        slice. Build them before a CUDA graph captures a forward of the batch (the copy reads host memory)."""
+        if self.whole is None:
+            return IndexTensors.build(self)
+        return self.whole.index_tensors.cut(self.first_request, len(self.q_lens), self.stream_offset, self.total)
+
+    @property
     def cu_seqlens_q(self):
-        return self._int32(self.cu_seqlens)
+        """(batch + 1,) int32: where each request's tokens begin in the stream, and its end."""
+        return self.index_tensors.cu_seqlens_q
 
-    @functools.cached_property
+    @property
     def seqused_k(self):
-        """Keys each request's attention reads: its cached ones and its tokens in this batch."""
-        return self._int32([start + n for start, n in zip(self.starts, self.q_lens)])
+        """(batch,) int32: the keys each request's attention reads, its cached ones and its tokens in the batch."""
+        return self.index_tensors.seqused_k
 
-    @functools.cached_property
+    @property
     def block_table(self):
         """(batch, max pages) int32; rows padded with page 0, which the op never reads past seqused_k."""
-        width = max(len(table) for table in self.block_tables)
-        return self._int32([list(table) + [0] * (width - len(table)) for table in self.block_tables])
+        return self.index_tensors.block_table
 
-    @functools.cached_property
+    @property
     def positions(self):
         """(total,) int64: each token's position in its request (the RoPE row)."""
-        return torch.cat([torch.arange(start, start + n, device=self.device)
-                          for start, n in zip(self.starts, self.q_lens)])
+        return self.index_tensors.positions
 
-    @functools.cached_property
+    @property
     def slots(self):
         """(total,) int64: each token's row in the pages flattened to (num_blocks * block_size, ...)."""
-        pages = [torch.tensor(table, dtype=torch.int64, device=self.device) for table in self.block_tables]
-        position_lists = torch.split(self.positions, list(self.q_lens))
-        return torch.cat([table[p // self.block_size] * self.block_size + p % self.block_size
-                          for table, p in zip(pages, position_lists)])
+        return self.index_tensors.slots
+
+    def last_rows_in(self, begin, end):
+        """(k,) int64 on ``device``: the rows, counted from ``begin``, of the requests' last tokens that fall in
+        stream tokens [begin, end) of this (whole) batch; None when none does."""
+        ends = self.last_rows
+        first = next((j for j, row in enumerate(ends) if row >= begin), len(ends))
+        count = sum(1 for row in ends[first:] if row < end)
+        if count == 0:
+            return None
+        return self.index_tensors.last_rows[first:first + count] - begin
+
+
+@dataclass(frozen=True)
+class IndexTensors:
+    """A packed batch's index tensors on its device: what the attention op reads (cu_seqlens_q, seqused_k,
+    block_table, int32) and the cache writes and RoPE read (slots, positions, int64), plus each request's last
+    stream row (last_rows, int64) for the LM head."""
+
+    cu_seqlens_q: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    last_rows: torch.Tensor
+
+    @staticmethod
+    def build(batch):
+        """All of them from ``batch``'s host tuples, made on the CPU and moved in one copy: from pinned memory
+        and non-blocking where the device is a GPU."""
+        q_lens = torch.tensor(batch.q_lens, dtype=torch.int64)
+        starts = torch.tensor(batch.starts, dtype=torch.int64)
+        cu = torch.tensor(batch.cu_seqlens, dtype=torch.int64)
+        width = max(len(table) for table in batch.block_tables)
+        table = torch.tensor([list(t) + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.int64)
+        request_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens, output_size=batch.total)
+        positions = torch.arange(batch.total) - cu[request_of_token] + starts[request_of_token]
+        pages = table[request_of_token, positions // batch.block_size]
+        slots = pages * batch.block_size + positions % batch.block_size
+        parts = (cu, starts + q_lens, table.flatten(), positions, slots, cu[1:] - 1)
+        flat = torch.cat(parts)
+        device = torch.device(batch.device)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        cu, seqused, table_flat, positions, slots, last_rows = flat.split([len(part) for part in parts])
+        return IndexTensors(cu.to(torch.int32), seqused.to(torch.int32),
+                            table_flat.view(len(q_lens), width).to(torch.int32), positions, slots, last_rows)
+
+    def cut(self, first, count, offset, length):
+        """The index tensors of ``count`` requests from request ``first`` on, cut to stream tokens
+        [offset, offset + length): views and device arithmetic, nothing read back to the host."""
+        end = offset + length
+        bounds = self.cu_seqlens_q[first:first + count + 1]
+        cu = bounds.clamp(offset, end) - offset
+        # A request cut at ``end`` reads its keys up to there: seqused_k less its tokens after the cut.
+        next_starts = bounds[1:]
+        seqused = self.seqused_k[first:first + count] - (next_starts - next_starts.clamp(max=end))
+        return IndexTensors(cu, seqused, self.block_table[first:first + count], self.positions[offset:end],
+                            self.slots[offset:end], cu[1:].long() - 1)
 
 
 class KVBuffers(nn.Module):
@@ -152,8 +228,10 @@ class PagedKVCache(KVBuffers):
         k and v in their slots, then returns each request's causal attention over its pages, shaped like q."""
         for pages, new in ((self.k, k), (self.v, v)):
             pages.view(-1, *pages.shape[2:]).index_copy_(0, batch.slots, new[0])
+        # The batch checked its values on the host (PackedBatch, Transformer.check_positions): no device read.
         out = ops.chunked_attention_varlen(q[0], self.k, self.v, cu_seqlens_q=batch.cu_seqlens_q,
-                                           seqused_k=batch.seqused_k, block_table=batch.block_table)
+                                           seqused_k=batch.seqused_k, block_table=batch.block_table,
+                                           check_index_values=False)
         return out[None]
 
     def copy_page(self, src, dst):

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
 from .comm import PendingAllReduce
 from .paged_cache import PackedBatch
 from .split import ChunkSplit
@@ -98,6 +97,12 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
     row_signal_rows: with a communicator that starts collectives from device flags, row-parallel GEMMs announce
     finished row groups of at least this many rows (``row_group_rows``: at most MAX_ROW_GROUPS per block) and
     each group's all-reduce starts as soon as it is stored (GPU only).
+
+    ``forward`` never reads device data back to the host, so on a GPU the host runs ahead of the chunks
+    (tests/test_host_syncs.py), and never settles the communicator: call ``settle(comm)`` on every rank after a
+    job's forwards. A CUDA graph can capture it after one eager run of the same shapes (which compiles, tunes,
+    warms the row-signal kernels and builds a packed batch's index tensors); while capturing it refuses a
+    timeline and anything that eager run would have done.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -108,7 +113,9 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
     model.check_positions(tokens, start)
     span = timeline.span if timeline is not None else _no_span
     reducer = _Reducer(comm, schedule, timeline, row_signal_rows)
-    if reducer.row_signal_rows is not None and tokens.is_cuda:
+    if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+        _check_capturable(model, tokens, split, start, timeline, reducer.row_signal_rows)
+    elif reducer.row_signal_rows is not None and tokens.is_cuda:
         _warm_row_signal_kernels(model, tokens, split, start, reducer.row_signal_rows)
     chunks = _make_chunks(model.tok_embeddings(tokens), split, start, all_logits)
 
@@ -133,15 +140,34 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
             with span("head", c, len(model.layers)):
                 rows = chunk.head_rows
                 logits.append(model.head(chunk.residual[:, rows], update[:, rows]))
-    # Every rank, after its last collective: a failure on any rank (a timed-out flag wait, an NCCL error) is
-    # raised here on all of them alike. Duck-typed stand-ins (tests) need not have it.
-    settle = getattr(comm, "settle", None)
-    if settle is not None:
-        settle()
     logits = torch.cat(logits, dim=1)
     if all_logits:
         return logits
     return logits[0] if isinstance(start, PackedBatch) else logits[:, -1]
+
+
+def settle(comm):
+    """Every rank, after the forwards of a job (outside their timed region, never while a CUDA graph captures):
+    the communicator's failure agreement. A failure on any rank (a timed-out flag wait, an NCCL error) is raised
+    here on all of them alike; it costs one collective and a host sync, which ``forward`` itself never does.
+    Duck-typed stand-ins (tests) and None (TP 1) need not have it."""
+    settle_comm = getattr(comm, "settle", None)
+    if settle_comm is not None:
+        settle_comm()
+
+
+def _check_capturable(model, tokens, split, start, timeline, row_signal_rows):
+    """Refuse what a CUDA graph cannot capture: timing events, a first launch of the row-signal kernels (their
+    warm-up compiles and runs collectives-free passes) and a packed batch's first host-to-device index copy."""
+    if timeline is not None:
+        raise ValueError("timeline records timing events: pass none while a CUDA graph captures")
+    key = _row_signal_key(tokens, split, start, row_signal_rows)
+    if row_signal_rows is not None and key not in _WARMED_ROW_SIGNAL.get(model, ()):
+        raise RuntimeError("run one eager forward with these chunks and row signals before capturing it (the "
+                           "row-signal kernels' warm-up cannot be captured)")
+    if isinstance(start, PackedBatch) and "index_tensors" not in vars(start):
+        raise RuntimeError("build the packed batch's index tensors before capturing a forward of it "
+                           "(batch.index_tensors, or one eager forward)")
 
 
 def _make_chunks(embedded, split, start, all_logits):
@@ -153,15 +179,8 @@ def _make_chunks(embedded, split, start, all_logits):
         if not all_logits:
             rows[-1] = slice(-1, None)
         return [_Chunk(start + a, embedded[:, a:b].contiguous(), r) for (a, b), r in zip(bounds, rows)]
-    chunks = []
-    for a, b in bounds:
-        if all_logits:
-            rows = slice(None)
-        else:
-            ends = [row - a for row in start.last_rows if a <= row < b]
-            rows = torch.tensor(ends, device=embedded.device) if ends else None
-        chunks.append(_Chunk(start.slice(a, b), embedded[:, a:b].contiguous(), rows))
-    return chunks
+    return [_Chunk(start.slice(a, b), embedded[:, a:b].contiguous(),
+                   slice(None) if all_logits else start.last_rows_in(a, b)) for a, b in bounds]
 
 
 # model -> the (batch, chunk ends, rows per signal, device, packed) whose row-signal kernels have run once
@@ -177,12 +196,16 @@ def _warm_row_signal_kernels(model, tokens, split, start, row_signal_rows):
     of that up front. It writes the KV cache at the same positions, which the real pass overwrites before it
     reads them.
     """
-    key = (tokens.shape[0], split.ends, row_signal_rows, tokens.device, isinstance(start, PackedBatch))
+    key = _row_signal_key(tokens, split, start, row_signal_rows)
     warmed = _WARMED_ROW_SIGNAL.setdefault(model, set())
     if key not in warmed:
         warmed.add(key)  # first: the warm-up pass itself must not warm up again
         forward(model, tokens, _NoCollectives(), split, start=start, schedule="serial", all_logits=False,
                 row_signal_rows=row_signal_rows)
+
+
+def _row_signal_key(tokens, split, start, row_signal_rows):
+    return tokens.shape[0], split.ends, row_signal_rows, tokens.device, isinstance(start, PackedBatch)
 
 
 class _NoCollectives:
@@ -251,7 +274,9 @@ class _Reducer:
 def _start_by_row_group(comm, out, signal):
     """One all-reduce per row group, each gated on its counter reaching the group's target."""
     flat = out.view(-1, out.shape[-1])
-    targets = ops.signal_targets(*flat.shape, signal.rows_per_signal).tolist()
+    rows, n = flat.shape
+    # ops.signal_targets on the host, from the shape alone: no tensor to read back in the chunk loop.
+    targets = [min(signal.rows_per_signal, rows - first) * n for first in range(0, rows, signal.rows_per_signal)]
     group_pending = [comm.all_reduce_start(flat[g * signal.rows_per_signal:(g + 1) * signal.rows_per_signal],
                                            ready_flag=(signal.counters, g, target), after=signal.after)
                      for g, target in enumerate(targets)]

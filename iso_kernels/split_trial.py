@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import calibration, costmodel, envs, planner
 from .cache import KeyedJsonFile
-from .metrics import broadcast, max_over_ranks, traced_run
+from .metrics import broadcast, max_over_ranks
 from .report import TrialCandidate
 from .split import ChunkSplit
 
@@ -165,7 +165,7 @@ def timed_rounds(prefill, plans, repeats, *, warmup=1, budget_s=0.0, max_repeats
                                         and sum(map(sum, seconds)) < budget_s):
         for i in [(round_ + j) % len(plans) for j in range(len(plans))]:
             split, mode = plans[i]
-            _, elapsed, _ = traced_run(lambda t, s=split, m=mode: prefill.run(s, m, t), prefill.device)
+            _, elapsed, _ = prefill.timed_run(split, mode)
             if round_ >= warmup:
                 seconds[i].append(elapsed)
         round_ += 1

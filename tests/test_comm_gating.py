@@ -136,3 +136,19 @@ def test_bad_start_arguments_fail_before_enqueuing(unvalidated_comm, kwargs, err
 def test_non_contiguous_tensor_is_refused(unvalidated_comm):
     with pytest.raises(ValueError, match="contiguous"):
         unvalidated_comm.all_reduce_start(torch.ones(4, 4).T)
+
+
+# --- torch's NCCL backend: a high-priority stream where torch offers it ---
+def test_process_group_options_ask_nccl_for_a_high_priority_stream(monkeypatch):
+    from iso_kernels import launch
+
+    class FakeOptions:
+        def __init__(self, is_high_priority_stream=False):
+            self.is_high_priority_stream = is_high_priority_stream
+
+    monkeypatch.delattr(launch.dist, "ProcessGroupNCCL", raising=False)
+    assert launch.process_group_options("nccl") is None  # a CPU build of torch has no NCCL
+    monkeypatch.setattr(launch.dist, "ProcessGroupNCCL", type("ProcessGroupNCCL", (), {"Options": FakeOptions}),
+                        raising=False)
+    assert launch.process_group_options("nccl").is_high_priority_stream is True
+    assert launch.process_group_options("gloo") is None

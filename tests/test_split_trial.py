@@ -47,16 +47,15 @@ class _ScriptedRanks:
     def __init__(self, seconds):
         self.seconds, self.order = seconds, []
 
-    def run(self, split, mode, timeline):
+    def timed_run(self, split, mode):
+        """As ``Prefill.timed_run``: (logits, seconds, intervals), the seconds scripted instead of timed."""
         self.order.append(split)
         times = self.seconds[split]
-        return times.pop(0) if isinstance(times, list) else times
+        return None, times.pop(0) if isinstance(times, list) else times, None
 
 
 @pytest.fixture
-def scripted(monkeypatch):
-    """traced_run reports the scripted prefill's time for each run instead of timing it."""
-    monkeypatch.setattr(split_trial, "traced_run", lambda run, device: (None, run(None), None))
+def scripted():
     return _ScriptedRanks
 
 

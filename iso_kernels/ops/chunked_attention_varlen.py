@@ -139,7 +139,7 @@ def _check_index_values(total_q, capacity, num_blocks, cu_seqlens_q, seqused_k, 
 
 # --- public functions ---
 def chunked_attention_varlen(q, k_cache, v_cache, *, cu_seqlens_q, seqused_k, block_table=None, causal=True,
-                             softmax_scale=None, return_lse=False):
+                             softmax_scale=None, return_lse=False, check_index_values=True):
     """Attention of the queries of ``batch`` sequences packed in one stream, each over its own cached keys.
 
     q: (total_q, n_heads, head_dim), sequence i at rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``;
@@ -170,11 +170,12 @@ def chunked_attention_varlen(q, k_cache, v_cache, *, cu_seqlens_q, seqused_k, bl
     The checks of the index tensors' values (the cu_seqlens_q order and ends, seqused_k against len_q and the
     capacity, the used block-table entries against num_blocks) raise ValueError like the others. On CUDA they
     cost one host sync per call; they are skipped while a CUDA graph captures and under torch.compile, where
-    the values cannot be read, and then out-of-range indices are undefined behaviour, as in flash-attn.
+    the values cannot be read, and with ``check_index_values=False``, for a caller that checked them once on
+    the host (the model's packed batches); out-of-range indices are then undefined behaviour, as in flash-attn.
     """
     capacity = _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)
     softmax_scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    if _index_checks_possible(q):
+    if check_index_values and _index_checks_possible(q):
         _check_index_values(q.shape[0], capacity, k_cache.shape[0], cu_seqlens_q, seqused_k, block_table)
     out, lse = _chunked_attention_varlen(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, bool(causal),
                                          softmax_scale)
