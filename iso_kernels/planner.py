@@ -410,8 +410,10 @@ def run(args: argparse.Namespace) -> int:
     names = args.model or (list(TABLE_MODELS) if table else ["llama2-70b"])
     tps = args.tp or (list(TABLE_TPS) if table else [8])
     seq_lens = args.seq_len or (list(TABLE_SEQ_LENS) if table else [4096])
-    for length in seq_lens:
-        _check_int("--seq-len", length)
+    for option, values in (("--seq-len", seq_lens), ("--tp", tps), ("--batch", [args.batch]),
+                           ("--max-chunks", [args.max_chunks])):
+        for value in values:
+            _check_int(option, value)
     rows = decision_table(gpus, {name: _model_config(name) for name in names}, tps, seq_lens, batch=args.batch,
                           min_gain=args.min_gain, max_chunks=args.max_chunks)
     impossible = [r["impossible"] for r in rows if r["impossible"]]

@@ -249,6 +249,15 @@ def test_cli_plan_rejects_a_bad_tp(capsys):
     assert "tp: attention heads (32) are not divisible by tp=3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("--tp", "0"), ("--batch", "0"), ("--max-chunks", "-1"),
+                                           ("--seq-len", "0")])
+def test_cli_plan_names_a_bad_number_in_one_line(capsys, option, value):
+    """A new user's ``plan --tp 0`` once ended in a ZeroDivisionError traceback (the table's memory column)."""
+    assert cli.main(["plan", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {option} must be >= 1, got {value}"
+
+
 def test_cli_table_is_the_published_one(capsys):
     assert cli.main(["plan", "--table", "--markdown"]) == 0
     table = capsys.readouterr().out.strip()
