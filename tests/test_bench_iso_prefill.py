@@ -104,6 +104,7 @@ def test_links_none_needs_two_ranks():
         bench.main(["--device", "cpu", "--tp", "1", "--links", "none,ratio:1.0"])
 
 
+@pytest.mark.slow
 def test_quick_run_on_the_tiny_preset(tmp_path, capsys):
     csv_path = tmp_path / "iso.csv"
     status = bench.main(["--device", "cpu", "--model", "llama-tiny", "--seq-lens", "40",

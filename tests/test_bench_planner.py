@@ -40,6 +40,7 @@ def test_rounds_must_pair_up():
         bench.reductions([100.0, 100.0], [70.0])
 
 
+@pytest.mark.slow
 def test_quick_run_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ISO_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
     csv_path = tmp_path / "planner.csv"

@@ -3,9 +3,12 @@
 import csv
 import json
 
+import pytest
+
 from bench import bench_serving as bench
 
 
+@pytest.mark.slow
 def test_quick_run_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ISO_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
     csv_path = tmp_path / "serving.csv"

@@ -10,6 +10,8 @@ import torch
 
 from iso_kernels import cli, launch
 
+pytestmark = pytest.mark.slow  # every test here starts ranks or processes
+
 TINY = ["prefill", "--model", "llama-tiny", "--seq-len", "40", "--repeats", "1", "--warmup", "0",
         "--comm-backend", "torch"]
 

@@ -39,6 +39,7 @@ def _exact_sums(rank, world_size):
     return checked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_all_reduce_is_exact_sum(world_size):
     counts = launch.spawn_ranks(_exact_sums, world_size, timeout_s=120)
@@ -73,6 +74,7 @@ def _gloo_watcher(rank, world_size):
     return [thread.name for thread in threading.enumerate() if thread.name == "iso-kernels-gloo-watcher"]
 
 
+@pytest.mark.slow
 def test_gloo_all_reduce_is_waited_for_on_the_communicators_thread():
     assert launch.spawn_ranks(_gloo_watcher, 2, timeout_s=120) == [[], []]
 
@@ -118,6 +120,7 @@ def _emulated_link_timing(rank, world_size):
     return modelled, alone, queued, cpu_waiting, overlapped, serial
 
 
+@pytest.mark.slow
 def test_emulated_link_takes_its_time_and_overlaps():
     for modelled, alone, queued, cpu_waiting, overlapped, serial in launch.spawn_ranks(_emulated_link_timing, 2):
         assert alone >= 0.95 * modelled
@@ -186,6 +189,7 @@ def _bad_inputs(rank, world_size):
     return True
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise_named_errors():
     assert launch.spawn_ranks(_bad_inputs, 2) == [True, True]
 
@@ -206,6 +210,7 @@ def _one_rank_hangs(rank, world_size):
     return rank
 
 
+@pytest.mark.slow
 def test_failing_rank_does_not_hang_the_others():
     with pytest.raises(launch.RankError) as info:
         launch.spawn_ranks(_one_rank_raises, 2, timeout_s=60)
@@ -213,6 +218,7 @@ def test_failing_rank_does_not_hang_the_others():
     assert "timed out" not in str(info.value)  # the launcher stopped rank 0, not the deadline
 
 
+@pytest.mark.slow
 def test_hanging_rank_times_out():
     # Rank 1 must start and report before the deadline: give it three times what starting two ranks takes
     # now, on this machine, however busy it is.

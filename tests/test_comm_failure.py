@@ -52,6 +52,7 @@ def _agreement_cases(rank, world_size):
     return outcome
 
 
+@pytest.mark.slow
 def test_every_rank_raises_the_same_error_naming_the_failed_rank():
     rank0, rank1 = launch.spawn_ranks(_agreement_cases, 2, timeout_s=60)
     assert rank0 == rank1, "the ranks disagree"
@@ -104,6 +105,7 @@ def _settle_cases(rank, world_size):
     return healthy.calls, broken.calls, raised
 
 
+@pytest.mark.slow
 def test_settle_aborts_every_rank_when_one_rank_failed():
     (healthy0, broken0, raised0), (healthy1, broken1, raised1) = launch.spawn_ranks(_settle_cases, 2,
                                                                                     timeout_s=60)
@@ -144,6 +146,7 @@ def _backend_choices(rank, world_size):
     return [_backend_choice(rank, world_size, reasons) for reasons, _ in DISAGREEMENTS]
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_the_backend():
     """One rank that cannot start nccl-ext sends every rank to torch (auto) or makes every rank raise."""
     rank0, rank1 = launch.spawn_ranks(_backend_choices, 2, timeout_s=60)
@@ -153,6 +156,7 @@ def test_ranks_agree_on_the_backend():
         assert refused == f"nccl-ext communicator cannot start: {expected}"
 
 
+@pytest.mark.slow
 def test_every_rank_can_start_means_no_reason():
     assert launch.spawn_ranks(_agreed_reason, 2, args=((None, None),), timeout_s=60) == [None, None]
 

@@ -97,6 +97,7 @@ def _gloo_rank_refuses_nccl_ext(rank, world_size):
         return fallback.name
 
 
+@pytest.mark.slow
 def test_gloo_group_falls_back_to_torch():
     from iso_kernels import launch
 

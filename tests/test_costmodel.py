@@ -204,6 +204,7 @@ def test_solver_respects_granularity_and_length(seq_len, granularity):
         assert (sizes >= granularity).all() and all(e % granularity == 0 for e in ends[:-1])
 
 
+@pytest.mark.slow
 def test_solver_speed():
     costs = datasheet("rtx4090-pcie4", 4)
     start = time.perf_counter()

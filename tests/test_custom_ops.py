@@ -60,6 +60,7 @@ def test_cpu_tensors_reach_the_launcher_only_under_the_override(name, module, la
         call()
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager(tmp_path):
     """torch.compile(model, fullgraph=True) traces the ops through their fakes and runs their CPU kernels: the
     eager logits; and gemm_signal's counters, which the op mutates, hold their targets after a compiled call."""
@@ -78,6 +79,7 @@ def test_compiled_model_matches_eager(tmp_path):
     assert signal.tolist() == [16 * 12, 4 * 12]
 
 
+@pytest.mark.slow
 def test_ops_run_without_gpu_or_interpreter():
     """A plain CPU process (no TRITON_INTERPRET, no CUDA) imports the ops and runs their CPU kernels."""
     script = (

@@ -104,6 +104,7 @@ def test_module_keeps_its_symbols(native):
     assert b".symtab" in data and b"poll_for_test" in data
 
 
+@pytest.mark.slow
 def test_nccl_already_in_the_process_is_used_before_nccl_home(native, tmp_path):
     """A libnccl.so.2 mapped before _C (torch's, here the wheel's loaded by ctypes) is the one _C uses, even
     with NCCL_HOME naming another: its copy is never tried (a broken file would make dlopen fail loudly)."""
@@ -125,6 +126,7 @@ def _run_python(script, env, *args):
                           text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow
 def test_raw_import_finds_nccl_without_loader_path(native):
     """`import iso_kernels._C` alone (no _ext preload, no LD_LIBRARY_PATH) imports and reaches NCCL."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "NCCL_HOME")}
@@ -137,6 +139,7 @@ def test_raw_import_finds_nccl_without_loader_path(native):
     assert int(length) == 128 and int(loaded) == native.build_info()["nccl_loaded"]
 
 
+@pytest.mark.slow
 def test_missing_nccl_is_a_runtime_error_not_an_import_error(native):
     """Without site-packages (python -S) no NCCL is reachable: _C still imports and explains itself."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "NCCL_HOME")}
@@ -192,18 +195,21 @@ def _counting_step(answers):
     return step, calls
 
 
+@pytest.mark.slow
 def test_poll_returns_when_the_step_finishes(native):
     step, calls = _counting_step([False, False, False, True])
     assert native._poll_for_test(step, 60.0) == "done"
     assert len(calls) == 4
 
 
+@pytest.mark.slow
 def test_poll_reports_the_steps_failure_at_once(native):
     step, calls = _counting_step([False, "NCCL asynchronous error: remote process exited"])
     assert native._poll_for_test(step, 60.0) == "failed: NCCL asynchronous error: remote process exited"
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_poll_gives_up_at_the_deadline_having_polled_throughout(native):
     timeout_s = 0.3
     step, calls = _counting_step([False])

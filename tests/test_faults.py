@@ -19,6 +19,8 @@ import pytest
 
 from iso_kernels import checkpoint, costmodel, launch
 
+pytestmark = pytest.mark.slow  # every test here starts ranks or processes
+
 # Runs until stopped; the calibration file appearing in its fresh cache says the ranks are inside the job.
 ENDLESS = ["prefill", "--model", "llama-tiny", "--seq-len", "64", "--warmup", "0", "--repeats", "1000000",
            "--comm-backend", "torch"]

@@ -123,6 +123,7 @@ def outcomes(tmp_path_factory):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_one_gpu_path(outcomes, case):
     assert outcomes[case] is None, outcomes[case]

@@ -68,7 +68,7 @@ def _cycle(graph):
 def test_no_import_cycle_inside_the_package():
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    assert graph["iso_kernels.schedule"] >= {"iso_kernels.comm", "iso_kernels.ops"}, "the graph lost its edges"
+    assert graph["iso_kernels.schedule"] >= {"iso_kernels.comm", "iso_kernels.paged_cache"}, "the graph lost its edges"
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

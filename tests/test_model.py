@@ -32,6 +32,7 @@ def _run_family(rank, world_size, folder, tokens, sequence):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_matches_hugging_face(hf_checkpoints, world_size):
     for family, made in hf_checkpoints.items():

@@ -221,6 +221,7 @@ def _iso_equals_serial(rank, world_size, folder, prompts, prefix, suffixes, link
     return equal
 
 
+@pytest.mark.slow
 def test_packed_iso_is_bitwise_equal_to_serial_on_same_chunks_at_tp4(tiny_checkpoint):
     results = launch.spawn_ranks(_iso_equals_serial, 4, args=(str(tiny_checkpoint), *_prompts(), SLOW_LINK))
     for rank_result in results:
@@ -279,6 +280,7 @@ def _hf_families_runs(rank, world_size, families):
             for family, (folder, inputs) in families.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_packed_requests_match_hugging_face(hf_serving, world_size):
     families = {family: (made["folder"], made["inputs"]) for family, made in hf_serving.items()}
@@ -301,6 +303,7 @@ def test_packed_requests_match_hugging_face(hf_serving, world_size):
 
 
 # --- the CLI on a ragged batch ---
+@pytest.mark.slow
 def test_cli_ragged_tokens_match_hugging_face_per_request(hf_serving, tmp_path):
     """``prefill --tokens ragged.json --save-logits`` (TP 2, the split trial's chunks, which cut requests):
     each request's saved logits, serial and ISO, are HF's on that request alone; generated tokens are HF's."""
@@ -326,6 +329,7 @@ def test_cli_ragged_tokens_match_hugging_face_per_request(hf_serving, tmp_path):
     assert report["generated"] == [e["greedy"].tolist() for e in made["expected"][:len(prompts)]]
 
 
+@pytest.mark.slow
 def test_cli_cached_prefix_and_random_prompt_lens(tmp_path):
     report_path = tmp_path / "report.json"
     assert cli.main(["prefill", "--model", "llama-tiny", "--prompt-lens", "30,7,50", "--cached-prefix", "20",

@@ -196,6 +196,7 @@ def _best_of(fn, repeats=5):
     return min(times)
 
 
+@pytest.mark.slow
 def test_plan_from_a_cached_calibration_is_cheap(tmp_path):
     # A calibration stored and read back as the engine does (costmodel's calibration cache).
     fitted = LayerCosts(attn_fixed=3e-5, attn_per_token=2e-7, attn_per_pair=4e-11, mlp_fixed=3e-5,

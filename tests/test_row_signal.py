@@ -84,6 +84,7 @@ def _issue_seconds(rows_per_signal, blocks=100, repeats=5):
     return best, groups
 
 
+@pytest.mark.slow
 def test_host_time_per_collective_of_the_issue_path(record_property):
     """The capped block (MAX_ROW_GROUPS groups) against the uncapped 128-row one (32 groups), timed in the same
     run: fewer collectives cost the host less. The per-collective cost is printed, not asserted."""

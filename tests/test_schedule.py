@@ -25,6 +25,7 @@ def _iso_equals_serial(rank, world_size, folder, tokens, link):
     return equal
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_iso_is_bitwise_equal_to_serial_on_same_chunks(tiny_checkpoint, world_size):
     tokens = torch.randint(0, 512, (BATCH, SEQ_LEN))
