@@ -5,7 +5,10 @@ paper's two chunks split at S/2); ``no-comm`` (the unsplit prefill without any a
 schedule that computes no less than the unsplit one; chunks can compute less, see ``compute_busy``). Each ISO
 variant is one ``engine.run`` with mode "both": its reduction (1 - iso / serial) and overlap efficiency
 ((serial - iso) / (serial - bound), bound = max(compute + tail, comm + head)) compare it with the serial runs
-interleaved with it. The ``serial`` line pools the serial runs of both calls.
+interleaved with it. The ``serial`` line pools the serial runs of both calls. Each variant's CSV rows are
+appended as soon as it is measured, the pooled ``serial`` and ``no-comm`` rows once both are, so a run cut
+short keeps what it measured. An emulated link moves no data: its time costs the compute no SMs or memory
+bandwidth, so its overlap is an upper bound; its printed lines and its rows' config_json ``note`` say so.
 
 Where it runs:
   CPU        2 ranks over gloo, emulated link ratio:R (all-reduce time = R x the no-comm prefill), fp32
@@ -39,17 +42,20 @@ from iso_kernels.report import PrefillReport
 # overlap would dominate. One GPU's quick run (bench/gpu_check.sh) keeps one link, the paper's RTX 4090 PCIe
 # link: at 4096 tokens its all-reduce takes about twice a block's compute, so there is much to hide.
 DEFAULTS = {
-    "cpu": dict(model="llama-small", seq_lens=[256, 512, 1024], quick=[512],
-                links=["ratio:0.5", "ratio:1.0"], quick_links=["ratio:0.5", "ratio:1.0"]),
-    "cuda": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
-                 links=["ratio:0.5", "ratio:1.0", "pcie4"], quick_links=["pcie4"]),
-    "multigpu": dict(model="llama-1b", seq_lens=[1024, 2048, 4096], quick=[4096],
-                     links=["none", "pcie4", "a800-nvlink"], quick_links=["none", "pcie4", "a800-nvlink"]),
+    "cpu": {"model": "llama-small", "seq_lens": [256, 512, 1024], "quick": [512],
+            "links": ["ratio:0.5", "ratio:1.0"], "quick_links": ["ratio:0.5", "ratio:1.0"]},
+    "cuda": {"model": "llama-1b", "seq_lens": [1024, 2048, 4096], "quick": [4096],
+             "links": ["ratio:0.5", "ratio:1.0", "pcie4"], "quick_links": ["pcie4"]},
+    "multigpu": {"model": "llama-1b", "seq_lens": [1024, 2048, 4096], "quick": [4096],
+                 "links": ["none", "pcie4", "a800-nvlink"], "quick_links": ["none", "pcie4", "a800-nvlink"]},
 }
 # provider -> (chunks, split) handed to PrefillConfig
 VARIANTS = {"iso-auto": (None, None), "iso-2even": (2, 0.5)}
 PROVIDERS = ("serial", *VARIANTS, "no-comm")
 # Report entries (PrefillReport.to_json's keys) kept in each ISO row's config_json.
+# What an emulated link's numbers are: its all-reduce time is spent waiting on a comm stream (one GPU) or
+# sleeping (CPU), moving no data, so it takes no SMs or memory bandwidth from the compute it overlaps.
+EMULATED_NOTE = "emulated link: no SM or memory contention; an upper bound"
 REPORT_KEYS = ("link", "chunks", "bounds", "split", "serial_ms", "compute_only_ms", "compute_ms", "comm_ms",
                "bound_ms", "head_ms", "tail_ms", "agree", "max_abs_diff")
 
@@ -112,30 +118,56 @@ def compute_busy(lanes):
     return busy
 
 
-def rows_for_point(seq_len, link, measured, setup):
-    """Tidy CSV rows of one (seq_len, link) from {provider: Measured} of each ISO variant."""
+def emulated(link):
+    """Whether ``link`` is an emulated one (anything but "none"): its time is spent waiting, not moving data."""
+    return comm.parse_link(link) is not None
+
+
+def _point_rows(seq_len, link, report, setup):
+    """(base, shared config) of one (seq_len, link)'s rows, from one of its engine reports."""
     base = {"op": "iso_prefill", "mode": link, "x_name": "seq_len", "x_value": seq_len}
-    reports = {provider: m.report for provider, m in measured.items()}
-    first = next(iter(reports.values()))
-    shared = {**setup, "seq_len": seq_len, "link": first.link, "comm_backend": first.comm_backend,
-              "device": first.device, "dtype": first.dtype, "tp": first.tp}
+    shared = {**setup, "seq_len": seq_len, "link": report.link, "comm_backend": report.comm_backend,
+              "device": report.device, "dtype": report.dtype, "tp": report.tp}
+    if emulated(link):
+        shared["note"] = EMULATED_NOTE
+    return base, shared
 
-    def row(provider, metric, unit, values, extra):
-        p50, p20, p80 = values
-        return {**base, "provider": provider, "metric": metric, "unit": unit, "p50": p50, "p20": p20,
-                "p80": p80, "config_json": {**shared, **extra}}
 
-    serial_runs = [t for report in reports.values() for t in report.runs_ms["serial"]]
-    no_comm = statistics.mean(report.compute_only_ms for report in reports.values())
-    rows = [row("serial", "ms", "ms", quantiles(serial_runs),
-                {"predicted_ms": first.predicted_serial_ms, "runs": len(serial_runs)}),
-            row("no-comm", "ms", "ms", (no_comm, "", ""), {"calls": len(reports)})]
+def _row(base, shared, provider, metric, unit, values, extra):
+    p50, p20, p80 = values
+    return {**base, "provider": provider, "metric": metric, "unit": unit, "p50": p50, "p20": p20, "p80": p80,
+            "config_json": {**shared, **extra}}
+
+
+def variant_rows(seq_len, link, provider, m, setup):
+    """One ISO variant's rows (ms, reduction, overlap efficiency), written as soon as it is measured."""
+    base, shared = _point_rows(seq_len, link, m.report, setup)
+    extra = {**m.config_entries(), "predicted_ms": m.report.predicted_iso_ms,
+             "paired_serial_ms": m.report.serial_ms}
+    rows = [_row(base, shared, provider, "ms", "ms", quantiles(m.report.runs_ms["iso"]), extra)]
+    for metric in ("reduction", "overlap_efficiency"):
+        rows.append(_row(base, shared, provider, metric, "fraction", (getattr(m.report.overlap, metric), "", ""),
+                         extra))
+    return rows
+
+
+def pooled_rows(seq_len, link, measured, setup):
+    """The ``serial`` (every variant's serial runs) and ``no-comm`` rows, once every variant is measured."""
+    reports = [m.report for m in measured.values()]
+    base, shared = _point_rows(seq_len, link, reports[0], setup)
+    serial_runs = [t for report in reports for t in report.runs_ms["serial"]]
+    no_comm = statistics.mean(report.compute_only_ms for report in reports)
+    return [_row(base, shared, "serial", "ms", "ms", quantiles(serial_runs),
+                 {"predicted_ms": reports[0].predicted_serial_ms, "runs": len(serial_runs)}),
+            _row(base, shared, "no-comm", "ms", "ms", (no_comm, "", ""), {"calls": len(reports)})]
+
+
+def rows_for_point(seq_len, link, measured, setup):
+    """Tidy CSV rows of one (seq_len, link) from {provider: Measured} of each ISO variant: what ``main`` writes
+    for the point, the variants' rows as each is measured, then the pooled ones."""
+    rows = pooled_rows(seq_len, link, measured, setup)
     for provider, m in measured.items():
-        extra = {**m.config_entries(), "predicted_ms": m.report.predicted_iso_ms,
-                 "paired_serial_ms": m.report.serial_ms}
-        rows.append(row(provider, "ms", "ms", quantiles(m.report.runs_ms["iso"]), extra))
-        for metric in ("reduction", "overlap_efficiency"):
-            rows.append(row(provider, metric, "fraction", (getattr(m.report.overlap, metric), "", ""), extra))
+        rows += variant_rows(seq_len, link, provider, m, setup)
     return rows
 
 
@@ -169,9 +201,11 @@ def summary_table(measured_by_point):
     return "\n".join(lines)
 
 
-def measure_point(args, device, tp, seq_len, link):
-    """{provider: Measured} for the ISO variants at one (seq_len, link)."""
+def measure_point(args, device, tp, seq_len, link, on_measured=None):
+    """{provider: Measured} for the ISO variants at one (seq_len, link); ``on_measured(provider, Measured)`` is
+    called as each variant finishes (main writes its rows then)."""
     measured = {}
+    note = f"; {EMULATED_NOTE}" if emulated(link) else ""
     for provider, (chunks, split) in VARIANTS.items():
         cfg = engine.PrefillConfig(model=args.model, tp=tp, seq_len=seq_len, chunks=chunks, split=split,
                                    link=comm.parse_link(link), device=device, dtype=cli.parse_dtype(args.dtype),
@@ -184,8 +218,10 @@ def measure_point(args, device, tp, seq_len, link):
                                       compute_busy(report.lanes))
         print(f"  {provider:<10} seq_len={seq_len} link={link}: serial {report.serial_ms:.1f} ms, "
               f"iso {report.iso_ms:.1f} ms ({report.chunks} chunks {report.bounds}), "
-              f"efficiency {report.overlap.overlap_efficiency:.2f}, load {measured[provider].load_avg}",
+              f"efficiency {report.overlap.overlap_efficiency:.2f}, load {measured[provider].load_avg}{note}",
               flush=True)
+        if on_measured is not None:
+            on_measured(provider, measured[provider])
     return measured
 
 
@@ -231,17 +267,22 @@ def main(argv=None):
     results, rows, failed = {}, [], []
     for link in links:
         for seq_len in seq_lens:
+            def write(provider, m, seq_len=seq_len, link=link):
+                variant = variant_rows(seq_len, link, provider, m, setup)
+                common.append_rows(csv_path, variant)  # at once: a run cut short keeps what it measured
+                rows.extend(variant)
+
             try:
-                reports = measure_point(args, device, tp, seq_len, link)
+                reports = measure_point(args, device, tp, seq_len, link, on_measured=write)
             except RankError as exc:
                 failed.append((seq_len, link))
                 print(f"  FAILED seq_len={seq_len} link={link}: {str(exc).strip().splitlines()[-1]}",
                       flush=True)
                 continue
             results[(seq_len, link)] = reports
-            point_rows = rows_for_point(seq_len, link, reports, setup)
-            common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured
-            rows += point_rows
+            pooled = pooled_rows(seq_len, link, reports, setup)
+            common.append_rows(csv_path, pooled)
+            rows.extend(pooled)
     if rows:
         first = next(iter(results.values()))["iso-auto"].report
         common.plot_panels([r for r in rows if r["metric"] == "ms"], png, ylabel="prefill ms (median)",

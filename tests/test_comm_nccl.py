@@ -1,11 +1,11 @@
 """The nccl-ext path on real GPUs: ``_C``'s stream kernels, flag waits and failure paths in this process
 (@gpu: sticky timeout reports, the watchdog aborting a synchronize/destroy/init past its timeout, abort from
-another thread, a with-block that raised), and ``NcclExtCommunicator`` in spawned ranks — exact sums,
-collectives in flight together, flag-gated starts (emulated producer and ``gemm_signal``), CUDA-graph capture,
-a recorded tensor freed after close(), a flag timeout raised by every rank at settle(), both NCCL_COMM_BLOCKING
-settings — at world 1 (@gpu: NCCL runs a one-rank communicator on a single GPU) and world 2 (@multigpu).
-Timing is asserted only against quantities of the same run (``stream_sleep`` lengths, the timeouts under
-test), never as a speedup."""
+another thread, a with-block that raised), and ``NcclExtCommunicator`` in spawned ranks, each case in ranks
+and a communicator of its own — exact sums, collectives in flight together, flag-gated starts (emulated
+producer and ``gemm_signal``), CUDA-graph capture, a recorded tensor freed after close(), a flag timeout raised
+by every rank at settle(), both NCCL_COMM_BLOCKING settings — at world 1 (@gpu: NCCL runs a one-rank
+communicator on a single GPU) and world 2 (@multigpu). Timing is asserted only against quantities of the same
+run (``stream_sleep`` lengths, the timeouts under test), never as a speedup."""
 
 import threading
 import time
@@ -13,9 +13,10 @@ import traceback
 
 import pytest
 import torch
-from helpers import integer_valued
 
 from iso_kernels import _ext, launch
+
+from helpers import integer_valued
 
 WORLDS = [pytest.param(1, marks=pytest.mark.gpu), pytest.param(2, marks=pytest.mark.multigpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,6 +30,8 @@ HANG_NS = 3_000_000_000
 # The caller's work queued after a flag-gated start: the collective must finish well before it does.
 TAIL_NS = 300_000_000
 GEMM_SHAPE = (200, 96, 64, 32)  # M (not a multiple of rows_per_signal), N, K, rows_per_signal
+# One case's spawned ranks, start-up and NCCL init included (gemm_signal_gated may autotune on a cold cache).
+CASE_TIMEOUT_S = 60
 CASES = ("exact_sum", "in_flight", "flag_gated", "gemm_signal_gated", "graph_capture", "stream_outlives_close",
          "flag_timeout_is_raised_by_every_rank", "blocking_setting_from_the_environment")
 
@@ -152,10 +155,9 @@ def test_abort_from_another_thread_ends_a_synchronize(native):
 def test_with_block_aborts_without_waiting_when_the_body_raises(native):
     comm, comm_stream = _one_rank_comm(native)
     start = time.perf_counter()
-    with pytest.raises(KeyError):
-        with comm:
-            native.stream_sleep(comm_stream.cuda_stream, HANG_NS)
-            raise KeyError("the body broke")
+    with pytest.raises(KeyError), comm:
+        native.stream_sleep(comm_stream.cuda_stream, HANG_NS)
+        raise KeyError("the body broke")
     assert comm.closed and time.perf_counter() - start < HANG_NS / 1e9
     comm_stream.synchronize()
 
@@ -252,7 +254,7 @@ def _case_gemm_signal_gated(comm, rank, world_size):
     for p in pending:
         p.wait()
     torch.cuda.synchronize()
-    expected = sum(a.double() @ b.double().T for a, b in zip(xs, ws)).float()
+    expected = sum(a.double() @ b.double().T for a, b in zip(xs, ws, strict=True)).float()
     mismatch = (out.cpu() != expected).nonzero()
     assert mismatch.numel() == 0, f"{mismatch.shape[0]} wrong elements, first at {mismatch[:4].tolist()}"
 
@@ -340,23 +342,24 @@ def _case_blocking_setting_from_the_environment(comm, rank, world_size):
         assert torch.equal(y, torch.full_like(y, world_size * (world_size + 1) / 2)), value
 
 
-def _run_cases(rank, world_size):
+def _run_case(rank, world_size, case):
+    """One case on a communicator of its own: a sticky NCCL failure (an aborted or errored communicator) in one
+    case cannot make the others fail."""
     from iso_kernels.comm import NcclExtCommunicator
 
-    outcomes = {}
     with NcclExtCommunicator() as comm:
-        for case in CASES:
-            try:
-                globals()[f"_case_{case}"](comm, rank, world_size)
-                outcomes[case] = None
-            except Exception:  # noqa: BLE001 - reported per case by the parent
-                outcomes[case] = traceback.format_exc()
-    return outcomes
+        try:
+            globals()[f"_case_{case}"](comm, rank, world_size)
+            return {case: None}
+        except Exception:  # noqa: BLE001 - reported per rank by the parent
+            return {case: traceback.format_exc()}
 
 
-@pytest.fixture(scope="module", params=WORLDS)
-def outcomes(request):
-    return launch.spawn_ranks(_run_cases, request.param, device_type="cuda", timeout_s=240)
+@pytest.fixture(params=WORLDS)
+def outcomes(request, case):
+    """Per test (function scope): fresh ranks and a fresh communicator for this case alone."""
+    return launch.spawn_ranks(_run_case, request.param, args=(case,), device_type="cuda",
+                              timeout_s=CASE_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", CASES)
