@@ -1,9 +1,10 @@
 """Thin CMake driver for the native extension ``iso_kernels._C`` (the build itself is in CMakeLists.txt).
 
 ``ISO_KERNELS_BUILD_EXT``: ``auto`` (default) builds when ``$CUDA_HOME/bin/nvcc`` (``CUDA_HOME`` defaults to the
-toolkit of the ``nvcc`` on PATH, else /usr/local/cuda) and NCCL's header exist and skips with one line otherwise; ``0`` skips; ``1`` makes a missing toolkit or NCCL
-an error. Once a build starts, its failure is always an error. Without ``_C`` the package still imports and
-uses torch.distributed; ``iso_kernels/_build_record.json`` records what happened and why.
+toolkit of the ``nvcc`` on PATH, else /usr/local/cuda) and NCCL's header exist and skips with one line otherwise;
+``0`` skips; ``1`` makes a missing toolkit or NCCL an error. Once a build starts, its failure is always an error.
+Without ``_C`` the package still imports and uses torch.distributed; ``iso_kernels/_build_record.json`` records
+what happened and why.
 Also read: ``ISO_KERNELS_CUDA_ARCHS`` (default 80;89;90), ``CUDA_HOME``, ``NCCL_HOME``, ``MAX_JOBS``.
 """
 

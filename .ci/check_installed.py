@@ -37,7 +37,8 @@ def installed_modules():
         modules[package] = root
         for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}.", onerror=_raise):
             is_script = info.name.endswith(".__main__")
-            modules[info.name] = importlib.util.find_spec(info.name) if is_script else importlib.import_module(info.name)
+            name = info.name
+            modules[name] = importlib.util.find_spec(name) if is_script else importlib.import_module(name)
     return modules
 
 

@@ -162,7 +162,7 @@ def run(device, mean_kvs, n_heads, n_kv_heads, head_dim, dtype):
                 rows.append({**base, "metric": "time", "unit": "ms", "p50": ms[0], "p20": ms[1], "p80": ms[2]})
                 if device == "cuda":
                     p50, p20, p80 = (sum(common.attention_tflops(1, n_heads, lq, lk, head_dim, t)
-                                         for lq, lk in zip(q_lens, kv_lens))
+                                         for lq, lk in zip(q_lens, kv_lens, strict=True))
                                      for t in (ms[0], ms[2], ms[1]))  # slower time -> lower TFLOP/s
                     rows.append({**base, "metric": metric, "unit": unit, "p50": p50, "p20": p20, "p80": p80})
                     shown[name] = p50

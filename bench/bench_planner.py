@@ -5,10 +5,11 @@ Per (link, prompt length), one launch of the ranks: each opens the prefill as ``
 engine choose its split afresh (the split trial, not the cache), then times the serial prefill and ISO over
 every candidate (the planner's full ranking for 1..4 chunks, auto's choice, the even two chunks), one warm-up
 round, ``--select-rounds`` rounds and ``--repeats`` rounds or more (until ``--budget-s`` of runs), each round
-running every plan once in a rotated order. A plan's reduction per round is 1 - iso / serial of that round. ``best`` is the plan with the largest
-median reduction over the selection rounds (found by trying every candidate); every number in the table is
-measured on the later rounds only (median and 20th-80th percentiles), so neither ``best`` (picked on the
-selection rounds) nor ``auto`` (picked in its own, earlier trial) is credited with the luck that picked it.
+running every plan once in a rotated order. A plan's reduction per round is 1 - iso / serial of that round.
+``best`` is the plan with the largest median reduction over the selection rounds (found by trying every
+candidate); every number in the table is measured on the later rounds only (median and 20th-80th
+percentiles), so neither ``best`` (picked on the selection rounds) nor ``auto`` (picked in its own, earlier
+trial) is credited with the luck that picked it.
 
     python bench/bench_planner.py [--quick] [--links ratio:0.25,ratio:0.5] [--seq-lens 256,512] [--repeats N]
                                   [--budget-s S] [--model NAME] [--tp N] [--csv PATH]
@@ -65,7 +66,7 @@ def _compare_rank(rank, world_size, cfg, select_rounds, repeats, budget_s):
     if rank != 0:
         return None
     to_ms = [[t * 1e3 for t in times] for times in seconds]
-    return {"serial": to_ms[0], "splits": {split.ends: ms for split, ms in zip(splits, to_ms[1:])},
+    return {"serial": to_ms[0], "splits": {split.ends: ms for split, ms in zip(splits, to_ms[1:], strict=True)},
             "predicted": predicted, "auto": choice.split.ends, "trial_ms": choice.trial_s * 1e3,
             "correction": dataclasses.asdict(choice.correction), "compute_only_ms": compute_only_s * 1e3,
             "select_rounds": select_rounds, "trial": [dataclasses.asdict(c) for c in choice.trial]}
@@ -114,12 +115,12 @@ def rows_for_point(seq_len, link, measured, setup):
               "correction": measured["correction"], "prediction_error_pct": [before, after],
               "rounds": len(measured["serial"]), "trial": measured["trial"]}
     rows = [{**base, "provider": "serial", "metric": "ms", "unit": "ms",
-             **dict(zip(("p50", "p20", "p80"), quantiles(measured["serial"]))), "config_json": config}]
+             **dict(zip(("p50", "p20", "p80"), quantiles(measured["serial"]), strict=True)), "config_json": config}]
     for plan, (ends, reduction, iso_ms) in summarize(measured).items():
         extra = {**config, "ends": list(ends)}
         rows.append({**base, "provider": plan, "metric": "ms", "unit": "ms", "p50": iso_ms, "config_json": extra})
         rows.append({**base, "provider": plan, "metric": "reduction", "unit": "fraction",
-                     **dict(zip(("p50", "p20", "p80"), reduction)), "config_json": extra})
+                     **dict(zip(("p50", "p20", "p80"), reduction, strict=True)), "config_json": extra})
     return rows
 
 
@@ -182,8 +183,8 @@ def main(argv=None):
             # recalibrate: a fresh split trial per point, so auto's choice is measured, not remembered
             cfg = engine.PrefillConfig(model=args.model, tp=args.tp, seq_len=seq_len, link=comm.parse_link(link),
                                        device="cpu", generate=0, comm_backend=args.comm_backend, recalibrate=True)
-            measured = launch.spawn_ranks(_compare_rank, args.tp, args=(cfg, args.select_rounds, args.repeats, args.budget_s),
-                                          timeout_s=3600)[0]
+            rank_args = (cfg, args.select_rounds, args.repeats, args.budget_s)
+            measured = launch.spawn_ranks(_compare_rank, args.tp, args=rank_args, timeout_s=3600)[0]
             results[(seq_len, link)] = measured
             point_rows = rows_for_point(seq_len, link, measured, {**setup, "load_avg": os.getloadavg()[0]})
             common.append_rows(csv_path, point_rows)  # at once: a run cut short keeps what it measured

@@ -125,12 +125,13 @@ def plot_panels(rows, png_path, *, ylabel, title, styles=None):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.5 * max(len(modes), 1), 3.8), squeeze=False,
                              sharey=True)
-    for ax, mode in zip(axes[0], modes):
+    # One panel even when no row names a mode (plt.subplots needs >= 1), so axes[0] may outnumber modes.
+    for ax, mode in zip(axes[0], modes, strict=False):
         for provider in providers:
             points = sorted((float(r["x_value"]), float(r["p50"])) for r in rows
                             if r["mode"] == mode and r["provider"] == provider)
             if points:
-                ax.plot(*zip(*points), (styles or {}).get(provider, "o-"), label=provider)
+                ax.plot(*zip(*points, strict=True), (styles or {}).get(provider, "o-"), label=provider)
         ax.set_xscale("log", base=2)
         ax.set_title(mode)
         ax.set_xlabel(rows[0]["x_name"])

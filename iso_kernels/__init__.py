@@ -3,10 +3,9 @@
 Importing this package never touches CUDA or the native extension; both load on first use.
 """
 
+from ._ext import build_info
+
 __version__ = "0.1.0"
-
-from ._ext import build_info  # noqa: E402
-
 __all__ = ["Plan", "__version__", "build_info", "plan"]
 
 

@@ -51,7 +51,7 @@ def _preload_nccl(open_library=ctypes.CDLL, exists=Path.exists):
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
         nccl_path = _preload_nccl()

@@ -5,6 +5,7 @@ A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or sh
 """
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,7 +118,8 @@ def read_config(folder):
         raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
 
 
-def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.float32):
+def load_checkpoint(folder: str | os.PathLike[str], *, rank: int = 0, world_size: int = 1,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
     folder = Path(folder)
     args = ModelArgs.from_hf_config(read_config(folder))
@@ -143,7 +145,8 @@ def load_checkpoint(folder, *, rank=0, world_size=1, device="cpu", dtype=torch.f
             state[f"layers.{i}.{ours}"] = split(piece, rank, world_size) if split else piece[:]
         for param_name in ("weight", "bias") if args.qkv_bias else ("weight",):
             shapes = [(out, args.dim) if param_name == "weight" else (out,) for out in (q_out, kv_out, kv_out)]
-            q, k, v = (reader.slice(f"{prefix}{name}.{param_name}", shape) for name, shape in zip(HF_QKV, shapes))
+            q, k, v = (reader.slice(f"{prefix}{name}.{param_name}", shape)
+                       for name, shape in zip(HF_QKV, shapes, strict=True))
             state[f"layers.{i}.attention.wqkv.{param_name}"] = tp.qkv_piece(q, k, v, args, rank, world_size)
 
     tp.shard_model(model, rank, world_size)
@@ -167,7 +170,7 @@ def to_hf_state_dict(model):
         for param_name in ("weight", "bias"):
             fused = getattr(layer.attention.wqkv, param_name)
             if fused is not None:
-                for name, piece in zip(HF_QKV, fused.split([q_out, kv_out, kv_out], dim=0)):
+                for name, piece in zip(HF_QKV, fused.split([q_out, kv_out, kv_out], dim=0), strict=True):
                     state[f"{prefix}{name}.{param_name}"] = piece
     return {name: tensor.detach().contiguous() for name, tensor in state.items()}
 

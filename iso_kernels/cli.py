@@ -28,8 +28,8 @@ compile-report  compile every Triton kernel for sm_80/89/90 (no GPU needed): reg
 def _prefill_arguments(parser):
     defaults = engine.PrefillConfig()
     parser.add_argument("--model", default=defaults.model,
-                        help="preset (llama-small, llama-tiny, llama-1b; random weights made locally) or a Hugging Face "
-                             "checkpoint folder (config.json + safetensors)")
+                        help="preset (llama-small, llama-tiny, llama-1b; random weights made locally) or a Hugging "
+                             "Face checkpoint folder (config.json + safetensors)")
     parser.add_argument("--tp", type=int, default=defaults.tp, help="tensor-parallel ranks, launched here")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="prompt length (random tokens)")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="equal-length prompts")

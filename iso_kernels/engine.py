@@ -5,6 +5,7 @@ joins the existing group) and returns rank 0's ``PrefillReport``. ``prefill_rank
 """
 
 import dataclasses
+import itertools
 import math
 import os
 import threading
@@ -348,7 +349,7 @@ def _requests(packed, split, cached_prefix):
     bounds = split.bounds()
     return [dict(cached_prefix=cached_prefix, new_tokens=b - a, stream=[a, b],
                  chunks=[i for i, (lo, hi) in enumerate(bounds) if lo < b and a < hi])
-            for a, b in zip(packed.cu_seqlens, packed.cu_seqlens[1:])]
+            for a, b in itertools.pairwise(packed.cu_seqlens)]
 
 
 def _decode_from(cfg):

@@ -13,6 +13,7 @@ of ``setup_caches`` the same model runs packed batches of ragged requests over p
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import nn
 
 from . import ops
 from .paged_cache import DEFAULT_BLOCK_SIZE, KVBuffers, PackedBatch, PagedCache, PagedKVCache
+
+if TYPE_CHECKING:  # annotations only: the model runs without loading the communicators
+    from .comm import Communicator
 
 
 @dataclass
@@ -212,7 +216,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rope = None
 
-    def forward(self, tokens, start=0, comm=None):
+    def forward(self, tokens: torch.Tensor, start: int | PackedBatch = 0,
+                comm: "Communicator | None" = None) -> torch.Tensor:
         """fp32 logits (batch, n, vocab) of ``tokens`` (batch, n) at positions [start, start + n), unsplit; or,
         with a ``PackedBatch`` ``start`` (paged caches), of the packed stream ``tokens`` (1, total).
 

@@ -13,6 +13,7 @@ the part after the cut attends to the part before it through the cache, like a c
 """
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +54,7 @@ class PackedBatch:
         if not len(self.q_lens) == len(self.starts) == len(self.block_tables):
             raise ValueError(f"q_lens, starts and block_tables must have one entry per request, got "
                              f"{len(self.q_lens)}, {len(self.starts)} and {len(self.block_tables)}")
-        for i, (n, start, table) in enumerate(zip(self.q_lens, self.starts, self.block_tables)):
+        for i, (n, start, table) in enumerate(zip(self.q_lens, self.starts, self.block_tables, strict=True)):
             if n < 1 or start < 0:
                 raise ValueError(f"request {i}: needs >= 1 new token and start >= 0, got {n} and {start}")
             if len(table) * self.block_size < start + n:
@@ -76,7 +77,7 @@ class PackedBatch:
     @property
     def max_end(self):
         """One past the last position of any request: what the RoPE tables must cover."""
-        return max(start + n for start, n in zip(self.starts, self.q_lens))
+        return max(start + n for start, n in zip(self.starts, self.q_lens, strict=True))
 
     @property
     def last_rows(self):
@@ -86,7 +87,7 @@ class PackedBatch:
     def slice(self, begin, end):
         """The batch of stream tokens [begin, end): the requests that have tokens there, each cut to them."""
         keep = []
-        for i, (a, b) in enumerate(zip(self.cu_seqlens, self.cu_seqlens[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(self.cu_seqlens)):
             lo, hi = max(a, begin), min(b, end)
             if lo < hi:
                 keep.append((i, hi - lo, self.starts[i] + lo - a))
@@ -100,7 +101,7 @@ class PackedBatch:
 
     def unpack(self, packed):
         """Per request, its rows of ``packed`` (total, ...): a list of (q_lens[i], ...) views."""
-        return [packed[a:b] for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])]
+        return [packed[a:b] for a, b in itertools.pairwise(self.cu_seqlens)]
 
     def check_tokens(self, tokens):
         """Refuse a token tensor that is not this batch's stream (1, total)."""
@@ -327,7 +328,7 @@ class PagedCache:
             raise RuntimeError(f"out of KV cache pages: the batch needs {needed} more, {self.allocator.num_free} "
                                "are free")
         starts = []
-        for request, count in zip(requests, counts):
+        for request, count in zip(requests, counts, strict=True):
             start = self.lengths[request]
             table = self.tables[request]
             while len(table) * self.block_size < start + count:

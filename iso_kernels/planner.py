@@ -18,9 +18,9 @@ import functools
 import json
 import math
 import types
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from .costmodel import (
 from .hardware import HARDWARE_PRESETS, HardwareSpec
 from .simulate import PAPER_MODELS, _preset, render_table
 from .split import ChunkSplit
+
+if TYPE_CHECKING:  # annotations only: .model imports torch, which model_shape() loads only for the configs that need it
+    from .model import ModelArgs
 
 # --- the prefill's split policy (the engine's --split auto) ---
 MAX_AUTO_CHUNKS = 4
@@ -108,7 +111,7 @@ class Plan:
     split_gain: float | None = None
 
     @property
-    def ends(self) -> tuple:
+    def ends(self) -> tuple[int, ...]:
         return self.split.ends
 
     @property
@@ -116,13 +119,13 @@ class Plan:
         """Predicted 1 - iso / serial of this plan (0 when off)."""
         return 1 - self.predicted_iso_s / self.predicted_serial_s if self.predicted_serial_s > 0 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"ends": list(self.ends), "chunks": len(self.split), "off": self.off, "reason": self.reason,
                 "off_rule": self.off_rule, "gain": self.gain, "split_gain": self.split_gain,
                 "predicted_serial_s": self.predicted_serial_s, "predicted_iso_s": self.predicted_iso_s}
 
 
-def model_shape(config, dtype_bytes: int = 2) -> ModelShape:
+def model_shape(config: "dict[str, Any] | ModelArgs | ModelShape", dtype_bytes: int = 2) -> ModelShape:
     """The cost model's shape of ``config``: a Hugging Face ``config.json`` dict, a ``model.ModelArgs`` or a
     ``ModelShape`` (its ``dtype_bytes`` replaced by ``dtype_bytes``)."""
     _check_int("dtype_bytes", dtype_bytes)
@@ -167,9 +170,23 @@ def _resolve_costs(shape, tp, costs, hardware):
     return LayerCosts.from_datasheet(shape, hardware, tp)
 
 
-def plan(config, tp: int, prompt_lens: int | Sequence[int], *, costs: LayerCosts | None = None,
+@overload
+def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int, prompt_lens: int | np.integer, *,
+         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, batch: int = 1,
+         dtype_bytes: int = 2, min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> Plan: ...
+
+
+@overload
+def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
+         prompt_lens: list[int] | tuple[int, ...] | np.ndarray, *, costs: LayerCosts | None = None,
          hardware: str | HardwareSpec | None = None, batch: int = 1, dtype_bytes: int = 2,
-         min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> "Plan | list[Plan]":
+         min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> list[Plan]: ...
+
+
+def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
+         prompt_lens: int | np.integer | list[int] | tuple[int, ...] | np.ndarray, *,
+         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, batch: int = 1,
+         dtype_bytes: int = 2, min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> Plan | list[Plan]:
     """Whether and how to split the prefill of ``prompt_lens`` tokens (an int: one Plan; a list: one Plan per
     length, each prompt planned alone) of model ``config`` (a ``config.json`` dict, ``ModelArgs`` or
     ``ModelShape``) over ``tp`` ranks, with ``batch`` sequences of that length per prefill.
@@ -266,7 +283,7 @@ def candidate_plans(costs: LayerCosts, n_layers: int, seq_len: int, *, batch: in
 
 
 def _near(a: ChunkSplit, b: ChunkSplit, tokens: int) -> bool:
-    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a.ends, b.ends)) <= tokens
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a.ends, b.ends, strict=True)) <= tokens
 
 
 # --- the decision table ---
@@ -338,7 +355,7 @@ def format_plans(rows, seq_lens) -> str:
     """One line per (gpu, model, tp, length): the split and its predicted times, or why it is off."""
     lines = []
     for r in rows:
-        for seq_len, p in zip(seq_lens, r["plans"] or [None] * len(seq_lens)):
+        for seq_len, p in zip(seq_lens, r["plans"] or [None] * len(seq_lens), strict=True):
             head = f"{r['model']} tp={r['tp']} seq_len={seq_len} {r['gpu']}:"
             if p is None:
                 lines.append(f"{head} impossible: {r['impossible']}")
@@ -421,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(impossible[0])
     if args.json:
         print(json.dumps([{**r, "plans": r["plans"] and [dict(p.as_dict(), seq_len=s)
-                                                         for s, p in zip(seq_lens, r["plans"])]}
+                                                         for s, p in zip(seq_lens, r["plans"], strict=True)]}
                           for r in rows], indent=1))
     elif table:
         print(format_decision_table(rows, seq_lens, markdown=args.markdown))

@@ -14,12 +14,17 @@ their logits are bitwise equal; only the waiting differs.
 import contextlib
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .comm import PendingAllReduce
+from .comm import Communicator, PendingAllReduce
 from .paged_cache import PackedBatch
 from .split import ChunkSplit
+
+if TYPE_CHECKING:  # annotations only: forward runs the model and timeline it is given, it imports neither
+    from .model import Transformer
+    from .timeline import Timeline
 
 SCHEDULES = ("serial", "iso")
 # At most this many row-group all-reduces per block (one chunk's attention or MLP). Each group costs the host
@@ -82,8 +87,10 @@ class _Chunk:
         return pending.wait() if pending is not None else None
 
 
-def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", timeline=None, all_logits=True,
-            row_signal_rows=None):
+def forward(model: "Transformer", tokens: torch.Tensor, comm: Communicator | None = None,
+            split: ChunkSplit | None = None, *, start: int | PackedBatch = 0, schedule: str = "iso",
+            timeline: "Timeline | None" = None, all_logits: bool = True,
+            row_signal_rows: int | None = None) -> torch.Tensor:
     """Run ``tokens`` (batch, n) at positions [start, start + n) through ``model`` in the chunks of ``split``
     (a ``ChunkSplit`` of n tokens; default one chunk); return fp32 logits.
 
@@ -146,7 +153,7 @@ def forward(model, tokens, comm=None, split=None, *, start=0, schedule="iso", ti
     return logits[0] if isinstance(start, PackedBatch) else logits[:, -1]
 
 
-def settle(comm):
+def settle(comm) -> None:
     """Every rank, after the forwards of a job (outside their timed region, never while a CUDA graph captures):
     the communicator's failure agreement. A failure on any rank (a timed-out flag wait, an NCCL error) is raised
     here on all of them alike; it costs one collective and a host sync, which ``forward`` itself never does.
@@ -178,7 +185,7 @@ def _make_chunks(embedded, split, start, all_logits):
         rows = [slice(None) if all_logits else None] * len(bounds)
         if not all_logits:
             rows[-1] = slice(-1, None)
-        return [_Chunk(start + a, embedded[:, a:b].contiguous(), r) for (a, b), r in zip(bounds, rows)]
+        return [_Chunk(start + a, embedded[:, a:b].contiguous(), r) for (a, b), r in zip(bounds, rows, strict=True)]
     return [_Chunk(start.slice(a, b), embedded[:, a:b].contiguous(),
                    slice(None) if all_logits else start.last_rows_in(a, b)) for a, b in bounds]
 

@@ -123,7 +123,7 @@ def render_table(cells, markdown=False) -> str:
         lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
         return "\n".join(lines)
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells)
 
 
 # --- command line ---

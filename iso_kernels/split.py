@@ -1,6 +1,7 @@
 """How a prompt is cut into chunks: ``ChunkSplit``, the one type and the one validator every layer uses
 (the schedule, the cost model, the prefill job)."""
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ class ChunkSplit:
         for end in ends:
             if isinstance(end, bool) or not isinstance(end, (int, np.integer)):
                 raise TypeError(f"chunk ends must be ints, got {end!r} in {list(ends)}")
-        if any(b <= a for a, b in zip((0,) + ends, ends)):
+        if any(b <= a for a, b in itertools.pairwise((0,) + ends)):
             raise ValueError(f"split: chunk ends must be strictly increasing and > 0, got {list(ends)}")
         object.__setattr__(self, "ends", tuple(int(end) for end in ends))
 
@@ -62,4 +63,4 @@ class ChunkSplit:
 
     def bounds(self, start=0):
         """Absolute (start, end) positions of each chunk when the prompt begins at position ``start``."""
-        return [(start + a, start + b) for a, b in zip((0,) + self.ends[:-1], self.ends)]
+        return [(start + a, start + b) for a, b in zip((0,) + self.ends[:-1], self.ends, strict=True)]

@@ -149,7 +149,7 @@ def _race(prefill, candidates, default):
     finalists = list(dict.fromkeys([default] + by_median[:FINALISTS]))
     final = timed_rounds(prefill, [plans[i] for i in finalists], FINAL_ROUNDS, warmup=0,
                          budget_s=FINAL_BUDGET_S, max_repeats=MAX_FINAL_ROUNDS)
-    for i, times in zip(finalists, final):
+    for i, times in zip(finalists, final, strict=True):
         seconds[i] += times
     return seconds
 
@@ -202,4 +202,4 @@ def _trial_candidates(prefill, splits, seconds, costs):
     n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
     return [TrialCandidate(split.ends, costmodel.predict(costs, n_layer, prefill.seq_len, split, **kw).iso_s * 1e3
                            if costs else math.nan, statistics.median(times) * 1e3, len(times))
-            for split, times in zip(splits, seconds)]
+            for split, times in zip(splits, seconds, strict=True)]

@@ -45,8 +45,8 @@ class Timeline:
         """Dicts with stream ("compute"/"comm"), kind, chunk, layer, start_ms, end_ms (relative to creation)."""
         if self.cuda:
             torch.cuda.synchronize()
-        rows = [dict(stream="compute", kind=k, chunk=c, layer=l, start_ms=self._ms(s), end_ms=self._ms(e))
-                for k, c, l, s, e in self._compute]
+        rows = [dict(stream="compute", kind=k, chunk=c, layer=layer, start_ms=self._ms(s), end_ms=self._ms(e))
+                for k, c, layer, s, e in self._compute]
         for kind, chunk, layer, pending in self._comm:
             marks = getattr(pending, "events", None) if self.cuda else getattr(pending, "interval", None)
             if marks is not None:

@@ -1,23 +1,19 @@
 """Shared fixtures. TRITON_INTERPRET must be set before anything imports triton_ops, so it is set here,
 at the top, whenever no CUDA device is present and the caller did not choose."""
 
+import contextlib
 import os
+import tempfile
 
-# --- interpreter mode, before any kernel module is imported ---
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+import pytest
+import torch
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import contextlib  # noqa: E402
-import tempfile  # noqa: E402
+# --- interpreter mode, before any kernel module is imported (torch itself does not import triton_ops) ---
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Calibration caches and preset checkpoints go to a throwaway folder, not the user's ~/.cache.
 os.environ.setdefault("ISO_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="iso_kernels_test_cache_"))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,10 +4,11 @@ bad inputs."""
 
 import pytest
 import torch
-from helpers import assert_close_to_ref
 
 from iso_kernels.ops import add_rms_norm, rms_norm
 from iso_kernels.reference import add_rms_norm_ref, rms_norm_ref
+
+from helpers import assert_close_to_ref
 
 # Hidden sizes are not powers of two (the kernel's block is the next one) except 128; 1 is the degenerate row.
 SHAPES = [(1, 96), (2, 17, 200), (5, 128), (3, 1000), (7, 1)]

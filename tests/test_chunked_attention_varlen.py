@@ -6,11 +6,12 @@ same bits as chunked_attention and as the unpaged layout; opcheck; bad inputs.""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_ref
 from torch.nn.attention.bias import causal_lower_right
 
 from iso_kernels.ops import chunked_attention, chunked_attention_varlen
 from iso_kernels.reference import chunked_attention_varlen_ref
+
+from helpers import assert_close_to_ref
 
 # Queries per sequence and the keys cached before them (seqused_k = both): lengths that are not block multiples,
 # a decode-like single query, a sequence with keys but no queries and one with neither. Interpreter blocks are
@@ -30,7 +31,7 @@ def make_batch(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, dtype, device,
     """(q, k_cache, v_cache, index kwargs, per-sequence keys and values). With ``block_size`` the caches are a
     pool of pages in shuffled order, with spare pages, and block-table entries past each sequence's pages point
     outside the pool (the op must not read them)."""
-    kv_lens = [n + extra for n, extra in zip(q_lens, extra_keys)]
+    kv_lens = [n + extra for n, extra in zip(q_lens, extra_keys, strict=True)]
     q = torch.randn(sum(q_lens), n_heads, head_dim, dtype=dtype, device=device)
     keys = [torch.randn(n, n_kv_heads, head_dim, dtype=dtype, device=device) for n in kv_lens]
     values = [torch.randn(n, n_kv_heads, head_dim, dtype=dtype, device=device) for n in kv_lens]
@@ -50,7 +51,7 @@ def make_batch(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, dtype, device,
     v_cache = torch.randn_like(k_cache)
     max_blocks = -(-max_kv // block_size)
     block_table = torch.full((len(q_lens), max_blocks), num_blocks + 1000, dtype=torch.int32)
-    for seq, (n, n_pages) in enumerate(zip(kv_lens, pages_per_seq)):
+    for seq, (n, n_pages) in enumerate(zip(kv_lens, pages_per_seq, strict=True)):
         for page in range(n_pages):
             block = order.pop()
             block_table[seq, page] = block
@@ -64,7 +65,7 @@ def make_batch(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, dtype, device,
 def per_sequence(q, index, keys, values):
     """(q_i, k_i, v_i) of the sequences that have queries, heads first."""
     bounds = index["cu_seqlens_q"].tolist()
-    for seq, (k, v) in enumerate(zip(keys, values)):
+    for seq, (k, v) in enumerate(zip(keys, values, strict=True)):
         if bounds[seq + 1] > bounds[seq]:
             group = q.shape[1] // k.shape[1]
             yield (q[bounds[seq]:bounds[seq + 1]].transpose(0, 1), k.transpose(0, 1).repeat_interleave(group, 0),
@@ -320,7 +321,7 @@ GPU_CASES = [  # (q lens, extra keys, n_heads, n_kv_heads, head_dim, block_size)
 @pytest.mark.parametrize("q_lens,extra_keys,n_heads,n_kv_heads,head_dim,block_size", GPU_CASES)
 def test_gpu_large_vs_sdpa(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, block_size):
     dtype = torch.bfloat16
-    max_kv = max(n + extra for n, extra in zip(q_lens, extra_keys))
+    max_kv = max(n + extra for n, extra in zip(q_lens, extra_keys, strict=True))
     q, k_cache, v_cache, index, keys, values = make_batch(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, dtype,
                                                           "cuda", block_size, max_kv)
     out, lse = chunked_attention_varlen(q, k_cache, v_cache, **index, return_lse=True)

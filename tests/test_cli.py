@@ -100,7 +100,8 @@ def test_failure_inside_a_rank_is_one_line_and_no_rank_hangs(tmp_path):
 def test_runs_under_torchrun(tmp_path):
     report_path = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(launch.free_port()), "-m", "iso_kernels", *TINY, "--tp", "2", "--json", str(report_path)],
+                           "--master-port", str(launch.free_port()), "-m", "iso_kernels", *TINY, "--tp", "2",
+                           "--json", str(report_path)],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("iso prefill:") == 1  # rank 0 reports, rank 1 stays quiet

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import integer_valued
 
 from iso_kernels import comm, launch
+
+from helpers import integer_valued
 
 WORLD_SIZES = [2, 4]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -151,7 +151,7 @@ def test_ranks_agree_on_the_backend():
     """One rank that cannot start nccl-ext sends every rank to torch (auto) or makes every rank raise."""
     rank0, rank1 = launch.spawn_ranks(_backend_choices, 2, timeout_s=60)
     assert rank0 == rank1
-    for (agreed, name, refused), (_, expected) in zip(rank0, DISAGREEMENTS):
+    for (agreed, name, refused), (_, expected) in zip(rank0, DISAGREEMENTS, strict=True):
         assert agreed == expected and name == "torch"
         assert refused == f"nccl-ext communicator cannot start: {expected}"
 

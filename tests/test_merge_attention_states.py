@@ -4,10 +4,11 @@ key ranges into SDPA over the whole range; empty ranges (LSE -inf); strided inpu
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_ref
 
 from iso_kernels.ops import merge_attention_states
 from iso_kernels.reference import chunked_attention_ref, merge_attention_states_ref
+
+from helpers import assert_close_to_ref
 
 # (q_len, kv_len, split, n_heads, head_dim): keys [0, split) and [split, kv_len); head_dim need not be a power
 # of two here, and split 0 / kv_len leaves one range empty.

@@ -3,10 +3,11 @@ chunked schedules and decode steps, at TP 1 and 2 over gloo; and with every op o
 
 import pytest
 import torch
-from helpers import HF_BATCH, HF_DECODE_STEPS, HF_SEQ_LEN
 
 from iso_kernels import checkpoint, comm, launch, schedule
 from iso_kernels.split import ChunkSplit
+
+from helpers import HF_BATCH, HF_DECODE_STEPS, HF_SEQ_LEN
 
 # even halves, a fraction, an index, four uneven chunks
 SPLITS = [ChunkSplit.even(HF_SEQ_LEN), ChunkSplit.at(HF_SEQ_LEN, 0.3), ChunkSplit.at(HF_SEQ_LEN, 20),

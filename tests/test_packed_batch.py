@@ -60,7 +60,7 @@ def _packed_runs(model, communicator, prompts, prefix, suffixes):
 
 def _assert_iso_equals_serial(out, where):
     for split in SPLITS:
-        for i, (iso, serial) in enumerate(zip(out[(split.ends, "iso")], out[(split.ends, "serial")])):
+        for i, (iso, serial) in enumerate(zip(out[(split.ends, "iso")], out[(split.ends, "serial")], strict=True)):
             assert torch.equal(iso, serial), f"{where} split {split.ends} request {i}: ISO != serial"
 
 

@@ -52,7 +52,8 @@ def test_a_plan_that_splits():
     assert not p.off and p.reason is None and p.off_rule is None and len(p.split) >= 2
     assert p.ends == p.split.ends and p.ends[-1] == 4096 and p.split_gain == p.gain
     assert p.gain == pytest.approx(1 - p.predicted_iso_s / p.predicted_serial_s) and p.gain >= planner.MIN_GAIN
-    assert all(e % planner.SPLIT_GRANULARITY == 0 for e in p.ends[:-1]) or p.split == ChunkSplit.even(4096, len(p.split))
+    on_granularity = all(e % planner.SPLIT_GRANULARITY == 0 for e in p.ends[:-1])
+    assert on_granularity or p.split == ChunkSplit.even(4096, len(p.split))
 
 
 def test_tp1_is_off_unless_the_costs_model_a_link():
@@ -121,7 +122,7 @@ def test_gain_grows_as_the_link_slows_until_communication_dominates(gpu, tp, seq
         comm_below_compute.append(comm <= compute)
     gains = [effective_gain(p) for p in plans]
     assert plans[0].off and plans[0].off_rule == "comm"  # a link fast enough: nothing worth hiding
-    rising = [g for g, below in zip(gains, comm_below_compute) if below]
+    rising = [g for g, below in zip(gains, comm_below_compute, strict=True) if below]
     assert rising == sorted(rising), f"gain fell while the link slowed: {gains}"
     assert max(gains) > 0.2 and gains[-1] < max(gains)  # past the point where comm dominates, it falls again
 

@@ -20,6 +20,8 @@ same collectives, and none is left waiting in one that a failed peer never issue
 
 import warnings
 
+import torch.distributed as dist
+
 from .base import SUPPORTED_DTYPES, CommFailure, Communicator, PendingAllReduce, agree_on_status, group_device
 from .emulated import LINK_PRESETS, EmulatedCommunicator, LinkModel, LinkSpec, link_for_ratio, parse_link
 from .nccl_ext import NcclExtCommunicator, agreed_unavailable_reason
@@ -34,8 +36,9 @@ __all__ = [
 BACKENDS = ("auto", "torch", "nccl-ext", "emulated")
 
 
-def make_communicator(backend="auto", group=None, *, world_size=None, link=None, virtual_world_size=None,
-                      verbose=True):
+def make_communicator(backend: str = "auto", group: dist.ProcessGroup | None = None, *, world_size: int | None = None,
+                      link: LinkModel | None = None, virtual_world_size: int | None = None,
+                      verbose: bool = True) -> Communicator:
     """Build the communicator for ``group``. Collective: every rank of ``group`` calls it.
 
     backend: "auto" (nccl-ext when it can start on every rank of ``group``, else torch on every rank), "torch",

@@ -1,6 +1,10 @@
 """What every communicator shares: the ``Communicator`` interface and its checks, the pending all-reduce it
 returns, and the failure agreement of ``settle()``."""
 
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
@@ -15,14 +19,14 @@ class PendingAllReduce:
     already reduced (no communication, or a serial schedule that has waited).
     """
 
-    def __init__(self, tensor, wait_fn=None):
+    def __init__(self, tensor: torch.Tensor, wait_fn: Callable[[], object] | None = None):
         self.tensor = tensor
         self._wait_fn = wait_fn
-        self.interval = None
-        self.events = None
+        self.interval: tuple[float, float] | None = None
+        self.events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
     @classmethod
-    def of_parts(cls, tensor, parts):
+    def of_parts(cls, tensor: torch.Tensor, parts: Sequence["PendingAllReduce"]) -> "PendingAllReduce":
         """The all-reduces ``parts`` (of pieces of ``tensor``, in issue order) seen as one: waiting waits for
         each, and ``events`` span from the first one's start to the last one's end."""
         def wait_for_every_part():
@@ -41,7 +45,7 @@ class PendingAllReduce:
         return self.tensor
 
 
-def group_device(group=None):
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
     """Where ``group``'s collectives run: the current CUDA device when it has NCCL and a GPU is visible,
     else the CPU (gloo; also a mixed "cpu:gloo,cuda:nccl" group on a machine without GPUs)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -51,12 +55,15 @@ def group_device(group=None):
     return torch.device("cpu")
 
 
+_Comm = TypeVar("_Comm", bound="Communicator")
+
+
 class Communicator:
     """Base class: a tensor-parallel group and the validation every backend shares."""
 
     name = "base"
 
-    def __init__(self, group=None, *, world_size=None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, world_size: int | None = None):
         self.device = group_device(group)
         self.group = group
         self.rank = dist.get_rank(group)
@@ -85,31 +92,33 @@ class Communicator:
 
     supports_ready_flag = False  # True where a collective can start from a device flag before its producer ends
 
-    def all_reduce_start(self, tensor, *, ready_flag=None, after=None) -> PendingAllReduce:
+    def all_reduce_start(self, tensor: torch.Tensor, *, ready_flag: tuple[torch.Tensor, int, int] | None = None,
+                         after: torch.cuda.Event | None = None) -> PendingAllReduce:
         """Start an in-place sum of ``tensor``. ``ready_flag=(signal, index, target)``: the data is complete
         once ``signal[index] >= target``; ``after``: a CUDA event, recorded before the producer, that the
         collective may wait for instead of everything on the caller's stream (flag-capable backends only)."""
         raise NotImplementedError
 
-    def all_reduce(self, tensor) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_start(tensor).wait()
 
-    def settle(self):
+    def settle(self) -> None:
         """Wait for every collective issued so far and raise, on every rank alike, if one failed on any rank.
         Collective: every rank of the group calls it at the same point. Here a no-op: torch's collectives raise
         through their own work handles and watchdog."""
 
-    def close(self):
+    def close(self) -> None:
         pass
 
-    def abort(self):
+    def abort(self) -> None:
         """Tear down without waiting for peers (error paths)."""
         self.close()
 
-    def __enter__(self):
+    def __enter__(self: _Comm) -> _Comm:
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         # After an exception peers may never match this rank's collectives: waiting for them could hang.
         if exc_type is not None:
             self.abort()
@@ -121,13 +130,14 @@ class CommFailure(RuntimeError):
     """A communicator failed on one or more ranks; raised with the same text on every rank of the group.
     ``failures`` maps group rank -> cause."""
 
-    def __init__(self, what, failures, world_size):
+    def __init__(self, what: str, failures: dict[int, str], world_size: int):
         self.failures = failures
         causes = "; ".join(f"rank {rank}: {cause}" for rank, cause in sorted(failures.items()))
         super().__init__(f"{what} failed on {len(failures)} of {world_size} rank(s): {causes}")
 
 
-def agree_on_status(local_error, group=None, *, what="the communicator"):
+def agree_on_status(local_error: str | None, group: dist.ProcessGroup | None = None, *,
+                    what: str = "the communicator") -> None:
     """Collective: share whether this rank failed (``local_error``: its cause, or None) and raise one
     ``CommFailure`` naming every failed rank and its cause on every rank of ``group`` if any failed.
 

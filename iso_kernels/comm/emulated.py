@@ -22,7 +22,7 @@ class LinkModel:
     latency_s: float
     bus_bandwidth: float  # bytes per second, as nccl-tests' "busbw"
 
-    def seconds(self, nbytes, world_size):
+    def seconds(self, nbytes: int, world_size: int) -> float:
         return self.latency_s + ring_factor(world_size) * nbytes / self.bus_bandwidth
 
 
@@ -41,7 +41,8 @@ LINK_PRESETS = {
 }
 
 
-def link_for_ratio(ratio, compute_s, bytes_per_collective, collectives, world_size, latency_s=0.0):
+def link_for_ratio(ratio: float, compute_s: float, bytes_per_collective: int, collectives: int, world_size: int,
+                   latency_s: float = 0.0) -> LinkModel:
     """A link whose total all-reduce time is ``ratio`` times ``compute_s`` for the given traffic."""
     if not (ratio > 0 and math.isfinite(ratio)):
         raise ValueError(f"ratio must be a positive number, got {ratio}")
@@ -61,17 +62,18 @@ class LinkSpec:
     fixed: LinkModel | None = None
     ratio: float | None = None
 
-    def __str__(self):
+    def __str__(self) -> str:
         """The ``--link`` text this spec was parsed from."""
         return self.fixed.name if self.fixed is not None else f"ratio:{self.ratio:g}"
 
-    def resolve(self, compute_s, bytes_per_collective, collectives, world_size) -> LinkModel:
+    def resolve(self, compute_s: float, bytes_per_collective: int, collectives: int,
+                world_size: int) -> LinkModel:
         if self.fixed is not None:
             return self.fixed
         return link_for_ratio(self.ratio, compute_s, bytes_per_collective, collectives, world_size)
 
 
-def parse_link(spec) -> LinkSpec | None:
+def parse_link(spec: str | None) -> LinkSpec | None:
     """``None``/"none" -> None (no emulated link); a preset name or "ratio:R" -> its LinkSpec."""
     if spec is None or spec == "none":
         return None
@@ -100,7 +102,7 @@ class EmulatedCommunicator(Communicator):
 
     name = "emulated"
 
-    def __init__(self, inner: Communicator, link: LinkModel, *, virtual_world_size=None):
+    def __init__(self, inner: Communicator, link: LinkModel, *, virtual_world_size: int | None = None):
         self.inner = inner
         self.link = link
         self.group, self.rank, self.device = inner.group, inner.rank, inner.device
@@ -110,10 +112,11 @@ class EmulatedCommunicator(Communicator):
         self._lock = threading.Lock()
         self._comm_stream = None
 
-    def modelled_seconds(self, tensor):
+    def modelled_seconds(self, tensor: torch.Tensor) -> float:
         return self.link.seconds(tensor.numel() * tensor.element_size(), self.traffic_world_size)
 
-    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
+    def all_reduce_start(self, tensor: torch.Tensor, *, ready_flag: tuple[torch.Tensor, int, int] | None = None,
+                         after: torch.cuda.Event | None = None) -> PendingAllReduce:
         self._check_tensor(tensor)
         if tensor.is_cuda:
             return self._start_cuda(tensor, ready_flag)
@@ -159,13 +162,13 @@ class EmulatedCommunicator(Communicator):
         pending.events = (started, done)
         return pending
 
-    def settle(self):
+    def settle(self) -> None:
         self.inner.settle()
 
-    def close(self):
+    def close(self) -> None:
         self.inner.close()
 
-    def abort(self):
+    def abort(self) -> None:
         self.inner.abort()
 
 

@@ -47,7 +47,7 @@ DEFAULT_FLAG_TIMEOUT_S = 5.0
 DEFAULT_TIMEOUT_S = 600.0
 
 
-def comm_timeout_s(timeout_s=None, *, flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
+def comm_timeout_s(timeout_s: float | None = None, *, flag_timeout_s: float = DEFAULT_FLAG_TIMEOUT_S) -> float:
     """The watchdog bound in seconds: ``timeout_s``, else $ISO_KERNELS_COMM_TIMEOUT_S, else DEFAULT_TIMEOUT_S.
 
     It must exceed ``flag_timeout_s``: a flag wait that gives up reports its timeout only if the watchdog
@@ -69,7 +69,8 @@ def comm_timeout_s(timeout_s=None, *, flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S):
     return value
 
 
-def nccl_ext_unavailable_reason(device, group=None, *, world_size=None):
+def nccl_ext_unavailable_reason(device: torch.device | str, group: dist.ProcessGroup | None = None, *,
+                                world_size: int | None = None) -> str | None:
     """Why the ``nccl-ext`` communicator cannot start on this rank for ``device`` and ``group``, or None.
 
     Pure: reads the environment, ``_ext`` and torch's device/process-group state; creates nothing. Ranks can
@@ -98,7 +99,8 @@ def nccl_ext_unavailable_reason(device, group=None, *, world_size=None):
     return None
 
 
-def agreed_unavailable_reason(device, group=None, *, world_size=None):
+def agreed_unavailable_reason(device: torch.device | str, group: dist.ProcessGroup | None = None, *,
+                              world_size: int | None = None) -> str | None:
     """``nccl_ext_unavailable_reason`` for the whole group: None only when every rank can start nccl-ext,
     else every rank's reason ("rank R: ..."), the same string on every rank. Collective over ``group``."""
     local = nccl_ext_unavailable_reason(device, group, world_size=world_size)
@@ -114,7 +116,7 @@ def agreed_unavailable_reason(device, group=None, *, world_size=None):
     return "; ".join(f"rank {rank}: {reason}" for rank, reason in failing.items())
 
 
-def highest_stream_priority(device):
+def highest_stream_priority(device: torch.device | str) -> int:
     """The device's greatest stream priority (CUDA: lower numbers run first), e.g. -5 on H100."""
     native = _ext.load()
     return native.stream_priority_range(torch.device(device).index)[1]
@@ -135,8 +137,9 @@ class NcclExtCommunicator(Communicator):
     name = "nccl-ext"
     supports_ready_flag = True
 
-    def __init__(self, group=None, *, world_size=None, stream_priority=None,
-                 flag_timeout_s=DEFAULT_FLAG_TIMEOUT_S, timeout_s=None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, world_size: int | None = None,
+                 stream_priority: int | None = None, flag_timeout_s: float = DEFAULT_FLAG_TIMEOUT_S,
+                 timeout_s: float | None = None):
         self._comm = None
         if not flag_timeout_s > 0:
             raise ValueError(f"flag_timeout_s must be positive, got {flag_timeout_s}")
@@ -161,7 +164,8 @@ class NcclExtCommunicator(Communicator):
         self._comm = native.OverlapComm(unique_id[0], self.world_size, self.rank, self.device.index,
                                         self.comm_stream.cuda_stream, int(timeout_s * 1e9))
 
-    def all_reduce_start(self, tensor, *, ready_flag=None, after=None) -> PendingAllReduce:
+    def all_reduce_start(self, tensor: torch.Tensor, *, ready_flag: tuple[torch.Tensor, int, int] | None = None,
+                         after: torch.cuda.Event | None = None) -> PendingAllReduce:
         self._check_tensor(tensor)
         if tensor.device != self.device:
             raise ValueError(f"tensor is on {tensor.device}, but this communicator works on {self.device}")
@@ -199,12 +203,12 @@ class NcclExtCommunicator(Communicator):
         pending.events = (started, done)
         return pending
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         """Block the host (at most ``timeout_s``) until every collective issued so far has finished; raise on
         a timed-out flag wait or an NCCL error, on this rank only (``settle()`` is the collective version)."""
         self._open().synchronize()
 
-    def settle(self):
+    def settle(self) -> None:
         """Collective: wait for this rank's collectives (bounded), check them, and agree with the group. When
         any rank failed, every rank aborts its communicator and raises the same ``CommFailure``. It blocks the
         host, so not inside CUDA-graph capture."""
@@ -233,7 +237,7 @@ class NcclExtCommunicator(Communicator):
             raise RuntimeError("the nccl-ext communicator is closed")
         return self._comm
 
-    def close(self):
+    def close(self) -> None:
         """Finish this rank's collectives and free the communicator (idempotent; each step bounded by
         ``timeout_s``); raises on a pending flag timeout after freeing."""
         comm, self._comm = self._comm, None
@@ -244,7 +248,7 @@ class NcclExtCommunicator(Communicator):
         finally:
             comm.destroy()
 
-    def abort(self):
+    def abort(self) -> None:
         """Abort NCCL without waiting for peers (idempotent). Safe while another thread waits in
         ``synchronize()``/``close()``, which then raises."""
         comm, self._comm = self._comm, None

@@ -5,6 +5,7 @@ import datetime
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
 from .base import Communicator, PendingAllReduce
@@ -25,11 +26,12 @@ class TorchCommunicator(Communicator):
 
     name = "torch"
 
-    def __init__(self, group=None, *, world_size=None):
+    def __init__(self, group: dist.ProcessGroup | None = None, *, world_size: int | None = None):
         super().__init__(group, world_size=world_size)
         self._watcher = _GlooWatcher()
 
-    def all_reduce_start(self, tensor, *, ready_flag=None, after=None):
+    def all_reduce_start(self, tensor: torch.Tensor, *, ready_flag: tuple[torch.Tensor, int, int] | None = None,
+                         after: torch.cuda.Event | None = None) -> PendingAllReduce:
         self._check_tensor(tensor)
         if ready_flag is not None:
             # torch.distributed cannot start a collective from a device flag: wait for the whole producer.
@@ -43,10 +45,10 @@ class TorchCommunicator(Communicator):
         self._watcher.watch(pending)
         return pending
 
-    def close(self):
+    def close(self) -> None:
         self._watcher.stop(abandon=False)
 
-    def abort(self):
+    def abort(self) -> None:
         self._watcher.stop(abandon=True)
 
 

@@ -78,7 +78,8 @@ def _check_norm(eps, **tensors):
 
 
 # --- public functions ---
-def add_rms_norm(x, residual, weight, eps):
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual' = x + residual``; ``out = residual' / sqrt(mean(residual'^2, -1) + eps) * weight``.
 
     x, residual: (..., hidden), same shape and dtype (fp16, bf16, fp32), unit stride in the last dimension;
@@ -91,7 +92,7 @@ def add_rms_norm(x, residual, weight, eps):
     return _add_rms_norm(x, residual, weight, float(eps))
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2, -1) + eps) * weight`` in fp32, returned in x's dtype.
 
     x: (..., hidden) fp16, bf16 or fp32 with unit stride in the last dimension; weight: (hidden,).

@@ -11,6 +11,7 @@ attention on CPU tensors; ``iso_kernels.reference.chunked_attention_ref`` is the
 
 import math
 import numbers
+from typing import Literal, overload
 
 import torch
 
@@ -67,7 +68,7 @@ def _(q, k, v, q_start, causal, softmax_scale):
 
 
 # --- validation ---
-def check_keys(q, k, v, k_name="k", v_name="v"):
+def check_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k", v_name: str = "v") -> None:
     """The checks every attention op makes of its keys and values against the queries ``q`` (heads in dim -2,
     head_dim last): shapes equal, q's dtype and device, q's head_dim (a supported one), GQA head counts."""
     if k.shape != v.shape:
@@ -86,7 +87,7 @@ def check_keys(q, k, v, k_name="k", v_name="v"):
         raise ValueError(f"q n_heads ({n_heads}) must be a positive multiple of {k_name} n_kv_heads ({n_kv_heads})")
 
 
-def resolve_softmax_scale(softmax_scale, head_dim):
+def resolve_softmax_scale(softmax_scale: float | None, head_dim: int) -> float:
     """``1 / sqrt(head_dim)`` for None, else the given scale, which must be a positive finite number."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -120,7 +121,27 @@ def _resolve_q_start(q_start, causal, q_len, kv_len):
 
 
 # --- public functions ---
-def chunked_attention(q, k, v, *, q_start=None, causal=True, softmax_scale=None, return_lse=False):
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int | None = None,
+                      causal: bool = True, softmax_scale: float | None = None,
+                      return_lse: Literal[False] = False) -> torch.Tensor: ...
+
+
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int | None = None,
+                      causal: bool = True, softmax_scale: float | None = None,
+                      return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int | None = None,
+                      causal: bool = True, softmax_scale: float | None = None,
+                      return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int | None = None,
+                      causal: bool = True, softmax_scale: float | None = None,
+                      return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of queries over a key range that starts at key 0.
 
     q: (batch, q_len, n_heads, head_dim); k, v: (batch, kv_len, n_kv_heads, head_dim) with n_heads a multiple of

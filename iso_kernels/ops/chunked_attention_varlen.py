@@ -11,6 +11,8 @@ tensors, ``chunked_attention``'s CPU kernel (torch's fused CPU attention) sequen
 ``iso_kernels.reference.chunked_attention_varlen_ref`` is the test oracle.
 """
 
+from typing import Literal, overload
+
 import torch
 
 from ..reference import varlen_attention_per_sequence
@@ -138,8 +140,35 @@ def _check_index_values(total_q, capacity, num_blocks, cu_seqlens_q, seqused_k, 
 
 
 # --- public functions ---
-def chunked_attention_varlen(q, k_cache, v_cache, *, cu_seqlens_q, seqused_k, block_table=None, causal=True,
-                             softmax_scale=None, return_lse=False, check_index_values=True):
+@overload
+def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                             cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
+                             block_table: torch.Tensor | None = None, causal: bool = True,
+                             softmax_scale: float | None = None, return_lse: Literal[False] = False,
+                             check_index_values: bool = True) -> torch.Tensor: ...
+
+
+@overload
+def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                             cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
+                             block_table: torch.Tensor | None = None, causal: bool = True,
+                             softmax_scale: float | None = None, return_lse: Literal[True],
+                             check_index_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                             cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
+                             block_table: torch.Tensor | None = None, causal: bool = True,
+                             softmax_scale: float | None = None, return_lse: bool,
+                             check_index_values: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                             cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
+                             block_table: torch.Tensor | None = None, causal: bool = True,
+                             softmax_scale: float | None = None, return_lse: bool = False,
+                             check_index_values: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the queries of ``batch`` sequences packed in one stream, each over its own cached keys.
 
     q: (total_q, n_heads, head_dim), sequence i at rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``;

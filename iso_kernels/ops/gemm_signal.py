@@ -68,7 +68,8 @@ def _check_gemm_signal(x, weight, signal, rows_per_signal):
 
 
 # --- public functions ---
-def gemm_signal(x, weight, signal=None, *, rows_per_signal=128):
+def gemm_signal(x: torch.Tensor, weight: torch.Tensor, signal: torch.Tensor | None = None, *,
+                rows_per_signal: int = 128) -> torch.Tensor:
     """``x @ weight.T`` (the F.linear layout) that counts finished output per row group.
 
     x: (M, K); weight: (N, K); both fp16, bf16 or fp32, same dtype and device. Returns (M, N) in x's dtype.
@@ -100,7 +101,8 @@ def gemm_signal(x, weight, signal=None, *, rows_per_signal=128):
     return _gemm_signal(x, weight, signal, rows_per_signal)
 
 
-def signal_targets(m, n, rows_per_signal=128, *, device=None):
+def signal_targets(m: int, n: int, rows_per_signal: int = 128, *,
+                   device: torch.device | str | int | None = None) -> torch.Tensor:
     """int32 (ceil(m / rows_per_signal),): the value each counter of ``gemm_signal`` holds once its row
     group is stored, ``rows_in_group * n``; what a stream-side wait compares against."""
     if m < 0 or n < 0:

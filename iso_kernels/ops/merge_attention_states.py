@@ -35,7 +35,8 @@ def _(out_a, lse_a, out_b, lse_b):
 
 
 # --- public function ---
-def merge_attention_states(out_a, lse_a, out_b, lse_b):
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two attentions of the same queries over disjoint key ranges (exact, in fp32).
 
     out_a, out_b: (batch, q_len, n_heads, head_dim), one dtype (float16, bfloat16, float32), last stride 1;
