@@ -192,15 +192,17 @@ class NcclExtCommunicator(Communicator):
             comm.wait_flag(signal.data_ptr() + index * signal.element_size(), target, self._flag_timeout_ns)
             signal.record_stream(self.comm_stream)
         # One event pair per collective: a wait long after the start, with many row-group collectives in
-        # between, must still wait for this collective only.
-        started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # between, must still wait for this collective only. Timing events (a timeline's intervals) only
+        # outside a CUDA graph's capture, where no timeline runs.
+        timing = not torch.cuda.is_current_stream_capturing()
+        started, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         started.record(self.comm_stream)
         if tensor.numel() > 0:
             comm.all_reduce(tensor.data_ptr(), tensor.numel(), self._dtypes[tensor.dtype])
         done.record(self.comm_stream)
         tensor.record_stream(self.comm_stream)
         pending = PendingAllReduce(tensor, lambda: torch.cuda.current_stream(self.device).wait_event(done))
-        pending.events = (started, done)
+        pending.events = (started, done) if timing else None
         return pending
 
     def synchronize(self) -> None:
