@@ -1,13 +1,16 @@
 """Compile every Triton kernel for GPUs that are not here, through its real launcher, and report what ptxas made.
 
-``python -m iso_kernels compile-report [--arch 80,89,90 | native] [--matrix main | full] [--csv FILE]``
+``python -m iso_kernels compile-report [--arch 80,89,90 | native] [--matrix main | full] [--csv FILE]
+[--all-candidates]``
 
 Each case calls a kernel's launcher (``triton_ops``) on meta tensors at a shape users run, so the launch goes
 through the same argument binding, specialization, constexprs and config pruning as on a GPU; only the
 driver is replaced. ``CompileOnlyDriver`` reports the target architecture and its shared-memory limit, reads
 a compiled module's registers and local memory from the cubin as the CUDA driver would when loading it, and
 launches nothing. So the launcher's own pruning (``triton_ops._config.keep_fitting``) runs against that
-architecture. For each compiled config the report gives ptxas' register and spill report, shared memory and
+architecture, and so do the per-architecture candidate lists (``_config.arch_candidates``), which leave out
+what an architecture never keeps; ``--all-candidates`` compiles those too, to show that the lists still hold.
+For each compiled config the report gives ptxas' register and spill report, shared memory and
 its limit, warps, stages, whether the launcher kept it, and the SASS instruction mix (tensor-core ops, FMAs,
 local loads/stores). ``--arch native`` compiles for this machine's GPU (its compute capability, shared memory and
 SM count) with the same driver: the cases' meta tensors cannot be launched for real.
@@ -25,7 +28,6 @@ import os
 import re
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -326,8 +328,13 @@ def _jit_functions():
     """(autotuner or None, jit function) of every kernel a case may launch."""
     from triton.runtime.autotuner import Autotuner
 
-    from triton_ops import (add_rms_norm, chunked_attention, chunked_attention_varlen, gemm_signal,
-                            merge_attention_states)
+    from triton_ops import (
+        add_rms_norm,
+        chunked_attention,
+        chunked_attention_varlen,
+        gemm_signal,
+        merge_attention_states,
+    )
 
     kernels = [chunked_attention._chunked_attention_fwd_kernel,
                chunked_attention_varlen._chunked_attention_varlen_fwd_kernel, gemm_signal._gemm_signal_kernel,
@@ -351,8 +358,12 @@ def _run_case(case, driver, kernels):
         jit_fn.device_caches.clear()
         if tuner is not None:
             tuner.cache.clear()
+            # The no-op launches time every config alike: keep such results out of Triton's autotune cache on
+            # disk, where a real run on the same architecture (--arch native) would take them for its own.
+            tuner.cache_results = False
+            prune_configs = type(tuner).prune_configs
 
-            def capture(kwargs, tuner=tuner, prune=type(tuner).prune_configs):
+            def capture(kwargs, tuner=tuner, prune=prune_configs):
                 pruned = prune(tuner, kwargs)
                 kept_configs[tuner] = {_config_key(c.num_warps, c.num_stages, c.kwargs) for c in pruned}
                 return pruned
@@ -398,9 +409,10 @@ def default_cache_dir():
     return str(envs.compile_cache_dir() / f"triton-{triton.__version__}-v{_CACHE_SCHEMA}")
 
 
-def report_arch(arch, matrix="main"):
+def report_arch(arch, matrix="main", all_candidates=False):
     """Rows for one architecture (an int compute capability, or "native" for the local GPU), in this
-    process. Must run in a process that has not launched Triton kernels for another target."""
+    process, of the candidates launches compile there, or of every candidate with ``all_candidates``. Must run
+    in a process that has not launched Triton kernels for another target."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset: interpreted kernels do not compile")
     os.environ.setdefault("TRITON_CACHE_DIR", default_cache_dir())
@@ -417,6 +429,10 @@ def report_arch(arch, matrix="main"):
     else:
         driver = CompileOnlyDriver(int(arch))
     triton.runtime.driver.set_active(driver)
+    from triton_ops import _config
+
+    _config.PER_ARCH_CANDIDATES = not all_candidates
+    _config.COMPILE_THREADS = 1  # the ptxas log of each compile comes through this process's stdout
     kernels = _jit_functions()
     rows = []
     for case in cases(matrix):
@@ -424,19 +440,21 @@ def report_arch(arch, matrix="main"):
     return rows
 
 
-def _report_arch_in_child(arch, matrix):
-    return [asdict(row) for row in report_arch(arch, matrix)]
+def _report_arch_in_child(arch, matrix, all_candidates):
+    return [asdict(row) for row in report_arch(arch, matrix, all_candidates)]
 
 
-def report(archs, matrix="main", jobs=2):
+def report(archs, matrix="main", jobs=2, all_candidates=False):
     """Rows for every arch in ``archs``, each compiled in its own process, ``jobs`` at a time."""
     if archs == ["native"]:
-        return [asdict(row) for row in report_arch("native", matrix)]
+        return [asdict(row) for row in report_arch("native", matrix, all_candidates)]
     import multiprocessing
 
-    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(archs))),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        per_arch = list(pool.map(_report_arch_in_child, archs, [matrix] * len(archs)))
+    # A fresh process per architecture (maxtasksperchild=1), never a worker that compiled for another: Triton
+    # keeps the first device properties it reads per device ordinal (compiler.max_shared_mem is an lru_cache),
+    # so a third architecture in a reused worker was judged against the shared memory of the worker's first.
+    with multiprocessing.get_context("spawn").Pool(max(1, min(jobs, len(archs))), maxtasksperchild=1) as pool:
+        per_arch = pool.starmap(_report_arch_in_child, [(arch, matrix, all_candidates) for arch in archs])
     return [row for rows in per_arch for row in rows]
 
 
@@ -478,6 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="main: a Llama-70B-class bf16 prefill's shapes; full: every dtype, head_dim and shape")
     parser.add_argument("--csv", help="write one row per compiled config to this file")
     parser.add_argument("--jobs", type=int, default=2, help="architectures compiled at once, one process each")
+    parser.add_argument("--all-candidates", action="store_true",
+                        help="also compile the candidates an architecture's list leaves out as never kept there")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -485,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
     for arch in archs:
         if arch != "native" and (not arch.isdigit() or int(arch) not in SHARED_MEMORY_LIMITS):
             raise ValueError(f"--arch: {arch!r} is not one of {sorted(SHARED_MEMORY_LIMITS)} or 'native'")
-    rows = report(archs, args.matrix, args.jobs)
+    rows = report(archs, args.matrix, args.jobs, args.all_candidates)
     if args.csv:
         write_csv(rows, args.csv)
     print(summary(rows))

@@ -5,12 +5,13 @@ split; the prefix + diagonal merge; empty ranges; opcheck; bad inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, assert_close_to_ref, assert_comparison_can_fail
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from iso_kernels.ops import chunked_attention, merge_attention_states
 from iso_kernels.reference import chunked_attention_ref, merge_attention_states_ref
+
+from helpers import ATOL, assert_close_to_ref, assert_comparison_can_fail
 
 # (q_len, kv_len, q_start): None = bottom-right default; block sizes are 64 x 32 under the interpreter.
 CASES = [
@@ -234,6 +235,29 @@ def test_bad_types_raise():
         chunked_attention(q, k.tolist(), v)
     with pytest.raises(TypeError, match="q_start must be an int"):
         chunked_attention(q, k, v, q_start=1.5)
+
+
+def test_candidates_per_architecture(monkeypatch):
+    """A launch compiles the 16-bit candidates less those listed as never kept on its architecture (for every
+    head_dim, or for its own), in order; all of them on an unlisted architecture, with the lists off
+    (compile-report --all-candidates), or where the list would leave none."""
+    from triton_ops import _config
+    from triton_ops.chunked_attention import _CONFIGS_16BIT, _NEVER_KEPT_16BIT
+
+    def candidates(arch, head_dim, never_kept=_NEVER_KEPT_16BIT):
+        monkeypatch.setattr(_config, "device_arch", lambda: arch)
+        return _config.arch_candidates(_CONFIGS_16BIT, never_kept, head_dim)
+
+    assert all(cfg in _CONFIGS_16BIT for listed in _NEVER_KEPT_16BIT.values() for cfg in listed)
+    for (arch, listed_head_dim), dropped in _NEVER_KEPT_16BIT.items():
+        for head_dim in (64, 128) if listed_head_dim is None else (listed_head_dim,):
+            assert candidates(arch, head_dim) == [cfg for cfg in _CONFIGS_16BIT if cfg not in dropped]
+    assert candidates(90, 128, {(89, None): _CONFIGS_16BIT[:1]}) == _CONFIGS_16BIT
+    assert candidates(89, 64, {(89, 128): _CONFIGS_16BIT[:1]}) == _CONFIGS_16BIT
+    assert candidates(89, 64, {(89, None): _CONFIGS_16BIT[:1], (89, 64): _CONFIGS_16BIT[1:2]}) == _CONFIGS_16BIT[2:]
+    assert candidates(89, 64, {(89, None): _CONFIGS_16BIT}) == _CONFIGS_16BIT
+    monkeypatch.setattr(_config, "PER_ARCH_CANDIDATES", False)
+    assert candidates(89, 64, {(89, None): _CONFIGS_16BIT[:1]}) == _CONFIGS_16BIT
 
 
 # --- GPU ---

@@ -2,6 +2,7 @@
 compiled for sm_80 (A100/A800), sm_89 (RTX 4090) and sm_90 (H100/H200) by ``python -m iso_kernels
 compile-report``; every config the launcher keeps must compile, spill at most 64 bytes per thread, fit the
 arch's shared memory, and run 16-bit GEMM and attention on tensor cores while fp32 stays on the exact path.
+A launch at a new chunk boundary or packing must compile nothing new.
 
 ``ISO_KERNELS_COMPILE_MATRIX=full`` checks every dtype, head_dim and shape (``.ci/run`` does, under the newest
 Triton and under 3.6); the default is the main shapes of a Llama-70B-class bf16 prefill.
@@ -32,6 +33,47 @@ TIMEOUT_S = {"main": 900, "full": 3600}[MATRIX]
 
 pytestmark = pytest.mark.timeout(TIMEOUT_S + 60)  # the report runs in the first test's setup
 
+# Launches at ISO's chunk boundaries (1365, 2730: not multiples of 16), at aligned ones and at one token, and of
+# packed batches of 1-3 sequences, through the real launchers under the compile-only driver for sm_90: prints
+# how many kernels each autotuned kernel had compiled after its first launch and after all of them. fp32 keeps
+# its first fitting config, so this compiles a few kernels and times nothing.
+BOUNDARIES_SCRIPT = """
+import json, os, torch, triton
+from iso_kernels.compile_report import CompileOnlyDriver, _keep_ptxas_log_in_metadata, default_cache_dir
+os.environ.setdefault("TRITON_CACHE_DIR", default_cache_dir())
+_keep_ptxas_log_in_metadata()  # what compile-report reads from the cache it shares
+triton.runtime.driver.set_active(CompileOnlyDriver(90))
+from triton_ops.chunked_attention import _chunked_attention_fwd_kernel, chunked_attention_fwd
+from triton_ops.chunked_attention_varlen import _chunked_attention_varlen_fwd_kernel, chunked_attention_varlen_fwd
+from triton_ops.gemm_signal import _gemm_signal_kernel, gemm_signal
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+KERNELS = _chunked_attention_fwd_kernel, _chunked_attention_varlen_fwd_kernel, _gemm_signal_kernel
+for kernel in KERNELS:
+    kernel.cache_results = False  # no-op launches time nothing worth keeping
+
+def compiled():
+    return {k.fn.__name__: sum(len(cache[0]) for cache in k.fn.device_caches.values()) for k in KERNELS}
+
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+cache, weight, pool = meta(1, 4096, 2, 64), meta(1024, 512), meta(1024, 16, 2, 64)
+counts = []
+for step, (start, end, q_lens) in enumerate([(0, 1365, (1365,)), (1365, 2730, (1365, 1, 17)),
+                                             (2730, 4096, (2730, 1366)), (4095, 4096, (1, 1)),
+                                             (1536, 4096, (2048, 512))]):
+    chunked_attention_fwd(meta(1, end - start, 8, 64), cache[:, :end], cache[:, :end], start, True, 0.125)
+    gemm_signal(meta(end - start, 512), weight)
+    index = meta(len(q_lens) + 1, dtype=torch.int32), meta(len(q_lens), dtype=torch.int32)
+    table = meta(len(q_lens), 2 * sum(q_lens) // 16 + 1, dtype=torch.int32)
+    chunked_attention_varlen_fwd(meta(sum(q_lens), 8, 64), pool, pool, *index, table, True, 0.125)
+    if step == 0:
+        counts.append(compiled())
+counts.append(compiled())
+print(json.dumps(counts))
+"""
+
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
@@ -58,6 +100,17 @@ def rows(tmp_path_factory):
         for key in ("registers", "stack_bytes", "spill_store_bytes", "shared_bytes"):
             row[key] = int(row[key])
     return found
+
+
+def test_new_chunk_boundaries_compile_nothing():
+    """The lengths, positions and packing of a chunk are not specialized on: after each kernel's first launch,
+    launches at other chunk boundaries and packings reuse its compiled kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", BOUNDARIES_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-6000:]
+    first, last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(first.values()) and last == first
 
 
 def _label(row):

@@ -5,11 +5,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import assert_close_to_ref
 
 from iso_kernels.ops import gemm_signal, signal_targets
 from iso_kernels.reference import gemm_ref
 from triton_ops.gemm_signal import _candidates, _tile_coords
+
+from helpers import assert_close_to_ref
 
 # (M, N, K, rows_per_signal); the interpreter's tiles are 16 x 64 x 32, so none of these is a multiple, and
 # row groups of 7, 24 and 100 rows make tiles straddle two or three groups.
@@ -128,6 +129,31 @@ def test_configs_are_chosen_at_launch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _config.launch_tuned(tuned, (3,), interpreter_config, "x", N=5)
     assert launches[-1] == ("autotuner", (3,), ("x",), {"N": 5})
+
+
+def test_autotuning_times_briefly_and_keeps_its_results(monkeypatch):
+    """Every autotuned launcher times its configs with ``_config.short_bench`` (a few ms each, not do_bench's
+    125 ms), and ``_config.autotune`` has Triton keep the results on disk for the next process (Triton never
+    does for interpreted kernels, so this one is built with TRITON_INTERPRET off)."""
+    from triton_ops import _config, chunked_attention, chunked_attention_varlen
+    from triton_ops import gemm_signal as module
+
+    for tuned in (module._gemm_signal_kernel, chunked_attention._chunked_attention_fwd_kernel,
+                  chunked_attention_varlen._chunked_attention_varlen_fwd_kernel):
+        assert tuned.do_bench is _config.short_bench
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tuned = _config.autotune([_config.config(BLOCK=64), _config.config(BLOCK=128)], key=["M"])(
+        _wait_then_copy_kernel)
+    assert tuned.cache_results and tuned.do_bench is _config.short_bench
+    calls = []
+
+    class Driver:  # the active driver's benchmarker is do_bench on a GPU
+        def get_benchmarker(self):
+            return lambda fn, quantiles=None, **kwargs: calls.append((quantiles, kwargs)) or [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver())
+    assert _config.short_bench(lambda: None, quantiles=(0.5,)) == [1.0, 1.0, 1.0]
+    assert calls == [((0.5,), {"warmup": _config.BENCH_WARMUP_MS, "rep": _config.BENCH_REP_MS})]
 
 
 def test_signal_targets():

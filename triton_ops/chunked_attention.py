@@ -10,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import config, interpreting, keep_fitting, launch_arguments, launch_tuned
+from ._config import (
+    arch_candidates,
+    autotune,
+    config,
+    interpreting,
+    keep_fitting,
+    launch_arguments,
+    launch_tuned,
+)
 
 # --- constants ---
 # tl.dot needs K >= 16; above 256 the q tile and fp32 accumulator no longer fit one program's registers.
@@ -31,6 +39,19 @@ _CONFIGS_16BIT = [
     config(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
     config(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
 ]
+# Per architecture, the 16-bit candidates never kept there, which launches do not compile (``_config.
+# arch_candidates``): (arch, head_dim or None for all) -> configs. From the compile reports with every candidate
+# (``compile-report --all-candidates``, main matrix, bf16, both attention kernels: bench/results/
+# compile_report_triton-3.6.0.csv and -3.9.0.csv). sm_90 keeps each candidate somewhere: 128x128 at head_dim
+# 128 spills in this kernel but fits the varlen one (Triton 3.6 with either cache, 3.9 with pages: 0-24 B
+# frames), and Triton 3.6 keeps it at head_dim 64.
+_NEVER_KEPT_16BIT = {
+    # sm_89: 128x128 spills in every case, 116-912 B of spill stores at head_dim 64 and 128, under both Tritons.
+    (89, None): [_CONFIGS_16BIT[0]],
+    # sm_80, head_dim 128: 128x128 spills in every case (40-448 B frames) under both Tritons; at head_dim 64
+    # Triton 3.9 keeps it.
+    (80, 128): [_CONFIGS_16BIT[0]],
+}
 # fp32 runs exact (ieee) dots on the FMA units: operand tiles live in registers, so tiles are small, and the
 # first that fits is taken without tuning (a correctness path, not worth compiling a sweep). 64x32 spills
 # 2 KB per thread at head_dim 128; 16x16 fits head_dim 256 everywhere.
@@ -39,6 +60,16 @@ _CONFIGS_FP32 = [
     config(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1),
     config(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
 ]
+# Arguments that change with every chunk boundary (ISO's are arbitrary: 1365, 2730, ...), left unspecialized so
+# that a new boundary reuses the compiled kernels: Triton would otherwise compile a variant per value of
+# "== 1" and "divisible by 16" of each. Besides the lengths and positions, the LSE strides are multiples of
+# q_len; the other strides of a chunk are multiples of n_heads * head_dim, always divisible by 16. The tiles
+# lose nothing: their masks vary along rows, not along the contiguous head_dim that loads vectorize over; only
+# the LSE store (BLOCK_M floats per program, next to BLOCK_M x HEAD_DIM outputs) may lose its vector width. A
+# chunk whose lengths are all multiples of 16 now compiles to what the others, most of ISO's, always did (the
+# same registers and spills: Triton 3.9, sm_90, head_dim 128, [1365, 4093) before and any chunk now), which at
+# head_dim 128 on sm_90 costs 64x64 at 4 warps and 2 stages its fit (0 -> 80 B frame): one of six that fitted.
+LENGTH_ARGUMENTS = ["q_len", "kv_len", "q_start", "q_len_bucket", "kv_len_bucket", "stride_lb", "stride_lh"]
 # The interpreter runs one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows
 # see none of.
 _INTERPRETER_CONFIG = config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -51,7 +82,8 @@ def keep_attention_configs(kernel, named_args, kwargs):
     arguments = launch_arguments(named_args, kwargs)
     if arguments["q_ptr"].dtype == torch.float32:
         return keep_fitting(kernel.fn, _CONFIGS_FP32, arguments, first_fit=True)
-    return keep_fitting(kernel.fn, _CONFIGS_16BIT, arguments)
+    candidates = arch_candidates(_CONFIGS_16BIT, _NEVER_KEPT_16BIT, arguments["HEAD_DIM"])
+    return keep_fitting(kernel.fn, candidates, arguments)
 
 
 def _keep(configs_, named_args, **kwargs):
@@ -172,10 +204,9 @@ def _chunked_attention_fwd_tile(
     tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
-@triton.autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
-                 key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _keep})
-@triton.jit
+@autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32, key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
+          prune_configs_by={"early_config_prune": _keep})
+@triton.jit(do_not_specialize=LENGTH_ARGUMENTS)
 def _chunked_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qm, stride_qh,

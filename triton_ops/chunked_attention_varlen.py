@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import launch_tuned
+from ._config import autotune, launch_tuned
 from .chunked_attention import (
     _CONFIGS_16BIT,
     _CONFIGS_FP32,
@@ -29,16 +29,20 @@ from .chunked_attention import (
 # size; powers of two make `n // PAGE_SIZE` and `n % PAGE_SIZE` shifts and masks. 16 is vLLM's default, 256
 # flash-attn's paged minimum.
 SUPPORTED_PAGE_SIZES = (16, 32, 64, 128, 256)
+# Arguments that change with every packing of the stream, left unspecialized so that a new packing reuses the
+# compiled kernels (see chunked_attention.LENGTH_ARGUMENTS): the sequence count and its search depth, the
+# tuning buckets, the LSE stride (total_q) and the block table's row stride (its pages per sequence).
+PACKING_ARGUMENTS = ["batch", "search_steps", "total_q_bucket", "kv_capacity_bucket", "stride_lh", "stride_tb"]
 
 
 def _keep(configs_, named_args, **kwargs):
     return keep_attention_configs(_chunked_attention_varlen_fwd_kernel, named_args, kwargs)
 
 
-@triton.autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
-                 key=["total_q_bucket", "kv_capacity_bucket", "HEAD_DIM", "CAUSAL", "PAGE_SIZE"],
-                 prune_configs_by={"early_config_prune": _keep})
-@triton.jit
+@autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
+          key=["total_q_bucket", "kv_capacity_bucket", "HEAD_DIM", "CAUSAL", "PAGE_SIZE"],
+          prune_configs_by={"early_config_prune": _keep})
+@triton.jit(do_not_specialize=PACKING_ARGUMENTS)
 def _chunked_attention_varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
     stride_qm, stride_qh,

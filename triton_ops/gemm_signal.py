@@ -26,6 +26,10 @@ _CONFIGS_16BIT = [
         (128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4),
     ]
 ]
+# No per-architecture list (``_config.arch_candidates``): every candidate is kept on every architecture by one
+# Triton at least. Under 3.9 all six fit sm_80, 89 and 90 with and without a signal; 3.6 drops 128x256 on sm_89
+# (and on sm_80 without a signal: 32-48 B frames) and, with a signal, 128x128 at 4 warps and 64x256 on sm_80/89
+# (bench/results/compile_report_triton-3.6.0.csv and -3.9.0.csv, main matrix).
 # fp32 (exact ieee dots on the FMA units unless torch allows TF32): operand tiles sit in registers, so only
 # small tiles avoid spilling (128x128 spills 1.6-9.6 KB per thread); the first that fits is taken untuned.
 _CONFIGS_FP32 = [
@@ -89,7 +93,7 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(
+@_config.autotune(
     configs=_CONFIGS_16BIT + _CONFIGS_FP32,
     # ISO chunks come in arbitrary lengths: tune once per power-of-two bucket of M, not per length.
     key=["M_bucket", "N", "K", "rows_per_signal", "HAS_SIGNAL"],
@@ -97,7 +101,10 @@ def _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pre_hook=_zero_signal,
     post_hook=_zero_signal_after_tuning,
 )
-@triton.jit
+# M and its bucket are not specialized either, so a new chunk length reuses the compiled kernels (Triton would
+# compile a variant per "M == 1" and "M divisible by 16"): M only masks rows and counts row tiles, while the
+# loads and stores vectorize along K and N, which stay specialized.
+@triton.jit(do_not_specialize=["M", "M_bucket"])
 def _gemm_signal_kernel(
     x_ptr, w_ptr, out_ptr, signal_ptr,
     M, N, K, rows_per_signal, M_bucket,
