@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench import common
 from iso_kernels import cli, comm, engine
 from iso_kernels.launch import RankError
+from iso_kernels.metrics import quantiles
 from iso_kernels.report import PrefillReport
 
 # Per device kind: model, prompt lengths, quick lengths, links, quick links. CPU lengths stop at 1024 because
@@ -89,14 +90,6 @@ def points(args, settings):
                 else settings["quick"] if args.quick else settings["seq_lens"])
     links = args.links.split(",") if args.links else settings["quick_links" if args.quick else "links"]
     return seq_lens, links
-
-
-def quantiles(samples):
-    """(p50, p20, p80) of a list of timings; a single sample is its own quantiles."""
-    if len(samples) == 1:
-        return samples[0], samples[0], samples[0]
-    cuts = statistics.quantiles(samples, n=5, method="inclusive")  # the 20th, 40th, 60th, 80th percentiles
-    return statistics.median(samples), cuts[0], cuts[3]
 
 
 def prediction_error(predicted_ms, measured_ms):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import common
 from iso_kernels import comm, costmodel, engine, launch, planner, split_trial
+from iso_kernels.metrics import quantiles, round_reductions
 from iso_kernels.split import ChunkSplit
 
 LINKS = ["ratio:0.25", "ratio:0.5", "ratio:1.0", "ratio:2.0"]
@@ -72,30 +73,17 @@ def _compare_rank(rank, world_size, cfg, select_rounds, repeats, budget_s):
             "select_rounds": select_rounds, "trial": [dataclasses.asdict(c) for c in choice.trial]}
 
 
-def reductions(serial_ms, iso_ms):
-    """Per-round reductions 1 - iso / serial of rounds run side by side."""
-    return [1 - iso / serial for serial, iso in zip(serial_ms, iso_ms, strict=True)]
-
-
-def quantiles(values):
-    """(p50, p20, p80)."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    cuts = statistics.quantiles(values, n=5, method="inclusive")
-    return statistics.median(values), cuts[0], cuts[3]
-
-
 def summarize(measured):
     """{plan: (ends, (p50, p20, p80) reduction, median iso ms)} for auto, even-2, none and best: best chosen on
     the selection rounds, everything measured on the rounds after them."""
     k, serial, by_ends = measured["select_rounds"], measured["serial"], measured["splits"]
     seq_len = measured["auto"][-1]
-    selection = {ends: statistics.median(reductions(serial[:k], ms[:k])) for ends, ms in by_ends.items()} if k \
-        else {ends: statistics.median(reductions(serial, ms)) for ends, ms in by_ends.items()}
+    selection = {ends: statistics.median(round_reductions(serial[:k], ms[:k])) for ends, ms in by_ends.items()} if k \
+        else {ends: statistics.median(round_reductions(serial, ms)) for ends, ms in by_ends.items()}
     chosen = {"auto": measured["auto"], "even-2": ChunkSplit.even(seq_len, 2).ends, "none": (seq_len,),
               "best": max(selection, key=selection.get)}
-    return {plan: (ends, quantiles(reductions(serial[k:], by_ends[ends][k:])), statistics.median(by_ends[ends][k:]))
-            for plan, ends in chosen.items()}
+    return {plan: (ends, quantiles(round_reductions(serial[k:], by_ends[ends][k:])),
+                   statistics.median(by_ends[ends][k:])) for plan, ends in chosen.items()}
 
 
 def prediction_errors(measured):

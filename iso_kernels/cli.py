@@ -158,6 +158,15 @@ def _config(args):
 
 
 # --- the report ---
+DIFFERENCE_WORDS = {"gain": "ISO faster", "loss": "ISO slower", "none measurable": "no measurable difference"}
+
+
+def _efficiency(report, reduction):
+    """The overlap efficiency a reduction of the median serial time means, against the same bound."""
+    achievable = report.serial_ms - report.overlap.bound_ms
+    return reduction * report.serial_ms / achievable if achievable > 0 else math.nan
+
+
 def format_report(report: PrefillReport):
     lines = [f"iso prefill: tp={report.tp} seq_len={report.seq_len} batch={report.batch} "
              f"device={report.device} dtype={report.dtype} comm={report.comm_backend}"
@@ -182,13 +191,17 @@ def format_report(report: PrefillReport):
             lines.append(f"{name:<10}{report.median_ms(name):>14.2f}{predicted:>15.2f}")
     overlap = report.overlap
     if overlap is not None:
+        _, low, high = report.reduction_spread
         lines += [
-            f"reduction            {100 * overlap.reduction:6.1f} %   (1 - iso / serial)",
+            f"reduction            {100 * overlap.reduction:6.1f} %   (1 - iso / serial; per round [p20, p80] "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] % over {len(report.runs_ms['iso'])} rounds: "
+            f"{DIFFERENCE_WORDS[report.difference]})",
             f"compute / comm (ms)  {overlap.compute_ms:.2f} / {overlap.comm_ms:.2f}   "
             f"(per stream, serial run; no-comm prefill {report.compute_only_ms:.2f})",
             f"bound (ms)           {overlap.bound_ms:.2f}   (max(chunked compute {overlap.chunked_compute_ms:.2f}"
             " + tail, comm + head))",
-            f"overlap efficiency   {overlap.overlap_efficiency:.2f}   ((serial - iso) / (serial - bound))",
+            f"overlap efficiency   {overlap.overlap_efficiency:.2f}   ((serial - iso) / (serial - bound); at the "
+            f"reduction's p20, p80: {_efficiency(report, low):.2f}, {_efficiency(report, high):.2f})",
             f"logits               max |iso - serial| = {report.max_abs_diff:.3g} "
             f"({'agree' if report.agree else 'DISAGREE'}); iso == serial on the same chunks: "
             f"{report.iso_equals_serial_same_chunks}",

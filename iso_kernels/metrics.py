@@ -30,6 +30,19 @@ def median_seconds(fn, device, repeats=3):
     return statistics.median(samples)
 
 
+def quantiles(values):
+    """(p50, p20, p80) of a list of numbers; a single value is its own quantiles."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    cuts = statistics.quantiles(values, n=5, method="inclusive")  # the 20th, 40th, 60th, 80th percentiles
+    return statistics.median(values), cuts[0], cuts[3]
+
+
+def round_reductions(serial_ms, iso_ms):
+    """Per-round reductions 1 - iso / serial of rounds run side by side (a ratio cancels the load they shared)."""
+    return [1 - iso / serial for serial, iso in zip(serial_ms, iso_ms, strict=True)]
+
+
 def traced_run(run_with_timeline, device):
     """One run started in step on every rank: (its output, the slowest rank's seconds, its intervals)."""
     dist.barrier()

@@ -6,7 +6,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .metrics import OverlapMetrics
+from .metrics import OverlapMetrics, quantiles, round_reductions
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,24 @@ class PrefillReport:
     logits: dict | None = None  # with --save-logits
 
     @property
+    def reduction_spread(self):
+        """(p50, p20, p80) of the per-round reductions 1 - iso / serial (serial and ISO run side by side in every
+        round); None unless both schedules ran."""
+        if "serial" not in self.runs_ms or "iso" not in self.runs_ms:
+            return None
+        return quantiles(round_reductions(self.runs_ms["serial"], self.runs_ms["iso"]))
+
+    @property
+    def difference(self):
+        """"gain", "loss", or "none measurable" where the rounds' spread of the reduction ([p20, p80]) holds 0;
+        None unless both schedules ran."""
+        spread = self.reduction_spread
+        if spread is None:
+            return None
+        _, low, high = spread
+        return "gain" if low > 0 else "loss" if high < 0 else "none measurable"
+
+    @property
     def chunks(self):
         return len(self.bounds)
 
@@ -87,6 +105,9 @@ class PrefillReport:
             out[f"{schedule}_runs_ms"] = runs
         if self.overlap is not None:
             out.update(dataclasses.asdict(self.overlap))
+        if self.reduction_spread is not None:
+            _, out["reduction_p20"], out["reduction_p80"] = self.reduction_spread
+            out["difference"] = self.difference
         if self.agree is not None:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)

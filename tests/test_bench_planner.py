@@ -37,7 +37,7 @@ def test_best_is_picked_on_the_selection_rounds_and_measured_after_them():
 
 def test_rounds_must_pair_up():
     with pytest.raises(ValueError):
-        bench.reductions([100.0, 100.0], [70.0])
+        bench.round_reductions([100.0, 100.0], [70.0])
 
 
 @pytest.mark.slow
