@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from . import costmodel, hardware
-from .metrics import broadcast, max_over_ranks, median_seconds
+from .launch import broadcast, max_over_ranks
+from .metrics import median_seconds
 from .split import ChunkSplit
 from .timeline import busy_ms
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import batch, calibration, checkpoint, comm, costmodel, hardware, launch, schedule, split_trial, tp
-from .metrics import max_over_ranks, median_seconds, overlap_metrics, traced_run
+from .metrics import median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
 from .paged_cache import PackedBatch, PagedCache
 from .report import PrefillReport
@@ -192,7 +192,7 @@ def open_prefill(rank, world_size, cfg: PrefillConfig):
         prefill = Prefill(cfg, model, tokens.to(job.device), job.device, job.dtype)
         model.setup_caches(prefill.batch, prefill.seq_len + cfg.generate)
     # The floor of any schedule, and what a ratio link is derived from.
-    compute_only_s = max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
+    compute_only_s = launch.max_over_ranks(median_seconds(lambda: prefill.run(None, "serial"), job.device))
     prefill.communicator = _with_link(prefill, base, compute_only_s)
     return prefill, compute_only_s
 

@@ -100,6 +100,23 @@ def process_group_options(backend):
     return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
 
 
+# --- collectives of the launched ranks ---
+def max_over_ranks(value):
+    """The largest ``value`` (a float) of any rank of the default group, on every rank."""
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # --- inside each rank ---
 def _rank_main(fn, args, device_type, timeout_s, done_folder):
     # Default actions: a stop signal from the launcher (or Ctrl-C reaching the whole process group) ends the

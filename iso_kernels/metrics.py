@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .launch import max_over_ranks
 from .timeline import Timeline, busy_ms
 
 
@@ -52,21 +53,6 @@ def traced_run(run_with_timeline, device):
     out = run_with_timeline(timeline)
     sync(device)
     return out, max_over_ranks(time.perf_counter() - start), timeline.intervals()
-
-
-def max_over_ranks(value):
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
-
-
-def broadcast(obj):
-    """Rank 0's ``obj`` on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass(frozen=True)

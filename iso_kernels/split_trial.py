@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import calibration, costmodel, envs, planner
 from .cache import KeyedJsonFile
-from .metrics import broadcast, max_over_ranks
+from .launch import broadcast, max_over_ranks
 from .report import TrialCandidate
 from .split import ChunkSplit
 
