@@ -1,5 +1,5 @@
-"""The prefill job's report: one typed record that ``cli`` prints, ``--json`` writes (``to_json``) and the
-benchmarks read."""
+"""The prefill job's report: one typed record, its printed form (``format``, what ``cli`` prints) beside its
+JSON form (``to_json``, what ``--json`` writes), read by the benchmarks too."""
 
 import dataclasses
 import math
@@ -93,6 +93,10 @@ class PrefillReport:
     def iso_ms(self):
         return self.median_ms("iso")
 
+    def format(self) -> str:
+        """The report as ``python -m iso_kernels prefill`` prints it (``to_json`` is its --json form)."""
+        return format_report(self)
+
     def to_json(self) -> dict:
         """The report as flat JSON keys: ``<schedule>_ms`` (median) and ``<schedule>_runs_ms`` per schedule,
         the overlap metrics' fields, the agreement checks; lanes and logits are written by their own options."""
@@ -117,3 +121,69 @@ class PrefillReport:
             out["requests"] = self.requests
         out["generated"] = self.generated
         return out
+
+
+# --- the printed report ---
+DIFFERENCE_WORDS = {"gain": "ISO faster", "loss": "ISO slower", "none measurable": "no measurable difference"}
+
+
+def _efficiency(report, reduction):
+    """The overlap efficiency a reduction of the median serial time means, against the same bound."""
+    achievable = report.serial_ms - report.overlap.bound_ms
+    return reduction * report.serial_ms / achievable if achievable > 0 else math.nan
+
+
+def format_report(report: PrefillReport) -> str:
+    """The report as ``python -m iso_kernels prefill`` prints it."""
+    lines = [f"iso prefill: tp={report.tp} seq_len={report.seq_len} batch={report.batch} "
+             f"device={report.device} dtype={report.dtype} comm={report.comm_backend}"
+             + (f" link={report.link['name']}" if report.link else ""),
+             f"chunks={report.chunks} bounds={report.bounds}"]
+    lines += _request_lines(report.requests or [])
+    if report.plan == "cached":
+        lines.append("split                the split trial's choice for this bucket, cached (--recalibrate times "
+                     "the candidates again)")
+    elif report.trial:
+        lines.append(f"split trial          {len(report.trial)} candidates in {report.trial_ms / 1e3:.2f} s "
+                     "(ISO ms: measured / predicted by the calibration, timed rounds)")
+        lines += [f"  {list(c.ends)!s:<22}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:<9.2f}{c.rounds:>3}"
+                  for c in report.trial]
+        correction = report.model_correction
+        if not math.isnan(report.predicted_iso_ms):
+            lines.append(f"model correction     blocks {1e3 * correction['block_offset_s']:+.3f} ms each, compute"
+                         f" x {correction['compute_scale']:.3f} (fitted to the trial; the predictions below)")
+    lines.append(f"{'schedule':<10}{'ms (median)':>14}{'predicted ms':>15}")
+    for name, predicted in (("serial", report.predicted_serial_ms), ("iso", report.predicted_iso_ms)):
+        if name in report.runs_ms:
+            lines.append(f"{name:<10}{report.median_ms(name):>14.2f}{predicted:>15.2f}")
+    overlap = report.overlap
+    if overlap is not None:
+        _, low, high = report.reduction_spread
+        lines += [
+            f"reduction            {100 * overlap.reduction:6.1f} %   (1 - iso / serial; per round [p20, p80] "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] % over {len(report.runs_ms['iso'])} rounds: "
+            f"{DIFFERENCE_WORDS[report.difference]})",
+            f"compute / comm (ms)  {overlap.compute_ms:.2f} / {overlap.comm_ms:.2f}   "
+            f"(per stream, serial run; no-comm prefill {report.compute_only_ms:.2f})",
+            f"bound (ms)           {overlap.bound_ms:.2f}   (max(chunked compute {overlap.chunked_compute_ms:.2f}"
+            " + tail, comm + head))",
+            f"overlap efficiency   {overlap.overlap_efficiency:.2f}   ((serial - iso) / (serial - bound); at the "
+            f"reduction's p20, p80: {_efficiency(report, low):.2f}, {_efficiency(report, high):.2f})",
+            f"logits               max |iso - serial| = {report.max_abs_diff:.3g} "
+            f"({'agree' if report.agree else 'DISAGREE'}); iso == serial on the same chunks: "
+            f"{report.iso_equals_serial_same_chunks}",
+        ]
+    if report.generated:
+        lines.append(f"generated            {report.generated}")
+    return "\n".join(lines)
+
+
+# A serving batch lists this many requests, then a count of the rest (--json has them all).
+REQUEST_LINES = 8
+
+
+def _request_lines(requests):
+    lines = [f"request {i:<3}          {r['cached_prefix']} cached + {r['new_tokens']} new tokens, stream "
+             f"[{r['stream'][0]}, {r['stream'][1]}), chunks {r['chunks']}" for i, r in enumerate(requests)]
+    return lines[:REQUEST_LINES] + ([f"... {len(lines) - REQUEST_LINES} more requests"]
+                                    if len(lines) > REQUEST_LINES else [])
