@@ -31,7 +31,8 @@ MATMUL_KERNELS = ("chunked_attention", "chunked_attention_varlen", "gemm_signal"
 TIMEOUT_S = {"main": 900, "full": 3600}[MATRIX]
 
 
-pytestmark = pytest.mark.timeout(TIMEOUT_S + 60)  # the report runs in the first test's setup
+# The report runs in the first test's setup, compiling every kernel in a process per arch (minutes on a cold cache).
+pytestmark = [pytest.mark.timeout(TIMEOUT_S + 60), pytest.mark.slow]
 
 # Launches at ISO's chunk boundaries (1365, 2730: not multiples of 16), at aligned ones and at one token, and of
 # packed batches of 1-3 sequences, through the real launchers under the compile-only driver for sm_90: prints
