@@ -151,8 +151,8 @@ class PackedBatch:
         return self.index_tensors.slots
 
     def last_rows_in(self, begin, end):
-        """(k,) int64 on ``device``: the rows, counted from ``begin``, of the requests' last tokens that fall in
-        stream tokens [begin, end) of this (whole) batch; None when none does."""
+        """(k,) int64 on ``device``: the rows, counted from ``begin``, of the requests' last tokens (``last_rows``)
+        that fall in stream tokens [begin, end) of this batch; None when none does."""
         ends = self.last_rows
         first = next((j for j, row in enumerate(ends) if row >= begin), len(ends))
         count = sum(1 for row in ends[first:] if row < end)
