@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from . import costmodel, hardware
 from .launch import broadcast, max_over_ranks
-from .metrics import median_seconds
+from .metrics import device_name, median_seconds
 from .split import ChunkSplit
 from .timeline import busy_ms
 
@@ -25,7 +25,7 @@ def cache_key(prefill, kind="block-costs"):
     requests = len(prefill.packed.q_lens) if prefill.packed is not None else None  # of a serving batch
     return dict(kind=kind, model=cfg.model, tp=cfg.tp, batch=prefill.batch, seq_len=prefill.seq_len,
                 requests=requests, cached_prefix=cfg.cached_prefix,
-                device=hardware.device_name(prefill.device), dtype=str(prefill.dtype),
+                device=device_name(prefill.device), dtype=str(prefill.dtype),
                 threads=torch.get_num_threads(), link=str(cfg.link) if cfg.link else None,
                 comm=communicator.name if communicator else None)
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import batch, calibration, checkpoint, comm, costmodel, hardware, launch, schedule, split_trial, tp
-from .metrics import median_seconds, overlap_metrics, traced_run
+from .metrics import device_name, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
 from .paged_cache import PackedBatch, PagedCache
 from .report import PrefillReport
@@ -324,7 +324,7 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
     packed = prefill.packed
     report = PrefillReport(
         tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=len(packed.q_lens) if packed else prefill.batch,
-        device=hardware.device_name(prefill.device), dtype=str(prefill.dtype),
+        device=device_name(prefill.device), dtype=str(prefill.dtype),
         comm_backend=getattr(communicator, "inner", communicator).name if communicator else "none",
         link=dataclasses.asdict(link) if link is not None else None, bounds=choice.split.bounds(),
         compute_only_ms=compute_only_s * 1e3,

@@ -1,13 +1,12 @@
-"""Hardware presets from datasheets and published measurements, and the ring all-reduce's traffic factor.
+"""Every GPU and link fact the package uses: hardware presets from datasheets and published measurements,
+the ring all-reduce's traffic factor, and per-architecture limits for compiling kernels without the GPU.
 
-Shared by the cost model (``costmodel.LayerCosts.from_datasheet``, the simulator) and the emulated links of
-``iso_kernels.comm`` (``LINK_PRESETS``), so a simulated run and an emulated one describe one interconnect.
+Shared by the cost model (``planning.costs.LayerCosts.from_datasheet``, the tables), the emulated links of
+``iso_kernels.comm`` (``LINK_PRESETS``) and the compile report (``tools/compile_report.py``), so a simulated
+run, an emulated one and a compile check describe the same machines. No torch: planning imports it.
 """
 
-import os
 from dataclasses import dataclass
-
-import torch
 
 # Chunked prefill pays these per block whatever the chunk size: ~5 kernels (norm, GEMM, RoPE, attention,
 # GEMM) at ~4 us of launch and tail each. Our estimate, not a measurement; a fit replaces it.
@@ -56,6 +55,24 @@ HARDWARE_PRESETS = {
 }
 
 
-def device_name(device):
-    """The machine a measurement ran on, as reports and calibration keys name it."""
-    return torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}"
+# --- architectures, for compiling without the GPU ---
+@dataclass(frozen=True)
+class GpuArch:
+    """What a compile-only driver must report for compute capability ``capability``: opt-in shared memory
+    per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and the SM count of the GPUs named."""
+
+    capability: int
+    gpus: str
+    shared_memory_bytes: int
+    multiprocessors: int
+
+    @property
+    def name(self) -> str:
+        return f"sm_{self.capability} ({self.gpus})"
+
+
+GPU_ARCHS = {
+    80: GpuArch(80, "A100/A800", 166912, 108),
+    89: GpuArch(89, "RTX 4090", 101376, 128),
+    90: GpuArch(90, "H100/H200", 232448, 132),
+}

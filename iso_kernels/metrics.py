@@ -2,6 +2,7 @@
 timelines (per-stream busy time, the achievable bound, the share of it ISO takes)."""
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,6 +12,11 @@ import torch.distributed as dist
 
 from .launch import max_over_ranks
 from .timeline import Timeline, busy_ms
+
+
+def device_name(device):
+    """The machine a measurement ran on, as reports and calibration keys name it."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"cpu x{os.cpu_count()}"
 
 
 def sync(device):
