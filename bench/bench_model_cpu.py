@@ -1,6 +1,6 @@
 """The model's plain forward on CPU against Hugging Face's LlamaForCausalLM on the same weights, in one run.
 
-llama-small (``iso_kernels.checkpoint.PRESETS``, random weights, fp32) at TP 1: ``model(tokens)``, every op on
+llama-small (``iso_kernels.models.PRESETS``, random weights, fp32) at TP 1: ``model(tokens)``, every op on
 its CPU kernel, and ``LlamaForCausalLM(tokens).logits`` (SDPA attention), alternated rep by rep so that both
 see the same machine load, at 1 thread and at torch's default thread count. Reports the median wall and
 process CPU ms of each, their ratios ours / HF (<= 1 means at least as fast) and the largest logit difference.

@@ -52,7 +52,7 @@ PYTEST+=" -o faulthandler_timeout=\$FAULTHANDLER_S"
 PLAN="\
 install                  75 \$PYTHON -m pip install --no-build-isolation --no-deps -e .
 build_info               15 \$PYTHON bench/gpu_check_report.py info
-compile_report           40 \$PYTHON -m iso_kernels compile-report --arch native --csv \"\$OUT/compile_report.csv\"
+compile_report           40 \$PYTHON -m tools.compile_report --arch native --csv \"\$OUT/compile_report.csv\"
 pytest_kernels           75 $PYTEST $KERNEL_TEST_FILES
 pytest_comm             100 $PYTEST --deselect $NCCL_INIT_TEST $COMM_TEST_FILES
 bench_chunked_attention  30 \$PYTHON bench/bench_chunked_attention.py --quick --csv \"\$OUT/chunked_attention.csv\"
@@ -117,8 +117,8 @@ else
   CUDA_HOME_FROM="CUDA_HOME as set"
 fi
 # One Triton cache for every step, outside OUTDIR (which comes back, 8 files at most): compile_report fills it
-# for the tests and benchmarks. compile-report keeps TRITON_CACHE_DIR when it is set (else it would use its own,
-# ISO_KERNELS_COMPILE_CACHE/triton-<version>-v<schema>); ISO_KERNELS_COMPILE_CACHE names the same folder.
+# for the tests and benchmarks. tools/compile_report.py keeps TRITON_CACHE_DIR when it is set (else it would use
+# its own, ISO_KERNELS_COMPILE_CACHE/triton-<version>-v<schema>); ISO_KERNELS_COMPILE_CACHE names the same folder.
 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${HOME:-/tmp}/.triton/cache}
 ISO_KERNELS_COMPILE_CACHE=$TRITON_CACHE_DIR
 

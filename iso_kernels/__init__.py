@@ -10,9 +10,9 @@ __all__ = ["Plan", "__version__", "build_info", "plan"]
 
 
 def __getattr__(name):
-    """``plan`` and ``Plan`` (``iso_kernels.planner``: the cost model, numpy) load on first use."""
+    """``plan`` and ``Plan`` (``iso_kernels.planning``: the cost model, numpy) load on first use."""
     if name in ("plan", "Plan"):
-        from . import planner
+        from . import planning
 
-        return getattr(planner, name)
+        return getattr(planning, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

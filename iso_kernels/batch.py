@@ -8,7 +8,7 @@ packed stream by ``schedule.forward``, then decoded greedily from their pages.
     schedule.settle(comm)                                        # every rank, after its forwards
     per_request = batch.unpack(logits[0])                        # [(len(prompts[i]), vocab), ...]
     next_tokens = torch.stack([x[-1] for x in per_request]).argmax(-1)
-    fed, step_logits = greedy_decode(model, cache, batch.requests, next_tokens, steps, comm)
+    fed, step_logits = greedy_decode(model, next_tokens, steps, comm, cache=cache, requests=batch.requests)
 """
 
 import torch
@@ -42,20 +42,26 @@ def cache_prefix(model, cache, prefix, comm=None):
     return batch.requests[0]
 
 
-def greedy_decode(model, cache, requests, first, steps, comm=None):
-    """Continue ``requests`` from their pages, one token per request per step: feed ``first`` (requests,) (the
-    argmax of their prefill's last logits), then each step's argmax, ``steps`` steps in all.
+def greedy_decode(model, first, steps, comm=None, *, position=None, cache=None, requests=None):
+    """Greedy decode, one token per sequence per step: feed ``first`` (sequences,) (the argmax of their
+    prefill's last logits), then each step's argmax, ``steps`` steps in all. The sequences are the rows of
+    the model's contiguous caches, continuing at ``position``, or the ``requests`` of the paged ``cache``.
 
-    Returns (the tokens fed (requests, steps), their fp32 logits (requests, steps, vocab)); the argmax of the
+    Returns (the tokens fed (sequences, steps), their fp32 logits (sequences, steps, vocab)); the argmax of the
     last step's logits is the token after them.
     """
+    if (position is None) == (cache is None):
+        raise ValueError("pass position (contiguous caches) or cache and requests (paged), not both")
     if steps == 0:
-        return first.new_empty(len(requests), 0), torch.empty(len(requests), 0, model.args.vocab_size)
+        return first.new_empty(len(first), 0), torch.empty(len(first), 0, model.args.vocab_size)
     fed, logits = [], []
     token = first
     for _ in range(steps):
-        batch = cache.append(requests, [1] * len(requests))
-        step = schedule.forward(model, token[None], comm, start=batch, schedule="serial", all_logits=False)
+        if cache is not None:  # every request's next token, packed into one stream
+            tokens, start = token[None], cache.append(requests, [1] * len(requests))
+        else:
+            tokens, start, position = token[:, None], position, position + 1
+        step = schedule.forward(model, tokens, comm, start=start, schedule="serial", all_logits=False)
         fed.append(token)
         logits.append(step)
         token = step.argmax(-1)

@@ -14,36 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import cache, envs, tp
+from . import cache, envs, models, tp
 from .model import ModelArgs, Transformer
-
-# Small Llama-style models that are made locally with random weights (no downloads).
-PRESETS = {
-    # The CLI's default: big enough that compute dominates Python overhead on a 2-core CPU, small enough that
-    # a 2-rank prefill of 512 tokens takes a fraction of a second.
-    "llama-small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                        num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
-    # GPU benchmarks (bench/bench_iso_prefill.py): a 1B-class Llama (0.89 B parameters), chosen so that on one
-    # H100 a bf16 block of a few thousand tokens takes far longer than launching its kernels, as llama-small's
-    # do not. Its random checkpoint is stored in bf16, the dtype GPU runs use: 1.8 GB, made in 10 s on the
-    # 2-core dev machine (fp32 after nn.Linear's default init: 3.6 GB, 27 s in the same run).
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192,
-                     torch_dtype="bfloat16"),
-    # Tests: seconds for a whole TP=4 run.
-    "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
-}
-
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def preset_config(name):
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or a checkpoint folder")
-    return dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **PRESETS[name])
+    """The config.json dict of a preset (``models.PRESETS``), made locally with random weights."""
+    return models.config(name, runnable=True)
 
 
 # Our per-layer parameter -> its tensor under "model.layers.N." in a Hugging Face checkpoint. The fused qkv
@@ -107,22 +86,11 @@ class _Reader:
         return piece
 
 
-def read_config(folder):
-    """The parsed ``config.json`` of a checkpoint folder."""
-    config_path = Path(folder) / "config.json"
-    try:
-        return json.loads(config_path.read_text())
-    except OSError:
-        raise FileNotFoundError(f"{config_path} is missing or unreadable") from None
-    except ValueError as exc:
-        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-
-
 def load_checkpoint(folder: str | os.PathLike[str], *, rank: int = 0, world_size: int = 1,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
     folder = Path(folder)
-    args = ModelArgs.from_hf_config(read_config(folder))
+    args = ModelArgs.from_hf_config(models.read_config(folder))
     tp.check_divisible(args, world_size)
     reader = _Reader(folder)
     with torch.device("meta"):
@@ -201,11 +169,11 @@ def save_random_checkpoint(config, folder, *, seed=0, std=0.02):
 # --- presets: random checkpoints made once in the cache folder ---
 def model_folder(model):
     """A checkpoint folder, or a preset's random checkpoint made once in the cache folder."""
-    if model in PRESETS:
+    if model in models.PRESETS:
         return preset_checkpoint(model)  # safe when several runs or torchrun's ranks make it at once
     folder = Path(model)
     if not folder.is_dir():
-        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(models.PRESETS))}) "
                          "nor a checkpoint folder")
     return folder
 

@@ -1,5 +1,5 @@
-"""``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group), ``simulate`` and
-``compile-report``."""
+"""``python -m iso_kernels`` / ``iso-kernels``: ``prefill`` (serial vs ISO on a TP group), ``simulate`` and ``plan``
+(``iso_kernels.tables``)."""
 
 import argparse
 import importlib.util
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import comm, compile_report, engine, planner, simulate
+from . import comm, engine
 from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
 
 DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
@@ -19,7 +19,6 @@ DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside
 prefill   run serial and ISO prefill on the same prompt over a TP group, check they agree, report timings
 simulate  predict serial vs ISO prefill on the paper's hardware (RTX 4090 PCIe, A800 NVLink) from datasheets
 plan      whether and where to split a prompt, from the cost model (--table: the decision table)
-compile-report  compile every Triton kernel for sm_80/89/90 (no GPU needed): registers, spills, shared memory
 """
 
 
@@ -175,24 +174,26 @@ def _prefill(args):
     return 0 if report.agree is not False else 1
 
 
+def _table(module, sub, command, summary):
+    """The subcommand ``command`` of ``iso_kernels.tables.<module>``, imported only by the CLI (numpy only)."""
+    table = importlib.import_module(f"iso_kernels.tables.{module}")
+    table.add_arguments(sub.add_parser(command, help=summary))
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="iso-kernels", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _prefill_arguments(sub.add_parser("prefill", help="serial vs ISO prefill on a TP group"))
-    simulate.add_arguments(sub.add_parser("simulate", help="predict ISO on the paper's hardware"))
-    planner.add_arguments(sub.add_parser("plan", help="whether and where to split a prompt"))
-    compile_report.add_arguments(sub.add_parser("compile-report", help="compile the kernels for sm_80/89/90"))
+    tables = {"simulate": _table("paper", sub, "simulate", "predict ISO on the paper's hardware"),
+              "plan": _table("decision", sub, "plan", "whether and where to split a prompt")}
     args = parser.parse_args(argv)
     one_line_warnings()
     try:
         with _stop_signals():
-            if args.command == "simulate":
-                return simulate.run(args)
-            if args.command == "plan":
-                return planner.run(args)
-            if args.command == "compile-report":
-                return compile_report.run(args)
+            if args.command in tables:
+                return tables[args.command].run(args)
             _check_extras(args)
             return _prefill(args)
     except (KeyboardInterrupt, Stopped) as exc:

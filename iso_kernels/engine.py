@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import batch, calibration, checkpoint, comm, costmodel, hardware, launch, schedule, split_trial, tp
+from . import batch, checkpoint, comm, launch, measure, models, planning, schedule, tp
 from .metrics import device_name, median_seconds, overlap_metrics, traced_run
 from .model import ModelArgs
 from .paged_cache import PackedBatch, PagedCache
@@ -42,7 +42,7 @@ class PrefillConfig:
     batch: int = 1
     mode: str = "both"  # serial | iso | both
     split: int | float | None = None  # the second chunk's first token, or a fraction; None: planned
-    chunks: int | None = None  # None: the planner's choice of up to MAX_AUTO_CHUNKS
+    chunks: int | None = None  # None: the planner's choice of up to planning.policy.MAX_AUTO_CHUNKS
     link: comm.LinkSpec | None = None  # an emulated link under the all-reduces
     dtype: torch.dtype | None = None  # None: float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # cpu | cuda; None: cuda where available
@@ -73,6 +73,7 @@ class _Resolved:
     dtype: torch.dtype
     folder: Path
     args: ModelArgs
+    split: ChunkSplit | None  # the user's, or None where the planner chooses
 
 
 # --- validation before any rank starts ---
@@ -92,7 +93,7 @@ def resolve(cfg: PrefillConfig) -> _Resolved:
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.generate < 0:
         raise ValueError("--batch and --repeats must be >= 1; --warmup and --generate >= 0")
     folder = checkpoint.model_folder(cfg.model)
-    args = ModelArgs.from_hf_config(checkpoint.read_config(folder))
+    args = ModelArgs.from_hf_config(models.read_config(folder))
     tp.check_divisible(args, cfg.tp)
     for ids in [cfg.tokens] if cfg.tokens is not None else cfg.prompts or []:
         if ids.min() < 0 or ids.max() >= args.vocab_size:
@@ -105,8 +106,9 @@ def resolve(cfg: PrefillConfig) -> _Resolved:
         raise ValueError(f"a prompt of {longest} tokens plus {cfg.generate} generated exceeds the model's "
                          f"{args.max_seq_len} positions")
     _check_packing(cfg)
-    requested_split(cfg, sum(lens))  # rejects splits outside the prompt (of a batch: its stream)
-    return _Resolved(device, cfg.dtype or (torch.bfloat16 if device == "cuda" else torch.float32), folder, args)
+    split = requested_split(cfg, sum(lens))  # rejects splits outside the prompt (of a batch: its stream)
+    return _Resolved(device, cfg.dtype or (torch.bfloat16 if device == "cuda" else torch.float32), folder, args,
+                     split)
 
 
 def _seq_len(cfg):
@@ -151,11 +153,11 @@ def requested_split(cfg, seq_len) -> ChunkSplit | None:
 
 
 # --- per-rank job ---
-def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
-    """One rank of the prefill job; rank 0 returns the report."""
+def prefill_rank(rank, world_size, cfg: PrefillConfig, job: _Resolved) -> PrefillReport | None:
+    """One rank of the prefill job (``job``: ``resolve(cfg)``); rank 0 returns the report."""
     with torch.inference_mode():
-        prefill, compute_only_s = open_prefill(rank, world_size, cfg)
-        choice = choose_split(prefill, compute_only_s)
+        prefill, compute_only_s = open_prefill(rank, world_size, cfg, job)
+        choice = choose_split(prefill, job.split, compute_only_s)
         logits, runs, traces = _timed_runs(prefill, choice.split, show_progress=rank == 0)
         report = _report(prefill, choice, compute_only_s, logits, runs, traces)
         report.generated = _greedy_decode(prefill, logits[_decode_from(cfg)], cfg.generate)
@@ -172,10 +174,9 @@ def prefill_rank(rank, world_size, cfg: PrefillConfig) -> PrefillReport | None:
     return report
 
 
-def open_prefill(rank, world_size, cfg: PrefillConfig):
+def open_prefill(rank, world_size, cfg: PrefillConfig, job: _Resolved):
     """(this rank's ``Prefill``: model shard, prompt, communicator; the no-communication time of the unsplit
     prefill, the slowest rank's), in an initialised process group, under ``torch.inference_mode``."""
-    job = resolve(cfg)
     if job.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     torch.manual_seed(cfg.seed)
@@ -245,8 +246,10 @@ class Prefill:
     def seq_len(self):
         return self.tokens.shape[1]
 
-    def predict_kw(self):
-        return dict(batch=self.batch, hidden=self.model.args.dim, dtype_bytes=self.dtype.itemsize)
+    @property
+    def shape(self) -> planning.PrefillShape:
+        """What planning needs to know of this prefill."""
+        return planning.PrefillShape(self.model.args.n_layer, self.model.args.dim, self.batch, self.dtype.itemsize)
 
     def run(self, split, mode, timeline=None):
         """Logits of the prompt in the chunks of ``split`` (None: unsplit) under schedule ``mode``."""
@@ -281,13 +284,20 @@ def _with_link(prefill, base, compute_only_s):
     return comm.EmulatedCommunicator(base, link)
 
 
-def choose_split(prefill, compute_only_s) -> split_trial.SplitChoice:
-    """The ISO chunks (the user's, or the split trial's), the same on every rank, and the fitted costs."""
-    costs = calibration.fitted_costs(prefill, compute_only_s)
-    split = requested_split(prefill.cfg, prefill.seq_len)
-    if split is not None:
-        return split_trial.SplitChoice(split, "given", costs)
-    return split_trial.fastest_split(prefill, costs)
+def choose_split(prefill, requested, compute_only_s) -> planning.SplitChoice:
+    """The ISO chunks (``requested``: the user's, else the split trial's), the same on every rank, and the
+    fitted costs."""
+    costs, cfg, seq_len = measure.fitted_costs(prefill, compute_only_s), prefill.cfg, prefill.seq_len
+    if requested is not None:
+        return planning.SplitChoice(requested, "given", costs)
+    if prefill.communicator is None and cfg.chunks is None:
+        return planning.SplitChoice(ChunkSplit((seq_len,)), "off", costs)  # no all-reduce to hide: chunks only cost
+    # A serving batch is not calibrated (its attention is per request): even splits of up to four chunks race.
+    even_only_chunks = planning.policy.MAX_AUTO_CHUNKS if prefill.packed is not None else 2
+    return planning.split_trial(costs, prefill.shape, seq_len, lambda split: prefill.timed_run(split, "iso")[1],
+                                measure.cache_key(prefill, kind="split-trial"), chunks=cfg.chunks,
+                                even_only_chunks=even_only_chunks, refresh=cfg.recalibrate, share=launch.broadcast,
+                                writer=dist.get_rank() == 0)
 
 
 def _timed_runs(prefill, split, show_progress):
@@ -299,28 +309,29 @@ def _timed_runs(prefill, split, show_progress):
     """
     cfg = prefill.cfg
     modes = ["serial", "iso", "serial-chunks"] if cfg.mode == "both" else [cfg.mode]
-    plans = {"serial": (ChunkSplit((prefill.seq_len,)), "serial"), "iso": (split, "iso"),
-             "serial-chunks": (split, "serial")}
-    runs = {mode: [] for mode in modes}
+    schedules = {"serial": (ChunkSplit((prefill.seq_len,)), "serial"), "iso": (split, "iso"),
+                 "serial-chunks": (split, "serial")}
     traces = {mode: [] for mode in modes}
     logits = {}
-    steps = range(cfg.warmup + cfg.repeats)
+
+    def run(i):
+        mode = modes[i]
+        logits[mode], elapsed, intervals = prefill.timed_run(*schedules[mode])
+        traces[mode].append(intervals)
+        return elapsed
+
     # disable=None: no bar when stderr is not a terminal (logs, tests)
-    for step in (tqdm(steps, desc="prefill runs", leave=False, disable=None) if show_progress else steps):
-        for mode in modes:  # interleaved, so drift in machine load hits both schedules alike
-            logits[mode], elapsed, intervals = prefill.timed_run(*plans[mode])
-            if step >= cfg.warmup:
-                runs[mode].append(elapsed)
-                traces[mode].append(intervals)
-    return logits, runs, traces
+    bar = tqdm(total=cfg.warmup + cfg.repeats, desc="prefill runs", leave=False, disable=None if show_progress else True)
+    with bar:  # interleaved rounds, so drift in machine load hits every schedule alike
+        seconds = planning.timed_rounds(run, len(modes), cfg.repeats, warmup=cfg.warmup, after_round=bar.update)
+    return logits, dict(zip(modes, seconds, strict=True)), {mode: rows[cfg.warmup:] for mode, rows in traces.items()}
 
 
 def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillReport:
     """The report of the timed runs; the overlap metrics and the logits' agreement when both schedules ran."""
     communicator, costs = prefill.communicator, choice.costs
     link = getattr(communicator, "link", None)
-    predicted = costmodel.predict(costs, prefill.model.args.n_layer, prefill.seq_len, choice.split,
-                                  **prefill.predict_kw()) if costs else None
+    predicted = planning.predict(costs, prefill.shape, choice.split) if costs else None
     packed = prefill.packed
     report = PrefillReport(
         tp=prefill.cfg.tp, seq_len=prefill.seq_len, batch=len(packed.q_lens) if packed else prefill.batch,
@@ -331,7 +342,7 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
         predicted_serial_ms=predicted.serial_s * 1e3 if predicted else math.nan,
         predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan,
         runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()},
-        plan=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3,
+        split_source=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3,
         model_correction=dataclasses.asdict(choice.correction),
         requests=_requests(packed, choice.split, prefill.cfg.cached_prefix) if packed else None)
     if prefill.cfg.mode == "both":
@@ -363,20 +374,11 @@ def _greedy_decode(prefill, prefill_logits, steps):
         return None
     if prefill.packed is not None:
         first = torch.stack([rows[-1] for rows in prefill.packed.unpack(prefill_logits[0])]).argmax(-1)
-        fed, logits = batch.greedy_decode(prefill.model, prefill.cache, prefill.packed.requests, first, steps - 1,
-                                          prefill.communicator)
-        return torch.cat([fed, logits[:, -1:].argmax(-1) if steps > 1 else first[:, None]], dim=1).tolist()
-    position = prefill.seq_len
-    next_token = prefill_logits[:, -1].argmax(-1)
-    generated = [next_token]
-    for _ in range(steps - 1):
-        step_logits = schedule.forward(prefill.model, next_token[:, None], prefill.communicator, start=position,
-                                       schedule="serial", all_logits=False)
-        next_token = step_logits.argmax(-1)
-        generated.append(next_token)
-        position += 1
-    schedule.settle(prefill.communicator)
-    return torch.stack(generated, dim=1).tolist()
+        pages = dict(cache=prefill.cache, requests=prefill.packed.requests)
+    else:
+        first, pages = prefill_logits[:, -1].argmax(-1), dict(position=prefill.seq_len)
+    fed, logits = batch.greedy_decode(prefill.model, first, steps - 1, prefill.communicator, **pages)
+    return torch.cat([fed, logits[:, -1:].argmax(-1) if steps > 1 else first[:, None]], dim=1).tolist()
 
 
 def _gathered_lanes(traces):
@@ -390,16 +392,17 @@ def _gathered_lanes(traces):
 # --- launching ---
 def run(cfg: PrefillConfig):
     """Validate, start the ranks (or join torchrun's group) and return rank 0's report."""
-    device = resolve(cfg).device
+    job = resolve(cfg)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ and not dist.is_initialized():
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world_size != cfg.tp:
             raise ValueError(f"--tp {cfg.tp} differs from torchrun's WORLD_SIZE {world_size}")
-        if device == "cuda":
+        if job.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if job.device == "cuda" else "gloo")
         try:
-            return prefill_rank(rank, world_size, cfg)
+            return prefill_rank(rank, world_size, cfg, job)
         finally:
             dist.destroy_process_group()
-    return launch.spawn_ranks(prefill_rank, cfg.tp, args=(cfg,), device_type=device, timeout_s=cfg.timeout_s)[0]
+    return launch.spawn_ranks(prefill_rank, cfg.tp, args=(cfg, job), device_type=job.device,
+                              timeout_s=cfg.timeout_s)[0]

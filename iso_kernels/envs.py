@@ -26,8 +26,8 @@ def cache_dir() -> Path:
 
 
 def compile_cache_dir() -> Path:
-    """``ISO_KERNELS_COMPILE_CACHE``: Triton's cache for ``compile-report``; default
-    ``~/.cache/iso_kernels/compile-report``."""
+    """``ISO_KERNELS_COMPILE_CACHE``: Triton's cache for the compile report (``python -m tools.compile_report``
+    in a checkout); default ``~/.cache/iso_kernels/compile-report``."""
     return Path(os.environ.get(COMPILE_CACHE_VAR) or Path.home() / ".cache" / "iso_kernels" / "compile-report")
 
 

@@ -9,17 +9,6 @@ from dataclasses import dataclass, field
 from .metrics import OverlapMetrics, quantiles, round_reductions
 
 
-@dataclass(frozen=True)
-class TrialCandidate:
-    """One plan the split trial timed: its chunk ends, the calibrated model's prediction (before the trial
-    corrected it) and the measured median over its timed rounds (more for the race's finalists)."""
-
-    ends: tuple
-    predicted_iso_ms: float
-    measured_iso_ms: float
-    rounds: int
-
-
 @dataclass
 class PrefillReport:
     """Rank 0's account of one prefill job. ms are the slowest rank's; ``runs_ms`` holds every timed run per
@@ -42,11 +31,11 @@ class PrefillReport:
     max_abs_diff: float | None = None  # max |iso - serial| over the logits, when both ran
     agree: bool | None = None  # max_abs_diff within the dtype's tolerance
     iso_equals_serial_same_chunks: bool | None = None
-    plan: str = "given"  # where the split came from: "given" (by the user), "trial" (timed now), "cached"
-    # (an earlier trial's) or "off" (no communication to hide, so the prompt stays whole)
+    split_source: str = "given"  # where the split came from: "given" (by the user), "planned" (the policy's,
+    # untimed), "trial" (timed now), "cached" (an earlier trial's) or "off" (no communication to hide)
     trial: list = field(default_factory=list)  # TrialCandidate per split the trial timed
     trial_ms: float = 0.0  # what the trial cost
-    model_correction: dict = field(default_factory=dict)  # costmodel.PlanCorrection the trial fitted
+    model_correction: dict = field(default_factory=dict)  # ``planning.PlanCorrection`` the trial fitted
     generated: list | None = None  # greedy token ids after the prompt, per batch row or request
     # A serving batch: per request its cached_prefix, new_tokens, stream [a, b) and the chunks it falls in
     requests: list | None = None
@@ -115,7 +104,7 @@ class PrefillReport:
         if self.agree is not None:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
-        out.update(plan=self.plan, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms,
+        out.update(split_source=self.split_source, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms,
                    model_correction=self.model_correction)
         if self.requests is not None:
             out["requests"] = self.requests
@@ -140,7 +129,7 @@ def format_report(report: PrefillReport) -> str:
              + (f" link={report.link['name']}" if report.link else ""),
              f"chunks={report.chunks} bounds={report.bounds}"]
     lines += _request_lines(report.requests or [])
-    if report.plan == "cached":
+    if report.split_source == "cached":
         lines.append("split                the split trial's choice for this bucket, cached (--recalibrate times "
                      "the candidates again)")
     elif report.trial:

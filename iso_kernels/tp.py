@@ -9,15 +9,12 @@ At world size 1 the transform changes nothing.
 
 import torch
 
+from .planning import shapes
+
 
 def check_divisible(args, world_size):
-    """Clear errors when a model cannot be split over ``world_size`` ranks."""
-    if world_size < 1:
-        raise ValueError(f"tp must be >= 1, got {world_size}")
-    for name, value in (("attention heads", args.n_head), ("KV heads", args.n_kv_heads),
-                        ("intermediate size", args.intermediate_size)):
-        if value % world_size:
-            raise ValueError(f"{name} ({value}) are not divisible by tp={world_size}")
+    """Clear errors when a model (``ModelArgs``) cannot be split over ``world_size`` ranks."""
+    shapes.check_divisible(shapes.model_shape(args), world_size)
 
 
 def shard_range(size, rank, world_size):

@@ -240,7 +240,7 @@ def test_bad_types_raise():
 def test_candidates_per_architecture(monkeypatch):
     """A launch compiles the 16-bit candidates less those listed as never kept on its architecture (for every
     head_dim, or for its own), in order; all of them on an unlisted architecture, with the lists off
-    (compile-report --all-candidates), or where the list would leave none."""
+    (tools.compile_report --all-candidates), or where the list would leave none."""
     from triton_ops import _config
     from triton_ops.chunked_attention import _CONFIGS_16BIT, _NEVER_KEPT_16BIT
 

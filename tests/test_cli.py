@@ -120,7 +120,7 @@ def test_short_prompt_runs_without_calibration(tmp_path):
     report_path = tmp_path / "r.json"
     assert cli.main(TINY + ["--tp", "2", "--seq-len", "3", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["plan"] == "trial" and {tuple(c["ends"]) for c in report["trial"]} == {(3,), (2, 3)}
+    assert report["split_source"] == "trial" and {tuple(c["ends"]) for c in report["trial"]} == {(3,), (2, 3)}
     assert math.isnan(report["predicted_iso_ms"]) and report["agree"]
 
 
@@ -128,7 +128,7 @@ def test_nothing_to_overlap_keeps_the_prompt_whole(tmp_path):
     report_path = tmp_path / "r.json"
     assert cli.main(TINY + ["--tp", "1", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["plan"] == "off" and report["bounds"] == [[0, 40]] and report["iso_equals_serial_same_chunks"]
+    assert report["split_source"] == "off" and report["bounds"] == [[0, 40]] and report["iso_equals_serial_same_chunks"]
 
 
 def test_split_auto_times_its_candidates_once_then_uses_the_cached_choice(tmp_path, monkeypatch):
@@ -141,7 +141,7 @@ def test_split_auto_times_its_candidates_once_then_uses_the_cached_choice(tmp_pa
         return json.loads(path.read_text())
 
     first = report()
-    assert first["plan"] == "trial" and first["trial_ms"] > 0
+    assert first["split_source"] == "trial" and first["trial_ms"] > 0
     timed = {tuple(c["ends"]): c["measured_iso_ms"] for c in first["trial"]}
     assert {(48,), (24, 48), (16, 32, 48)} <= set(timed)  # no split, the even two and three chunks, always
     assert all(math.isfinite(c["predicted_iso_ms"]) for c in first["trial"])
@@ -152,7 +152,7 @@ def test_split_auto_times_its_candidates_once_then_uses_the_cached_choice(tmp_pa
     allowed = {min(finalists, key=timed.get), (24, 48)} | ({(48,)} & finalists)
     assert tuple(end for _, end in first["bounds"]) in allowed
     again = report()
-    assert again["plan"] == "cached" and again["trial"] == [] and again["bounds"] == first["bounds"]
-    assert report("--recalibrate")["plan"] == "trial"
+    assert again["split_source"] == "cached" and again["trial"] == [] and again["bounds"] == first["bounds"]
+    assert report("--recalibrate")["split_source"] == "trial"
     three = report("--chunks", "3")
-    assert three["plan"] != "cached" and three["chunks"] == 3  # its own cache entry, not the auto one's
+    assert three["split_source"] != "cached" and three["chunks"] == 3  # its own cache entry, not the auto one's

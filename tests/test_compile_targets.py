@@ -1,7 +1,8 @@
 """Compile checks without a GPU: every Triton kernel, launched through its real launcher on meta tensors,
-compiled for sm_80 (A100/A800), sm_89 (RTX 4090) and sm_90 (H100/H200) by ``python -m iso_kernels
-compile-report``; every config the launcher keeps must compile, spill at most 64 bytes per thread, fit the
-arch's shared memory, and run 16-bit GEMM and attention on tensor cores while fp32 stays on the exact path.
+compiled for sm_80 (A100/A800), sm_89 (RTX 4090) and sm_90 (H100/H200) by ``python -m tools.compile_report``
+(a development tool of the checkout, run from its root); every config the launcher keeps must compile, spill at
+most 64 bytes per thread, fit the arch's shared memory, and run 16-bit GEMM and attention on tensor cores while
+fp32 stays on the exact path.
 A launch at a new chunk boundary or packing must compile nothing new.
 
 ``ISO_KERNELS_COMPILE_MATRIX=full`` checks every dtype, head_dim and shape (``.ci/run`` does, under the newest
@@ -14,14 +15,17 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from iso_kernels import envs
-from iso_kernels.compile_report import cases
+from tools.compile_report import cases
 from triton_ops._config import MAX_LOCAL_BYTES
 
 MATRIX = envs.compile_matrix()
+# tools/ is a folder of the checkout, not an installed package: its subprocesses run from the checkout's root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 89, 90)
 # Opt-in shared memory per block, from the CUDA programming guide's table (not from the report's own table).
 SHARED_MEMORY_KIB = {80: 163, 89: 99, 90: 227}
@@ -40,9 +44,9 @@ pytestmark = [pytest.mark.timeout(TIMEOUT_S + 60), pytest.mark.slow]
 # its first fitting config, so this compiles a few kernels and times nothing.
 BOUNDARIES_SCRIPT = """
 import json, os, torch, triton
-from iso_kernels.compile_report import CompileOnlyDriver, _keep_ptxas_log_in_metadata, default_cache_dir
+from tools.compile_report import CompileOnlyDriver, _keep_ptxas_log_in_metadata, default_cache_dir
 os.environ.setdefault("TRITON_CACHE_DIR", default_cache_dir())
-_keep_ptxas_log_in_metadata()  # what compile-report reads from the cache it shares
+_keep_ptxas_log_in_metadata()  # what the compile report reads from the cache it shares
 triton.runtime.driver.set_active(CompileOnlyDriver(90))
 from triton_ops.chunked_attention import _chunked_attention_fwd_kernel, chunked_attention_fwd
 from triton_ops.chunked_attention_varlen import _chunked_attention_varlen_fwd_kernel, chunked_attention_varlen_fwd
@@ -82,17 +86,17 @@ def rows(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     # Its own session, so a timeout also ends the per-arch worker processes it spawns.
     command = subprocess.Popen(
-        [sys.executable, "-m", "iso_kernels", "compile-report", "--arch", ",".join(map(str, ARCHS)),
+        [sys.executable, "-m", "tools.compile_report", "--arch", ",".join(map(str, ARCHS)),
          "--matrix", MATRIX, "--csv", str(report)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         stdout, stderr = command.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(command.pid, signal.SIGKILL)
         command.communicate()
-        pytest.fail(f"compile-report did not finish within {TIMEOUT_S} s")
-    assert command.returncode == 0, f"compile-report failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        pytest.fail(f"the compile report did not finish within {TIMEOUT_S} s")
+    assert command.returncode == 0, f"the compile report failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     with open(report) as f:
         found = list(csv.DictReader(f))
     for row in found:
@@ -107,8 +111,8 @@ def test_new_chunk_boundaries_compile_nothing():
     """The lengths, positions and packing of a chunk are not specialized on: after each kernel's first launch,
     launches at other chunk boundaries and packings reuse its compiled kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", BOUNDARIES_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run([sys.executable, "-c", BOUNDARIES_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-6000:]
     first, last = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(first.values()) and last == first

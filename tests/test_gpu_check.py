@@ -333,8 +333,11 @@ def test_every_file_and_test_the_plan_names_exists(dry_run):
                 identifiers = set(re.findall(r"\w+", value)) - {"not", "and", "or"}
                 known = set().union(*map(_test_names, files))
                 assert all(any(i in test for test in known) for i in identifiers), (name, value)
-        if "-m iso_kernels" in command:
-            assert (ROOT / "iso_kernels" / "__main__.py").is_file()
+            # `python -m iso_kernels`, `python -m tools.compile_report`: a module of the checkout (the script runs
+            # from its root) must be there; -m pip, pytest and pytest's `-m gpu` name no folder of the checkout.
+            if option == "-m" and (ROOT / value.split(".")[0]).is_dir():
+                module = ROOT / value.replace(".", "/")
+                assert module.with_suffix(".py").is_file() or (module / "__main__.py").is_file(), (name, value)
 
 
 def test_pytest_steps_explain_failures_and_isolate_the_nccl_init_test(dry_run):

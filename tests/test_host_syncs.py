@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iso_kernels import checkpoint, ops, schedule
+from iso_kernels import checkpoint, models, ops, schedule
 from iso_kernels.batch import add_prompts, cache_prefix
 from iso_kernels.paged_cache import IndexTensors, PackedBatch
 from iso_kernels.split import ChunkSplit
 
-VOCAB = checkpoint.PRESETS["llama-tiny"]["vocab_size"]
+VOCAB = models.PRESETS["llama-tiny"]["vocab_size"]
 READ_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
             torch.ops.aten.nonzero.default, torch.ops.aten.is_nonzero.default}
 UNDISPATCHED_READS = ("tolist", "numpy", "cpu")

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from iso_kernels import checkpoint, cli, comm, launch, schedule
+from iso_kernels import checkpoint, cli, comm, launch, models, schedule
 from iso_kernels.batch import add_prompts, cache_prefix, greedy_decode
 from iso_kernels.paged_cache import BlockAllocator, PackedBatch
 from iso_kernels.split import ChunkSplit
@@ -23,7 +23,7 @@ TOTAL = sum(PROMPT_LENS) + sum(SUFFIX_LENS)  # 384 tokens: requests at [0, 1, 38
 SPLITS = [ChunkSplit.even(TOTAL), ChunkSplit((1, 50, 250, 340, TOTAL))]
 BLOCK_SIZE, NUM_BLOCKS, MAX_SEQ_LEN = 16, 64, 256
 DECODE_STEPS = 2
-VOCAB = checkpoint.PRESETS["llama-tiny"]["vocab_size"]
+VOCAB = models.PRESETS["llama-tiny"]["vocab_size"]
 
 
 def _prompts(generator=None):
@@ -54,7 +54,7 @@ def _packed_runs(model, communicator, prompts, prefix, suffixes):
                 logits = schedule.forward(model, tokens, communicator, split, start=batch, schedule=mode)
                 out[(split.ends, mode)] = [x.clone() for x in batch.unpack(logits[0])]
         first = torch.stack([x[-1] for x in out["unsplit"]]).argmax(-1)
-        out["decode"] = greedy_decode(model, cache, batch.requests, first, DECODE_STEPS, communicator)
+        out["decode"] = greedy_decode(model, first, DECODE_STEPS, communicator, cache=cache, requests=batch.requests)
     return out
 
 
@@ -114,7 +114,7 @@ def test_a_batch_holds_each_request_once_and_decode_of_no_steps_runs_nothing(tin
     request = cache.add_request()
     with pytest.raises(ValueError, match="appear once"):
         cache.append([request, request], [1, 1])
-    fed, logits = greedy_decode(model, cache, [request], torch.tensor([3]), 0)
+    fed, logits = greedy_decode(model, torch.tensor([3]), 0, cache=cache, requests=[request])
     assert fed.shape == (1, 0) and logits.shape == (1, 0, VOCAB) and cache.lengths[request] == 0
 
 
@@ -235,7 +235,7 @@ def hf_serving(tmp_path_factory):
     (its whole prompt, prefix included, run alone) and of its greedy decode steps."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
-    shapes = dict(checkpoint.PRESETS["llama-tiny"])
+    shapes = dict(models.PRESETS["llama-tiny"])
     families = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
                   dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

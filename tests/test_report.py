@@ -6,7 +6,8 @@ import math
 import pytest
 
 from iso_kernels.metrics import OverlapMetrics
-from iso_kernels.report import PrefillReport, TrialCandidate
+from iso_kernels.planning import TrialCandidate
+from iso_kernels.report import PrefillReport
 
 
 def report(**fields):
@@ -27,12 +28,12 @@ def test_keys_per_schedule_and_the_split():
 def test_overlap_agreement_and_trial_entries():
     overlap = OverlapMetrics(45.0, 40.0, 44.0, 60.0, 2.0, 3.0, 0.3, 0.8)
     out = report(overlap=overlap, max_abs_diff=1e-6, agree=True, iso_equals_serial_same_chunks=True,
-                 bounds=[(0, 30), (30, 60), (60, 96)], plan="trial",
+                 bounds=[(0, 30), (30, 60), (60, 96)], split_source="trial",
                  trial=[TrialCandidate((96,), 99.0, 100.0, 3)], trial_ms=12.0, generated=[[1, 2]]).to_json()
     assert out["reduction"] == 0.3 and out["bound_ms"] == 60.0 and out["overlap_efficiency"] == 0.8
     assert out["agree"] and out["max_abs_diff"] == 1e-6 and out["iso_equals_serial_same_chunks"]
     assert out["split"] == [30, 60, 96] and out["generated"] == [[1, 2]]
-    assert out["plan"] == "trial" and out["trial"] == [{"ends": (96,), "predicted_iso_ms": 99.0,
+    assert out["split_source"] == "trial" and out["trial"] == [{"ends": (96,), "predicted_iso_ms": 99.0,
                                                         "measured_iso_ms": 100.0, "rounds": 3}]
 
 

@@ -1,31 +1,27 @@
-"""Simulated paper settings: serial vs ISO prefill of one request, from the datasheet cost model (no GPU).
+"""``python -m iso_kernels simulate``: serial vs ISO prefill of one request in the paper's settings, from the
+datasheet cost model (no GPU).
 
-    python -m iso_kernels.simulate --markdown
-    python -m iso_kernels.simulate --gpu rtx4090-pcie4 --tp 8 --seq-len 4096 --bandwidth 10 --chunks 2,3,auto
+    python -m iso_kernels simulate --markdown
+    python -m iso_kernels simulate --gpu rtx4090-pcie4 --tp 8 --seq-len 4096 --bandwidth 10 --chunks 2,3,auto
 
-Every number comes from ``costmodel``'s event simulation with ``LayerCosts.from_datasheet``; the
-assumptions behind the presets are listed in ``hardware.HARDWARE_PRESETS``, docs/cost-model.md and
-bench/README.md.
+Every number comes from ``planning``'s event simulation with ``LayerCosts.from_datasheet``; "auto" is the
+policy's decision (``planning.decide``). The assumptions behind the presets are listed in
+``hardware.HARDWARE_PRESETS``, docs/cost-model.md and bench/README.md.
 """
 
 import argparse
 import dataclasses
 import json
-import sys
 
-from .costmodel import LayerCosts, ModelShape, choose_split, predict
-from .hardware import HARDWARE_PRESETS
-from .split import ChunkSplit
+from .. import models
+from ..hardware import HARDWARE_PRESETS
+from ..planning import LayerCosts, Policy, decide, model_shape, predict
+from ..planning.shapes import check_int
+from ..split import ChunkSplit
+from . import render_table
 
-# The paper's model sizes, simulated only: the models that run (random weights made locally) are
-# ``checkpoint.PRESETS``.
-PAPER_MODELS = {
-    "llama2-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 32000),
-    # The ~30B class of the paper: LLaMA-1-33B's shape (MHA).
-    "llama-30b": ModelShape(6656, 60, 52, 52, 128, 17920, 32000),
-    "llama3-8b": ModelShape(4096, 32, 32, 8, 128, 14336, 128256),
-    "llama3-70b": ModelShape(8192, 80, 64, 8, 128, 28672, 128256),
-}
+# The models the table offers (models.PUBLISHED): the paper's 30B and 70B classes, and Llama 3's sizes.
+PAPER_MODELS = ("llama2-70b", "llama-30b", "llama3-8b", "llama3-70b")
 
 # The abstract of arXiv 2409.11155: prefill time cut by ~35% on RTX 4090 and ~15% on A800, for 30B and 70B
 # models; which TP degree, model and length gave each number is not stated.
@@ -37,34 +33,32 @@ DEFAULT_SEQ_LENS = "1024,2048,4096,8192"
 GIB = 2**30
 
 
-def _preset(table: dict, name: str, arg: str):
-    """``table[name]``, or a ValueError naming ``arg`` and the known names."""
-    if name not in table:
-        raise ValueError(f"{arg}: unknown preset {name!r}; known: {', '.join(sorted(table))}")
-    return table[name]
-
-
-def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gbps=None, chunks=(2, "auto"),
+def simulate_table(gpus, model_names, tps, seq_lens, *, efficiency=None, bandwidth_gbps=None, chunks=(2, "auto"),
                    batch=1, max_chunks=4, granularity=16) -> list:
     """One dict per (gpu, model, tp, seq_len). ``chunks``: ints (even splits into that many chunks) and/or
-    ``"auto"`` (the solver). Reductions are fractions of the serial time; ``bound_reduction`` =
+    ``"auto"`` (the policy's decision on the ``granularity`` grid). Reductions are fractions of the serial
+    time; ``bound_reduction`` =
     1 - max(C, M) / (C + M) with the serial compute C and communication M, which no chunking can beat
     (chunking only adds fixed costs and latencies)."""
+    check_int("batch", batch)
+    policy = Policy(max_chunks=max_chunks, granularity=granularity)
+    for name, value in (("efficiency", efficiency), ("bandwidth_gbps", bandwidth_gbps)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     rows = []
     for gpu in gpus:
-        hardware = _preset(HARDWARE_PRESETS, gpu, "gpus")
+        hardware = HARDWARE_PRESETS[gpu]
         if efficiency is not None:
             hardware = dataclasses.replace(hardware, efficiency=efficiency)
         if bandwidth_gbps is not None:
             hardware = dataclasses.replace(hardware, link_gbps=bandwidth_gbps)
-        for model in models:
-            shape = _preset(PAPER_MODELS, model, "models")
+        for model in model_names:
+            shape = model_shape(models.config(model))
             for tp in tps:
                 costs = LayerCosts.from_datasheet(shape, hardware, tp)
                 weights = shape.weight_bytes / tp / GIB
                 for seq_len in seq_lens:
-                    kw = {"batch": batch, "hidden": shape.hidden, "dtype_bytes": shape.dtype_bytes}
-                    serial = predict(costs, shape.n_layers, seq_len, [seq_len], **kw)
+                    serial = predict(costs, shape.prefill(batch), ChunkSplit((seq_len,)))
                     c, m = serial.compute_s, serial.comm_s
                     row = {"gpu": gpu, "model": model, "tp": tp, "seq_len": seq_len, "batch": batch,
                            "efficiency": hardware.efficiency, "bus_gbps": hardware.link_gbps,
@@ -73,13 +67,12 @@ def simulate_table(gpus, models, tps, seq_lens, *, efficiency=None, bandwidth_gb
                            "compute_ms": 1e3 * c, "comm_ms": 1e3 * m, "serial_ms": 1e3 * serial.serial_s}
                     for spec in chunks:
                         if spec == "auto":
-                            ends = choose_split(costs, shape.n_layers, seq_len, **kw, max_chunks=max_chunks,
-                                                granularity=granularity)
+                            split = decide(costs, shape.prefill(batch), seq_len, policy).split
                             name = "solver"
-                            row["solver_boundaries"] = ends
+                            row["solver_boundaries"] = list(split.ends)
                         else:
-                            ends, name = ChunkSplit.even(seq_len, spec), f"{spec}even"
-                        p = predict(costs, shape.n_layers, seq_len, ends, **kw)
+                            split, name = ChunkSplit.even(seq_len, spec), f"{spec}even"
+                        p = predict(costs, shape.prefill(batch), split)
                         row[f"iso_{name}_ms"] = 1e3 * p.iso_s
                         row[f"reduction_{name}"] = p.reduction
                     row["bound_reduction"] = 1 - max(c, m) / (c + m) if c + m > 0 else 0.0
@@ -116,16 +109,6 @@ def format_table(rows, chunks=(2, "auto"), markdown=False) -> str:
     return render_table([[header for header, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows], markdown)
 
 
-def render_table(cells, markdown=False) -> str:
-    """Rows of strings, the first the header, as a Markdown table or right-aligned plain columns."""
-    if markdown:
-        lines = ["| " + " | ".join(line) + " |" for line in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in cells[0]) + "|")
-        return "\n".join(lines)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells)
-
-
 # --- command line ---
 def _names(table, what):
     def parse(text):
@@ -155,7 +138,7 @@ def _chunk_specs(text):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=_names(HARDWARE_PRESETS, "gpu"), default=DEFAULT_GPUS,
                         help=f"hardware presets, comma-separated (default {DEFAULT_GPUS})")
-    parser.add_argument("--model", type=_names(PAPER_MODELS, "model"), default=DEFAULT_MODELS,
+    parser.add_argument("--model", type=_names(models.PUBLISHED, "model"), default=DEFAULT_MODELS,
                         help=f"model presets, comma-separated (default {DEFAULT_MODELS})")
     parser.add_argument("--tp", type=_ints, default=DEFAULT_TPS, help=f"TP degrees (default {DEFAULT_TPS})")
     parser.add_argument("--seq-len", type=_ints, default=DEFAULT_SEQ_LENS,
@@ -165,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth", type=float, help="override the all-reduce bus bandwidth, GB/s")
     parser.add_argument("--chunks", type=_chunk_specs, default="2,auto",
                         help="splits to show: N = even split into N chunks (2 = the paper), "
-                             "auto = the solver (default 2,auto)")
+                             "auto = the policy's split (default 2,auto)")
     parser.add_argument("--max-chunks", type=int, default=4, help="solver's largest chunk count (default 4)")
     parser.add_argument("--granularity", type=int, default=16, help="solver's boundary step in tokens")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -181,14 +164,3 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iso_kernels.simulate",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""The cost model's constants for one prefill job, measured on its ranks: block timings fitted by
-``costmodel.fit_layer_costs`` (cached per model, TP size, shape, machine and link), scaled to the job's own
-serial prefill."""
+"""What the prefill job measures on its ranks for planning: its blocks' timings, fitted by
+``planning.fit_layer_costs`` (cached per model, TP size, shape, machine and link) and scaled to the job's own
+serial prefill, and the key its cached measurements are stored under."""
 
 import dataclasses
 import statistics
@@ -8,7 +8,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from . import costmodel, hardware
+from . import hardware, planning
 from .launch import broadcast, max_over_ranks
 from .metrics import device_name, median_seconds
 from .split import ChunkSplit
@@ -37,7 +37,7 @@ def fitted_costs(prefill, compute_only_s):
         # A serving batch's attention is per request, which the one-sequence block model does not describe:
         # the split trial alone chooses its chunks.
         return None
-    model, communicator, unsplit = prefill.model, prefill.communicator, ChunkSplit((prefill.seq_len,))
+    communicator, unsplit = prefill.communicator, ChunkSplit((prefill.seq_len,))
     # The block fits give the shape of the costs; the whole serial prefill measured here fixes their scale
     # (an emulated link's cost is known exactly instead, below).
     link_model = getattr(communicator, "link", None)
@@ -47,8 +47,7 @@ def fitted_costs(prefill, compute_only_s):
             busy_ms(prefill.timed_run(unsplit, "serial")[2], "comm") / 1e3
             for _ in range(2)))
     costs = _block_costs(prefill)
-    modelled = costmodel.simulate_prefill(costs, model.args.n_layer, prefill.seq_len, unsplit,
-                                          **prefill.predict_kw())
+    modelled = planning.simulate_prefill(costs, prefill.shape, unsplit)
     if link_model is not None:
         # An emulated link's cost is known exactly; a fit of timed collectives would add the ranks' skew to it
         # as a spurious latency, paid once more per extra chunk.
@@ -64,7 +63,7 @@ def _block_costs(prefill):
     model, communicator, device, dtype = prefill.model, prefill.communicator, prefill.device, prefill.dtype
     layer, args, batch, seq_len = model.layers[0], model.args, prefill.batch, prefill.seq_len
     key = cache_key(prefill)
-    cached = costmodel.load_calibration(None, key) if dist.get_rank() == 0 and not prefill.cfg.recalibrate \
+    cached = planning.load_calibration(None, key) if dist.get_rank() == 0 and not prefill.cfg.recalibrate \
         else None
     cached = broadcast(cached)
     if cached is not None:
@@ -88,10 +87,10 @@ def _block_costs(prefill):
         return median_seconds(lambda: communicator.all_reduce(x), device)
 
     token_bytes = batch * args.dim * dtype.itemsize
-    fit = costmodel.fit_layer_costs(measure_attention, measure_mlp, measure_all_reduce, token_sizes=sizes,
+    fit = planning.fit_layer_costs(measure_attention, measure_mlp, measure_all_reduce, token_sizes=sizes,
                                     prefix_sizes=prefixes, byte_sizes=[token_bytes * n for n in sizes],
                                     batch=batch)
     costs = broadcast(fit.costs)
     if dist.get_rank() == 0:
-        costmodel.save_calibration(None, costs, key)
+        planning.save_calibration(None, costs, key)
     return costs

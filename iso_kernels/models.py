@@ -1,0 +1,74 @@
+"""Every named model, as a Hugging Face ``config.json`` dict: the presets that run here with random weights
+(``PRESETS``), and the shapes of published checkpoints that the planner and its tables describe
+(``PUBLISHED``). No torch: the planner reads this registry.
+
+    models.config("llama2-70b")            # -> the config dict, with the Llama defaults filled in
+    planning.model_shape(models.config(n)) # -> the cost model's ModelShape
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Small Llama-style models that are made locally with random weights (no downloads): ``--model NAME``.
+PRESETS = {
+    # The CLI's default: big enough that compute dominates Python overhead on a 2-core CPU, small enough that
+    # a 2-rank prefill of 512 tokens takes a fraction of a second.
+    "llama-small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=4096, max_position_embeddings=4096),
+    # GPU benchmarks (bench/bench_iso_prefill.py): a 1B-class Llama (0.89 B parameters), chosen so that on one
+    # H100 a bf16 block of a few thousand tokens takes far longer than launching its kernels, as llama-small's
+    # do not. Its random checkpoint is stored in bf16, the dtype GPU runs use: 1.8 GB, made in 10 s on the
+    # 2-core dev machine (fp32 after nn.Linear's default init: 3.6 GB, 27 s in the same run).
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192,
+                     torch_dtype="bfloat16"),
+    # Tests: seconds for a whole TP=4 run.
+    "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
+}
+
+# Published checkpoints, planned and simulated only (too large to make here). The keys the cost model reads,
+# copied from each model's config.json on the Hugging Face hub (the repository named beside it).
+PUBLISHED = {
+    # meta-llama/Llama-2-7b-hf, -13b-hf (MHA); codellama/CodeLlama-34b-hf; meta-llama/Llama-2-70b-hf.
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "codellama-34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=16384),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    # The ~30B class of the ISO paper: huggyllama/llama-30b (LLaMA-1-33B, MHA).
+    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
+    # meta-llama/Meta-Llama-3-8B and -70B (Llama-3.3-70B-Instruct has the 70B's shape).
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+}
+
+# What every registered model leaves at the Llama defaults.
+LLAMA_DEFAULTS = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def config(name: str, *, runnable: bool = False) -> dict[str, Any]:
+    """The config.json dict of model ``name`` (a preset, or with ``runnable=False`` a published shape)."""
+    known = PRESETS if runnable else {**PUBLISHED, **PRESETS}
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
+    return {**LLAMA_DEFAULTS, **known[name]}
+
+
+def read_config(folder):
+    """The parsed ``config.json`` of a checkpoint folder (a Hugging Face model, or one of ours)."""
+    config_path = Path(folder) / "config.json"
+    try:
+        return json.loads(config_path.read_text())
+    except OSError:
+        raise FileNotFoundError(f"{config_path} is missing or unreadable") from None
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: invalid JSON ({exc})") from None

@@ -1,0 +1,122 @@
+"""What planning needs to know about a model and a prefill: ``ModelShape`` (sizes and FLOPs), ``PrefillShape``
+(the narrow interface the engine hands to planning), and the argument checks every entry point shares."""
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: .model imports torch
+    from ..model import ModelArgs
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """A TypeError or ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    """A ValueError naming ``name`` unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer's sizes, as the cost model needs them (``models.PUBLISHED`` by name)."""
+
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int = 2
+
+    @property
+    def attention_gemm_flops(self) -> float:
+        """Per token per layer: QKV projection plus ``o_proj``."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return 2.0 * self.hidden * (q + 2 * kv) + 2.0 * q * self.hidden
+
+    @property
+    def mlp_gemm_flops(self) -> float:
+        """Per token per layer: gate, up and down projections."""
+        return 6.0 * self.hidden * self.intermediate
+
+    @property
+    def pair_flops(self) -> float:
+        """Per visible (query, key) pair per layer: QK^T and PV over all heads."""
+        return 4.0 * self.n_heads * self.head_dim
+
+    @property
+    def weight_bytes(self) -> int:
+        """Decoder layers, untied embedding and LM head, norms."""
+        q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
+        return (self.n_layers * per_layer + 2 * self.vocab * h + h) * self.dtype_bytes
+
+    def prefill(self, batch: int = 1) -> "PrefillShape":
+        return PrefillShape(self.n_layers, self.hidden, batch, self.dtype_bytes)
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    """What the schedule simulation needs of one prefill: ``batch`` sequences through ``n_layers`` layers whose
+    all-reduces carry ``hidden`` values of ``dtype_bytes`` bytes per token."""
+
+    n_layers: int
+    hidden: int
+    batch: int = 1
+    dtype_bytes: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_int(field.name, getattr(self, field.name))
+
+    def message_bytes(self, tokens):
+        """Bytes of one all-reduce of ``tokens`` tokens per sequence."""
+        return self.batch * tokens * self.hidden * self.dtype_bytes
+
+
+REQUIRED_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                        "vocab_size")
+
+
+def model_shape(config: "dict[str, Any] | ModelArgs | ModelShape", dtype_bytes: int = 2) -> ModelShape:
+    """The cost model's shape of ``config``: a Hugging Face ``config.json`` dict, a ``model.ModelArgs`` or a
+    ``ModelShape`` (its ``dtype_bytes`` replaced by ``dtype_bytes``)."""
+    check_int("dtype_bytes", dtype_bytes)
+    if isinstance(config, ModelShape):
+        return dataclasses.replace(config, dtype_bytes=dtype_bytes)
+    if isinstance(config, dict):
+        missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        heads = config["num_attention_heads"]
+        return ModelShape(hidden=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=heads,
+                          n_kv_heads=config.get("num_key_value_heads") or heads,
+                          head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                          intermediate=config["intermediate_size"], vocab=config["vocab_size"],
+                          dtype_bytes=dtype_bytes)
+    from ..model import ModelArgs  # a caller holding a ModelArgs has imported torch already
+
+    if not isinstance(config, ModelArgs):
+        raise TypeError(f"config must be a config.json dict, a ModelArgs or a ModelShape, got {type(config).__name__}")
+    return ModelShape(hidden=config.dim, n_layers=config.n_layer, n_heads=config.n_head,
+                      n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                      intermediate=config.intermediate_size, vocab=config.vocab_size, dtype_bytes=dtype_bytes)
+
+
+def check_divisible(shape: ModelShape, tp: int) -> None:
+    """Clear errors when a model cannot be split over ``tp`` ranks: whole query and KV heads and an equal share
+    of the MLP per rank (KV heads are never replicated). The one rule of ``iso_kernels.tp`` and the planner."""
+    check_int("tp", tp)
+    for what, size in (("attention heads", shape.n_heads), ("KV heads", shape.n_kv_heads),
+                       ("intermediate size", shape.intermediate)):
+        if size % tp:
+            raise ValueError(f"{what} ({size}) are not divisible by tp={tp}")
