@@ -1,7 +1,9 @@
 """Compile every Triton kernel for GPUs that are not here, through its real launcher, and report what ptxas made.
 
-``python -m iso_kernels compile-report [--arch 80,89,90 | native] [--matrix main | full] [--csv FILE]
-[--all-candidates]``
+``python -m tools.compile_report [--arch 80,89,90 | native] [--matrix main | full] [--csv FILE]
+[--all-candidates]``, from the root of a checkout (``python tools/compile_report.py ...`` works too). A
+development tool, not part of the package: nothing ``iso_kernels`` or ``triton_ops`` imports pulls it in, and
+neither the wheel nor the sdist carries it.
 
 Each case calls a kernel's launcher (``triton_ops``) on meta tensors at a shape users run, so the launch goes
 through the same argument binding, specialization, constexprs and config pruning as on a GPU; only the
@@ -27,18 +29,22 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 
-from . import envs
+if not __package__:  # run as a script (python tools/compile_report.py): the checkout's packages, not installed ones
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and SM counts, per compute
-# capability: A100/A800, RTX 4090, H100/H200.
-SHARED_MEMORY_LIMITS = {80: 166912, 89: 101376, 90: 232448}
-MULTIPROCESSORS = {80: 108, 89: 128, 90: 132}
-ARCH_NAMES = {80: "sm_80 (A100/A800)", 89: "sm_89 (RTX 4090)", 90: "sm_90 (H100/H200)"}
+from iso_kernels import envs
+from iso_kernels.hardware import GPU_ARCHS
+from iso_kernels.launch import one_line_warnings
+
+# The architectures compiled for (compute capability -> opt-in shared memory per block, SM count, GPUs named)
+# are iso_kernels.hardware.GPU_ARCHS, the facts the cost model's presets describe too.
 # ptxas spill stores per thread that still count as no real spilling (see triton_ops._config.MAX_LOCAL_BYTES).
 MAX_SPILL_STORE_BYTES = 64
 # SASS opcodes counted in the instruction mix: Hopper warpgroup MMA, Ampere/Ada warp MMA, FP32 FMA,
@@ -95,8 +101,8 @@ class CompileOnlyDriver:
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", capability, 32)
-        self.shared_limit = shared_limit or SHARED_MEMORY_LIMITS[capability]
-        self.utils = _CompileOnlyUtils(self.shared_limit, multiprocessors or MULTIPROCESSORS[capability])
+        self.shared_limit = shared_limit or GPU_ARCHS[capability].shared_memory_bytes
+        self.utils = _CompileOnlyUtils(self.shared_limit, multiprocessors or GPU_ARCHS[capability].multiprocessors)
         self.launcher_cls = _NoLaunch
 
     def get_current_device(self):
@@ -489,9 +495,10 @@ def _span(values):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="80,89,90",
-                        help="compute capabilities to compile for, comma-separated (default 80,89,90: A100/A800, "
-                             "RTX 4090, H100/H200), or 'native' for this machine's GPU")
+    parser.add_argument("--arch", default=",".join(map(str, GPU_ARCHS)),
+                        help="compute capabilities to compile for, comma-separated (default %(default)s: "
+                             f"{', '.join(arch.name for arch in GPU_ARCHS.values())}), or 'native' for this "
+                             "machine's GPU")
     parser.add_argument("--matrix", choices=("main", "full"), default="main",
                         help="main: a Llama-70B-class bf16 prefill's shapes; full: every dtype, head_dim and shape")
     parser.add_argument("--csv", help="write one row per compiled config to this file")
@@ -503,10 +510,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     archs = ["native"] if args.arch == "native" else [a.strip() for a in args.arch.split(",") if a.strip()]
     for arch in archs:
-        if arch != "native" and (not arch.isdigit() or int(arch) not in SHARED_MEMORY_LIMITS):
-            raise ValueError(f"--arch: {arch!r} is not one of {sorted(SHARED_MEMORY_LIMITS)} or 'native'")
+        if arch != "native" and (not arch.isdigit() or int(arch) not in GPU_ARCHS):
+            raise ValueError(f"--arch: {arch!r} is not one of {sorted(GPU_ARCHS)} or 'native'")
     rows = report(archs, args.matrix, args.jobs, args.all_candidates)
     if args.csv:
         write_csv(rows, args.csv)
     print(summary(rows))
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.compile_report",
+                                     description="Compile every Triton kernel for sm_80/89/90 without a GPU (or for "
+                                                 "this GPU: --arch native) and report registers, spills, shared "
+                                                 "memory and the SASS instruction mix per compiled config.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    one_line_warnings()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

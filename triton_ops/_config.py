@@ -38,13 +38,13 @@ MAX_LOCAL_BYTES = 24
 BENCH_WARMUP_MS = 5
 BENCH_REP_MS = 10
 # Whether launches leave out the candidates that an op lists as never kept on their architecture
-# (``arch_candidates``); ``python -m iso_kernels compile-report --all-candidates`` turns it off, to compile
-# those too and show whether the lists still hold.
+# (``arch_candidates``); ``python -m tools.compile_report --all-candidates`` turns it off, to compile those too
+# and show whether the lists still hold.
 PER_ARCH_CANDIDATES = True
 # Threads that compile one key's candidates at once (``compile_all``): most of a Triton compile runs outside the
 # GIL (the MLIR and LLVM passes, ptxas as a subprocess), so a key's 6-7 candidates compile in about the time of
 # the slowest on a machine with as many cores (the 7 16-bit attention candidates at head_dim 128 for sm_90,
-# Triton 3.9, 2-core CPU machine: 8.5 s one by one, 4.8 s on 2 threads). ``iso_kernels.compile_report`` sets 1:
+# Triton 3.9, 2-core CPU machine: 8.5 s one by one, 4.8 s on 2 threads). ``tools/compile_report.py`` sets 1:
 # it captures each compile's ptxas log through the process's stdout. ``ISO_KERNELS_COMPILE_THREADS=1`` compiles one
 # candidate at a time: the parallel path rests on Triton's private async-compile mode (in 3.6 and 3.9), which no
 # GPU has run here yet.
@@ -104,7 +104,7 @@ def launch_tuned(tuned, grid, interpreter_config, *args, **kwargs):
 
 def short_bench(kernel_call, quantiles=None):
     """The autotuner's benchmark: the active driver's (``triton.testing.do_bench`` on a GPU, a single no-op
-    launch under ``iso_kernels.compile_report``'s compile-only driver) with ``BENCH_WARMUP_MS`` and
+    launch under ``tools/compile_report.py``'s compile-only driver) with ``BENCH_WARMUP_MS`` and
     ``BENCH_REP_MS``."""
     from triton.runtime import driver
 
@@ -127,7 +127,7 @@ def autotune(configs, key, **kwargs):
 def device_arch():
     """The compute capability (10 * major + minor) the current launch compiles for, asked at launch, never at
     import: the active Triton driver's target, which is ``torch.cuda.get_device_capability()`` of the current
-    device on a GPU and the chosen architecture under ``iso_kernels.compile_report``'s compile-only driver.
+    device on a GPU and the chosen architecture under ``tools/compile_report.py``'s compile-only driver.
     None for a target that is not CUDA."""
     from triton.runtime import driver
 

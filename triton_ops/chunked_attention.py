@@ -41,7 +41,7 @@ _CONFIGS_16BIT = [
 ]
 # Per architecture, the 16-bit candidates never kept there, which launches do not compile (``_config.
 # arch_candidates``): (arch, head_dim or None for all) -> configs. From the compile reports with every candidate
-# (``compile-report --all-candidates``, main matrix, bf16, both attention kernels: bench/results/
+# (``tools.compile_report --all-candidates``, main matrix, bf16, both attention kernels: bench/results/
 # compile_report_triton-3.6.0.csv and -3.9.0.csv). sm_90 keeps each candidate somewhere: 128x128 at head_dim
 # 128 spills in this kernel but fits the varlen one (Triton 3.6 with either cache, 3.9 with pages: 0-24 B
 # frames), and Triton 3.6 keeps it at head_dim 64.
