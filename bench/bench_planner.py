@@ -29,7 +29,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import common
-from iso_kernels import comm, costmodel, engine, launch, planner, split_trial
+from iso_kernels import comm, engine, launch, planning
 from iso_kernels.metrics import quantiles, round_reductions
 from iso_kernels.split import ChunkSplit
 
@@ -49,17 +49,16 @@ def _compare_rank(rank, world_size, cfg, select_rounds, repeats, budget_s):
     """Rank 0: {"serial": [ms per round], "splits": {ends: [ms per round]}, "predicted": {ends: (ms by the
     calibrated model, ms by the model the trial corrected)}, "auto": ends, "trial_ms": ms, ...}."""
     with torch.inference_mode():
-        prefill, compute_only_s = engine.open_prefill(rank, world_size, cfg)
-        choice = engine.choose_split(prefill, compute_only_s)
-        seq_len = prefill.seq_len
-        ranked = planner.candidate_plans(choice.costs, prefill.model.args.n_layer, seq_len, keep=EVERY_CANDIDATE,
-                                         **prefill.predict_kw()) if choice.costs else []
+        job = engine.resolve(cfg)
+        prefill, compute_only_s = engine.open_prefill(rank, world_size, cfg, job)
+        choice = engine.choose_split(prefill, job.split, compute_only_s)
+        seq_len, shape = prefill.seq_len, prefill.shape
+        ranked = planning.ranked_splits(choice.costs, shape, seq_len, keep=EVERY_CANDIDATE) if choice.costs else []
         splits = list(dict.fromkeys([ChunkSplit((seq_len,)), ChunkSplit.even(seq_len, 2), choice.split, *ranked]))
-        seconds = split_trial.timed_rounds(prefill, [(ChunkSplit((seq_len,)), "serial")]
-                                           + [(split, "iso") for split in splits], select_rounds + repeats,
-                                           budget_s=budget_s, max_repeats=MAX_ROUNDS)
-        n_layer, kw = prefill.model.args.n_layer, prefill.predict_kw()
-        predicted = {split.ends: tuple(costmodel.predict(costs, n_layer, seq_len, split, **kw).iso_s * 1e3
+        runs = [(ChunkSplit((seq_len,)), "serial")] + [(split, "iso") for split in splits]
+        seconds = planning.timed_rounds(lambda i: prefill.timed_run(*runs[i])[1], len(runs), select_rounds + repeats,
+                                        budget_s=budget_s, max_repeats=MAX_ROUNDS)
+        predicted = {split.ends: tuple(planning.predict(costs, shape, split).iso_s * 1e3
                                        for costs in (choice.calibrated_costs, choice.costs))
                      for split in splits} if choice.costs else {}
     prefill.close()

@@ -321,7 +321,8 @@ def _timed_runs(prefill, split, show_progress):
         return elapsed
 
     # disable=None: no bar when stderr is not a terminal (logs, tests)
-    bar = tqdm(total=cfg.warmup + cfg.repeats, desc="prefill runs", leave=False, disable=None if show_progress else True)
+    bar = tqdm(total=cfg.warmup + cfg.repeats, desc="prefill runs", leave=False,
+               disable=None if show_progress else True)
     with bar:  # interleaved rounds, so drift in machine load hits every schedule alike
         seconds = planning.timed_rounds(run, len(modes), cfg.repeats, warmup=cfg.warmup, after_round=bar.update)
     return logits, dict(zip(modes, seconds, strict=True)), {mode: rows[cfg.warmup:] for mode, rows in traces.items()}

@@ -104,8 +104,8 @@ class PrefillReport:
         if self.agree is not None:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
-        out.update(split_source=self.split_source, trial=[dataclasses.asdict(c) for c in self.trial], trial_ms=self.trial_ms,
-                   model_correction=self.model_correction)
+        out.update(split_source=self.split_source, trial=[dataclasses.asdict(c) for c in self.trial],
+                   trial_ms=self.trial_ms, model_correction=self.model_correction)
         if self.requests is not None:
             out["requests"] = self.requests
         out["generated"] = self.generated

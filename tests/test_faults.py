@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from iso_kernels import checkpoint, costmodel, launch
+from iso_kernels import checkpoint, launch, planning
 
 pytestmark = pytest.mark.slow  # every test here starts ranks or processes
 
@@ -216,10 +216,10 @@ def test_two_runs_share_a_fresh_cache(jobs, tmp_path):
 
 _SAVE_MANY = """
 import sys
-from iso_kernels import costmodel
-costs = costmodel.LayerCosts(1e-4, 1e-6, 1e-9, 1e-4, 1e-6, 1e-5, 1e9)
+from iso_kernels import planning
+costs = planning.LayerCosts(1e-4, 1e-6, 1e-9, 1e-4, 1e-6, 1e-5, 1e9)
 for i in range(40):
-    costmodel.save_calibration(sys.argv[1], costs, {"writer": sys.argv[2], "i": i})
+    planning.save_calibration(sys.argv[1], costs, {"writer": sys.argv[2], "i": i})
 """
 
 
@@ -271,7 +271,7 @@ def test_bad_cache_layouts_load_as_empty(tmp_path):
                  '{"entries": [{"key": {}, "costs": {"speed": 1}}]}', "[]", '{"version": 1}'):
         path.write_text(text)
         with pytest.warns(UserWarning, match="unreadable"):
-            assert costmodel.load_calibration(path, {}) is None
+            assert planning.load_calibration(path, {}) is None
 
 
 # --- 4. a missing extra ---
