@@ -67,6 +67,7 @@ class SplitChoice:
     trial: list = dataclasses.field(default_factory=list)  # TrialCandidate per timed split
     trial_s: float = 0.0  # the trial's cost
     correction: PlanCorrection = dataclasses.field(default_factory=PlanCorrection)
+    verdict: str = ""  # why the trial chose ``split``, in words
 
     @property
     def costs(self):
@@ -131,12 +132,12 @@ def split_trial(costs: LayerCosts | None, shape: PrefillShape, seq_len: int, tim
     if costs is not None and whole in candidates:
         correction = fit_plan_correction(costs, shape, {c.ends: c.measured_iso_ms / 1e3 for c in trial})
     corrected_off = costs is not None and decide(correction.apply(costs), shape, seq_len, policy).off
-    best = candidates[_pick(seconds, candidates.index(default),
-                            candidates.index(whole) if corrected_off and whole in candidates else None)]
+    best, verdict = _pick(seconds, candidates.index(default),
+                          candidates.index(whole) if corrected_off and whole in candidates else None)
     if writer:
-        store.save(key, {"fractions": [end / seq_len for end in best.ends],
+        store.save(key, {"fractions": [end / seq_len for end in candidates[best].ends],
                          "correction": dataclasses.asdict(correction)})
-    return SplitChoice(best, "trial", costs, trial, sum(spent), correction)
+    return SplitChoice(candidates[best], "trial", costs, trial, sum(spent), correction, verdict)
 
 
 def _candidates(costs, shape, seq_len, planned, chunks, even_only_chunks):
@@ -174,13 +175,13 @@ def _race(run, count, default):
 
 
 def _pick(seconds, default, whole=None):
-    """The index of the candidate with the fastest median among those timed in every round the ``default`` was
-    (the race's finalists), where it beats ``default`` by TRIAL_MARGIN in the median of their per-round time
-    ratios (rounds are interleaved, so a ratio cancels the load they shared). Else ``whole`` (the unsplit
-    prompt's index, given where the corrected model decides against splitting) where it is a finalist and no
-    slower than ``default`` round for round, else ``default``. A few noisy rounds would otherwise trade a sure
-    plan for a lucky one; where the model and the measurement agree that splitting does not pay, the prompt
-    stays whole.
+    """(index, verdict in words) of the candidate with the fastest median among those timed in every round the
+    ``default`` was (the race's finalists), where it beats ``default`` by TRIAL_MARGIN in the median of their
+    per-round time ratios (rounds are interleaved, so a ratio cancels the load they shared). Else ``whole`` (the
+    unsplit prompt's index, given where the corrected model decides against splitting) where it is a finalist
+    and no slower than ``default`` round for round, else ``default``. A few noisy rounds would otherwise trade a
+    sure plan for a lucky one; where the model and the measurement agree that splitting does not pay, the
+    prompt stays whole.
     """
     rounds = len(seconds[default])
     finalists = [i for i in range(len(seconds)) if len(seconds[i]) == rounds]
@@ -189,6 +190,11 @@ def _pick(seconds, default, whole=None):
         return statistics.median(t / d for t, d in zip(seconds[i], seconds[default], strict=True))
 
     fastest = min(finalists, key=lambda i: (statistics.median(seconds[i]), i))
-    if ratio(fastest) < 1 - TRIAL_MARGIN:
-        return fastest
-    return whole if whole in finalists and ratio(whole) <= 1 else default
+    faster = 1 - ratio(fastest)
+    if faster > TRIAL_MARGIN:
+        return fastest, f"{faster:.1%} faster than the policy's plan round for round (margin {TRIAL_MARGIN:.0%})"
+    within = "measured the fastest" if fastest == default else (
+        f"no measurable difference: the fastest finalist is {faster:.1%} faster, within the {TRIAL_MARGIN:.0%} margin")
+    if whole in finalists and ratio(whole) <= 1 and whole != default:
+        return whole, f"unsplit: the corrected model decides against splitting; {within}"
+    return default, f"the policy's plan; {within}"
