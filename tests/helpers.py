@@ -1,6 +1,11 @@
-"""Input builders and the tolerance rule shared by the op tests."""
+"""Input builders and the tolerance rule shared by the op tests; the cost models the planning tests share."""
+
+import dataclasses
 
 import torch
+
+from iso_kernels import models, planning
+from iso_kernels.hardware import HARDWARE_PRESETS
 
 # Slack on top of "2x torch's own error", per dtype: covers reductions summed in another order.
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -48,3 +53,28 @@ HF_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 32, "rope_theta": 500000.0}
 HF_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+
+
+# --- planning (tests/planning): cost models written in the tests ---
+def toy_costs():
+    """attn(n, p) = 1 + n(p + (n+1)/2); mlp(n) = n; all_reduce(b) = 1 + b: small integers, checkable by hand."""
+    return planning.LayerCosts(attn_fixed=1, attn_per_token=0, attn_per_pair=1, mlp_fixed=0, mlp_per_token=1,
+                               ar_latency=1, ar_bandwidth=1)
+
+
+def unit_shape(n_layers, batch=1):
+    """A prefill whose all-reduce bytes equal its tokens per sequence times ``batch``, so that ar_bandwidth
+    reads as tokens per second."""
+    return planning.PrefillShape(n_layers, hidden=1, batch=batch, dtype_bytes=1)
+
+
+def published_shape(name):
+    """The cost model's shape of a published checkpoint of ``iso_kernels.models`` (e.g. "llama2-70b")."""
+    return planning.model_shape(models.config(name))
+
+
+def datasheet_costs(gpu, tp, shape="llama2-70b", **overrides):
+    """The datasheet costs of ``shape`` (a published model's name or a ModelShape) over ``tp`` ranks of the
+    hardware preset ``gpu``, with ``overrides`` of its fields."""
+    shape = published_shape(shape) if isinstance(shape, str) else shape
+    return planning.LayerCosts.from_datasheet(shape, dataclasses.replace(HARDWARE_PRESETS[gpu], **overrides), tp)
