@@ -48,6 +48,10 @@ PUBLISHED = {
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    # Qwen/Qwen2.5-72B-Instruct.
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6),
 }
 
 # What every registered model leaves at the Llama defaults.

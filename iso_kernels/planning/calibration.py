@@ -133,6 +133,8 @@ def fit_plan_correction(costs: LayerCosts, shape: PrefillShape, measured: dict) 
     """
     seq_len = max(ends[-1] for ends in measured)
     whole = ChunkSplit((seq_len,))
+    if any(ends[-1] != seq_len for ends in measured):
+        raise ValueError(f"measured: every split must end at the prompt's length {seq_len}, got {sorted(measured)}")
     if whole.ends not in measured or len(measured) < 2:
         raise ValueError("measured needs the unsplit prompt and at least one split")
     splits = [ChunkSplit(ends) for ends in measured]

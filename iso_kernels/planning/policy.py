@@ -155,7 +155,7 @@ def decide(costs: LayerCosts, shape: PrefillShape, seq_len: int, policy: Policy 
             return off("compute", f"communication-bound: compute is {compute / serial.total_s:.1%} of the "
                                   f"serial prefill, too little to hide the all-reduces under "
                                   f"(min_gain={min_gain:.1%})")
-    split = best_split(costs, shape, seq_len, max_chunks=min(policy.max_chunks, seq_len // policy.granularity),
+    split = best_split(costs, shape, seq_len, max_chunks=max(1, min(policy.max_chunks, seq_len // policy.granularity)),
                        granularity=policy.granularity, chunks=policy.chunks)
     even = ChunkSplit.even(seq_len, len(split))
     uneven_s, even_s = total_times(costs, shape, np.array([split.ends, even.ends]))

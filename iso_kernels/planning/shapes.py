@@ -56,9 +56,30 @@ class ModelShape:
     @property
     def weight_bytes(self) -> int:
         """Decoder layers, untied embedding and LM head, norms."""
-        q, kv, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
+        h = self.hidden
+        per_layer = self.attention_weight_elements + self.mlp_weight_elements + 2 * h
         return (self.n_layers * per_layer + 2 * self.vocab * h + h) * self.dtype_bytes
+
+    @property
+    def attention_weight_elements(self) -> int:
+        """Per layer: the QKV projection's and ``o_proj``'s weights."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.hidden * (q + 2 * kv) + q * self.hidden
+
+    @property
+    def mlp_weight_elements(self) -> int:
+        """Per layer: gate, up and down projections' weights."""
+        return 3 * self.hidden * self.intermediate
+
+    def elementwise_bytes(self, tp: int) -> tuple[int, int]:
+        """Per token per layer on each of ``tp`` ranks, the (attention, MLP) block's memory traffic besides its
+        GEMMs: the fused residual add + RMSNorm on the whole hidden state (reads x and the residual, writes
+        both), RoPE on this rank's q and k (read, write) and their K/V cache writes; the second norm and
+        SiLU * mul on this rank's MLP slice (reads gate and up, writes one)."""
+        q, kv = self.n_heads * self.head_dim // tp, self.n_kv_heads * self.head_dim // tp
+        norm = 4 * self.hidden
+        return ((norm + 2 * (q + kv) + 2 * kv) * self.dtype_bytes,
+                (norm + 3 * self.intermediate // tp) * self.dtype_bytes)
 
     def prefill(self, batch: int = 1) -> "PrefillShape":
         return PrefillShape(self.n_layers, self.hidden, batch, self.dtype_bytes)

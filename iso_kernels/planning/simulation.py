@@ -69,6 +69,8 @@ def simulate_prefill(costs: LayerCosts, shape: PrefillShape, split: ChunkSplit, 
                      record: bool = False) -> PrefillSim:
     """Event simulation of the whole prefill in the chunks of ``split``; one chunk is the serial schedule.
     The prefill ends with the last chunk's final all-reduce."""
+    if not isinstance(split, ChunkSplit):
+        raise TypeError(f"split must be a ChunkSplit, got {type(split).__name__}")
     attn, mlp, ar = _durations(costs, split.ends, shape)
     intervals = [] if record else None
     state = [0.0] * (2 + len(split))

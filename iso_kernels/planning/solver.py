@@ -103,6 +103,9 @@ def ranked_splits(costs: LayerCosts, shape: PrefillShape, seq_len: int, *, keep:
     kept. Deterministic (ties: fewer chunks, then earlier ends)."""
     for name, value in (("seq_len", seq_len), ("keep", keep), ("max_chunks", max_chunks)):
         check_int(name, value)
+    for split in must:
+        if split.seq_len != seq_len:
+            raise ValueError(f"must: {split} does not end at seq_len={seq_len}")
     unsplit, found = ChunkSplit((seq_len,)), {ChunkSplit((seq_len,)), *must}
     for k in range(2, min(max_chunks, seq_len) + 1):
         found |= {best_split(costs, shape, seq_len, chunks=k, granularity=granularity),

@@ -124,9 +124,7 @@ def test_fit_plan_correction_recovers_a_per_chunk_cost_the_calibration_missed(of
     assert (cheaper.attn_fixed, cheaper.mlp_fixed) == (0.0, 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in fit_plan_correction: a split of another prompt length is fitted "
-                                       "silently (the old API rejected ends that did not end at seq_len)")
 def test_fit_plan_correction_rejects_a_split_of_another_prompt():
     costs, shape = LayerCosts(1e-3, 1e-5, 1e-8, 1e-3, 2e-5, 1e-4, 1e8), PrefillShape(8, hidden=512, dtype_bytes=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must end at the prompt's length 512"):
         fit_plan_correction(costs, shape, {(512,): 1.0, (256, 512): 0.8, (100, 300): 0.5})

@@ -39,9 +39,6 @@ def test_policy_gives_the_chunks_asked_for():
     assert 1 <= len(decide(costs, SHAPE, 1024, Policy(granularity=16)).split) <= MAX_AUTO_CHUNKS
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug in decide: with chunks fixed and seq_len < granularity it asks best_split for "
-                          "max_chunks=seq_len // granularity = 0 ('max_chunks must be >= 1, got 0')")
 def test_policy_gives_the_chunks_asked_for_in_a_prompt_shorter_than_the_grid():
     costs = LayerCosts(0, 0.1, 1e-3, 0, 0.1, 0, 3e2)
     for seq_len in (2, 10, 15):
