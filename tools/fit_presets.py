@@ -1,0 +1,120 @@
+"""Fit the H100 preset's measured constants to published 8xH100 measurements, and print them with their errors.
+
+    python -m tools.fit_presets
+
+Data: ``tests/data/tokenweave/`` (TokenWeave's artifact, README there). Fitted on exactly these, nothing else:
+
+- compute: ``figure_11a.csv``, Llama-3.3-70B at TP 8, column ``no_ar`` (the prefill with its all-reduces removed,
+  1k..64k tokens). The cost model's unsplit prefill without communication is, per layer and rank,
+  ``layer_fixed + n * (GEMM FLOPs / (tp * peak * gemm_eff) + elementwise bytes / HBM) + causal pairs * pair FLOPs
+  / (tp * peak * attention_eff)``: linear in (layer_fixed, 1 / gemm_eff, 1 / attention_eff), so a least-squares
+  fit in relative error finds them. Peak (989 TFLOP/s) and HBM (3.35 TB/s) are the datasheet's.
+- collectives: ``figure_6.csv``, each column (NCCL and multimem all-reduce, reduce-scatter, all-gather over 8
+  GPUs, 64..32768 tokens of hidden 8192 in bf16). A collective takes the fastest of its regimes, each
+  ``latency + traffic / bus bandwidth`` (traffic = message bytes x 2(t-1)/t for an all-reduce, (t-1)/t for
+  the halves): NCCL switches protocol and algorithm between 2 and 4 MiB, so its fit has two regimes (one per
+  side of the best cut, by relative error); multimem's one.
+
+``iso_kernels.hardware`` holds the results, rounded; ``tests/planning/test_published.py`` checks that it still
+matches this fit and the data.
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from iso_kernels import models
+from iso_kernels.planning import model_shape
+
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "tokenweave"
+H100_PEAK_TFLOPS = 989.0  # dense bf16, NVIDIA H100 SXM datasheet
+H100_HBM_GBPS = 3350.0  # HBM3, NVIDIA H100 SXM datasheet
+GPUS = 8
+HIDDEN = 8192
+# figure_6.csv column -> (the collective, its traffic per byte of message on 8 GPUs)
+COLLECTIVE_COLUMNS = {
+    "pytorch_dist_ar_us": ("nccl", "all_reduce"), "pytorch_dist_rs_us": ("nccl", "reduce_scatter"),
+    "pytorch_dist_ag_us": ("nccl", "all_gather"), "multimem_ar_us": ("multimem", "all_reduce"),
+    "multimem_rs_us": ("multimem", "reduce_scatter"), "multimem_ag_us": ("multimem", "all_gather"),
+}
+TRAFFIC = {"all_reduce": 2 * (GPUS - 1) / GPUS, "reduce_scatter": (GPUS - 1) / GPUS,
+           "all_gather": (GPUS - 1) / GPUS}
+REGIMES = {"nccl": 2, "multimem": 1}
+
+
+def read_rows(name):
+    with open(DATA / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _relative_lstsq(features, times):
+    """Coefficients minimising the squared relative error of ``features @ coef`` against ``times``."""
+    features, times = np.asarray(features, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    return np.linalg.lstsq(features / times[:, None], np.ones(len(times)), rcond=None)[0]
+
+
+# --- compute ---
+def no_comm_features(shape, tp, n, hbm_gbps=H100_HBM_GBPS, peak_tflops=H100_PEAK_TFLOPS):
+    """(known seconds, [per-layer seconds per unit of layer_fixed_s, 1/gemm_eff, 1/attention_eff]) of the
+    unsplit prefill of ``n`` tokens without communication, in the cost model's form."""
+    flops = tp * peak_tflops * 1e12
+    gemm = (shape.attention_gemm_flops + shape.mlp_gemm_flops) * n / flops
+    pairs = shape.pair_flops * n * (n + 1) / 2 / flops
+    elementwise = sum(shape.elementwise_bytes(tp)) * n / (hbm_gbps * 1e9)
+    return shape.n_layers * elementwise, [shape.n_layers, shape.n_layers * gemm, shape.n_layers * pairs]
+
+
+def fit_compute(model="Llama-3.3-70B-Instruct", registry_name="llama3-70b", tp=8):
+    """{"layer_fixed_us", "gemm_efficiency", "attention_efficiency"} fitted on figure_11a's no_ar column."""
+    shape = model_shape(models.config(registry_name))
+    rows = [r for r in read_rows("figure_11a.csv") if r["model"] == model]
+    known, features = zip(*(no_comm_features(shape, tp, int(r["prompt_len"])) for r in rows), strict=True)
+    times = np.array([float(r["no_ar"]) / 1e3 for r in rows]) - np.array(known)
+    fixed, inverse_gemm, inverse_attention = _relative_lstsq(features, times)
+    return {"layer_fixed_us": 1e6 * fixed, "gemm_efficiency": 1 / inverse_gemm,
+            "attention_efficiency": 1 / inverse_attention}
+
+
+# --- collectives ---
+def _affine(traffic, times):
+    latency, seconds_per_byte = _relative_lstsq(np.stack([np.ones_like(traffic), traffic], axis=1), times)
+    return latency, 1 / seconds_per_byte
+
+
+def collective_time(regimes, traffic_bytes):
+    """The fastest regime's time: min over (latency_s, bus bytes/s) of latency + traffic / bandwidth."""
+    return np.min([latency + np.asarray(traffic_bytes) / bandwidth for latency, bandwidth in regimes], axis=0)
+
+
+def fit_collective(column):
+    """((latency_us, bus_gbps), ...) of one figure_6 column, and the largest relative error of the fit."""
+    implementation, kind = COLLECTIVE_COLUMNS[column]
+    rows = read_rows("figure_6.csv")
+    traffic = np.array([int(r["BL"]) * HIDDEN * 2 * TRAFFIC[kind] for r in rows], dtype=np.float64)
+    times = np.array([float(r[column]) * 1e-6 for r in rows])
+
+    def worst(regimes):
+        return float(np.max(np.abs(collective_time(regimes, traffic) / times - 1)))
+
+    if REGIMES[implementation] == 1:
+        candidates = [[_affine(traffic, times)]]
+    else:  # every cut leaving at least two sizes per side
+        candidates = [[_affine(traffic[:cut], times[:cut]), _affine(traffic[cut:], times[cut:])]
+                      for cut in range(2, len(times) - 1)]
+    regimes = min(candidates, key=worst)
+    return tuple((1e6 * latency, bandwidth / 1e9) for latency, bandwidth in regimes), worst(regimes)
+
+
+def main():
+    print("H100 compute, fitted on figure_11a.csv Llama-3.3-70B-Instruct TP 8 no_ar:")
+    for name, value in fit_compute().items():
+        print(f"  {name} = {value:.4g}")
+    print("8xH100 collectives, fitted on figure_6.csv: regimes (latency us, bus GB/s), largest relative error")
+    for column in COLLECTIVE_COLUMNS:
+        regimes, error = fit_collective(column)
+        print(f"  {column:<20} {', '.join(f'({a:.1f}, {b:.1f})' for a, b in regimes)}  {error:.1%}")
+
+
+if __name__ == "__main__":
+    main()
