@@ -1,7 +1,9 @@
 """The package's modules import one another one way: the graph of every import inside ``iso_kernels`` (module
-level or inside a function) has no cycle."""
+level or inside a function) has no cycle; and the planning layer loads no torch."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +78,17 @@ def test_no_import_cycle_inside_the_package():
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_planning_and_the_tables_load_no_torch():
+    """The planner is numpy only: an engine or a script that plans, and the ``plan`` and ``simulate`` tables,
+    never pay for importing torch (iso_kernels.planning's docstring promises it)."""
+    code = ("import sys; import iso_kernels.planning, iso_kernels.tables.decision, iso_kernels.tables.paper, "
+            "iso_kernels.models; loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')); "
+            "assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    # the check itself fails where torch is loaded
+    failing = subprocess.run([sys.executable, "-c", "import torch; " + code], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT)
+    assert failing.returncode != 0 and "torch" in failing.stderr

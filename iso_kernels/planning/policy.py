@@ -226,6 +226,7 @@ def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
     shape = model_shape(config, dtype_bytes)
     check_divisible(shape, tp)
     check_int("batch", batch)
+    check_fraction("min_gain", min_gain)  # before float(): float("0.1") or float(None) would not name it
     policy = Policy(min_gain=float(min_gain), max_chunks=max_chunks)
     costs = resolve_costs(shape, tp, costs, hardware)
     single = not isinstance(prompt_lens, (list, tuple, np.ndarray))

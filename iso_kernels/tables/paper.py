@@ -47,6 +47,8 @@ def simulate_table(gpus, model_names, tps, seq_lens, *, efficiency=None, bandwid
             raise ValueError(f"{name} must be > 0, got {value}")
     rows = []
     for gpu in gpus:
+        if gpu not in HARDWARE_PRESETS:
+            raise ValueError(f"gpus: unknown preset {gpu!r}; known: {', '.join(sorted(HARDWARE_PRESETS))}")
         hardware = HARDWARE_PRESETS[gpu]
         if efficiency is not None:
             hardware = dataclasses.replace(hardware, efficiency=efficiency)
