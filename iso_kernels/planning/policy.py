@@ -129,8 +129,9 @@ class Plan:
 def decide(costs: LayerCosts, shape: PrefillShape, seq_len: int, policy: Policy = Policy()) -> Plan:
     """Whether and where to split a ``seq_len``-token prompt: the off rules of ``OFF_RULES`` in order, else the
     solver's fastest split of up to ``policy.max_chunks`` chunks on the ``policy.granularity`` grid, replaced by
-    the even split with as many chunks unless it is ``uneven_min_gain`` faster, taken if it saves
-    ``min_gain``. With ``policy.chunks`` fixed, the best split of that many chunks, never off."""
+    the even split with as many chunks unless it is ``uneven_min_gain`` faster or the even split would not save
+    ``min_gain``, taken if it saves ``min_gain``. With ``policy.chunks`` fixed, the best split of that many
+    chunks, never off."""
     check_int("seq_len", seq_len)
     whole = ChunkSplit((seq_len,))
     serial = simulate_prefill(costs, shape, whole)
@@ -160,7 +161,8 @@ def decide(costs: LayerCosts, shape: PrefillShape, seq_len: int, policy: Policy 
     even = ChunkSplit.even(seq_len, len(split))
     uneven_s, even_s = total_times(costs, shape, np.array([split.ends, even.ends]))
     iso_s = float(uneven_s)
-    if uneven_s > (1 - policy.uneven_min_gain) * even_s:
+    # The even split unless the uneven one is clearly faster, or the even one alone would not be worth taking.
+    if uneven_s > (1 - policy.uneven_min_gain) * even_s and (fixed or even_s <= (1 - min_gain) * serial.total_s):
         split, iso_s = even, float(even_s)
     gain = 1 - iso_s / serial.total_s
     if fixed or (len(split) > 1 and gain >= min_gain):

@@ -210,7 +210,10 @@ def test_gain_below_the_margin_is_off():
     compute, comm = serial_shares(LLAMA70, 4, 4096, spec)
     margin = (on.gain + min(compute, comm)) / 2  # above the split's gain, below the bound on any gain
     p = plan(LLAMA70, 4, 4096, hardware=spec, min_gain=margin)
-    assert p.off and p.off_rule == "gain" and p.split_gain == pytest.approx(on.gain)
+    # The best split considered: the even one that ran, or an uneven one a little faster (kept where the even
+    # split alone would not clear the margin).
+    assert p.off and p.off_rule == "gain" and on.gain <= p.split_gain < margin
+    assert p.split_gain == pytest.approx(on.gain, abs=UNEVEN_SPLIT_MIN_GAIN)
     assert "predicted to save" in p.reason
     assert set(OFF_RULES) == {"no-comm", "short", "comm", "compute", "latency", "gain"}
 
