@@ -1,6 +1,7 @@
 """Input builders and the tolerance rule shared by the op tests; the cost models the planning tests share."""
 
 import dataclasses
+import math
 
 import torch
 
@@ -73,8 +74,23 @@ def published_shape(name):
     return planning.model_shape(models.config(name))
 
 
+def preset(gpu, *, link_gbps=None, link_latency_us=None, **fields):
+    """The hardware preset ``gpu`` with ``fields`` replaced, behind a what-if one-regime NCCL link where
+    ``link_gbps`` or ``link_latency_us`` is given (``HardwareSpec.with_link``)."""
+    spec = dataclasses.replace(HARDWARE_PRESETS[gpu], **fields)
+    if link_gbps is None and link_latency_us is None:
+        return spec
+    return spec.with_link(bus_gbps=link_gbps, latency_us=link_latency_us)
+
+
+# docs/cost-model.md's reference numbers assume GEMMs and attention at 70 % of peak, no fixed costs, no memory
+# traffic and no all-reduce latency.
+REFERENCE_ASSUMPTIONS = dict(gemm_efficiency=0.7, attention_efficiency=0.7, layer_fixed_us=0.0, hbm_gbps=math.inf,
+                             link_latency_us=0.0)
+
+
 def datasheet_costs(gpu, tp, shape="llama2-70b", **overrides):
-    """The datasheet costs of ``shape`` (a published model's name or a ModelShape) over ``tp`` ranks of the
-    hardware preset ``gpu``, with ``overrides`` of its fields."""
+    """The costs of ``shape`` (a published model's name or a ModelShape) over ``tp`` ranks of the hardware
+    preset ``gpu``, with ``overrides`` as ``preset`` takes them."""
     shape = published_shape(shape) if isinstance(shape, str) else shape
-    return planning.LayerCosts.from_datasheet(shape, dataclasses.replace(HARDWARE_PRESETS[gpu], **overrides), tp)
+    return planning.LayerCosts.from_datasheet(shape, preset(gpu, **overrides), tp)

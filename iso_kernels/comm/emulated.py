@@ -27,12 +27,13 @@ class LinkModel:
 
 
 def _datasheet_link(name, hardware):
-    spec = HARDWARE_PRESETS[hardware]
-    return LinkModel(name, latency_s=spec.link_latency_us * 1e-6, bus_bandwidth=spec.link_gbps * 1e9)
+    """The preset's NCCL all-reduce in its large-message regime (prefill messages are megabytes)."""
+    latency_us, bus_gbps = max(HARDWARE_PRESETS[hardware].link("nccl").all_reduce.regimes)
+    return LinkModel(name, latency_s=latency_us * 1e-6, bus_bandwidth=bus_gbps * 1e9)
 
 
-# The same links the cost model and the simulator assume (sources in iso_kernels.hardware.HARDWARE_PRESETS),
-# so an emulated run and a simulated one describe one interconnect.
+# The links the cost model and the simulator assume (sources in iso_kernels.hardware.HARDWARE_PRESETS), so an
+# emulated run and a simulated one describe one interconnect.
 LINK_PRESETS = {
     "pcie4": _datasheet_link("pcie4", "rtx4090-pcie4"),  # PCIe 4.0 x16, no P2P: NCCL stages through host
     "a800-nvlink": _datasheet_link("a800-nvlink", "a800-nvlink"),

@@ -10,8 +10,8 @@ dictionary lookup; a first answer costs one solver search (milliseconds: ``tests
 prints both). A plan is "off" (run the prompt unsplit) for one of the reasons of ``OFF_RULES``.
 """
 
+import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -21,7 +21,7 @@ from ..hardware import HARDWARE_PRESETS, HardwareSpec
 from ..split import ChunkSplit
 from .costs import LayerCosts
 from .shapes import ModelShape, PrefillShape, check_divisible, check_fraction, check_int, model_shape
-from .simulation import simulate_prefill, total_times
+from .simulation import predict, simulate_prefill, total_times
 from .solver import best_split
 
 if TYPE_CHECKING:  # annotations only: .model imports torch
@@ -99,7 +99,8 @@ class Plan:
     """How to run one prompt. ``split`` is what to pass to ``schedule.forward``; when ``off`` it is the unsplit
     prompt ``(L,)``, ``predicted_iso_s == predicted_serial_s`` and ``reason`` says why (``off_rule`` names the
     rule of ``OFF_RULES``). ``split_gain``: the predicted gain of the best split that was considered, also
-    when it was not good enough (None when the plan was off before any split was evaluated)."""
+    when it was not good enough (None when the plan was off before any split was evaluated). ``parts``: what
+    the predictions are made of, to hold against a measurement (``Parts``)."""
 
     split: ChunkSplit
     predicted_serial_s: float
@@ -108,6 +109,7 @@ class Plan:
     reason: str | None = None
     off_rule: str | None = None
     split_gain: float | None = None
+    parts: "Parts | None" = None
 
     @property
     def ends(self) -> tuple[int, ...]:
@@ -121,7 +123,22 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         return {"ends": list(self.ends), "chunks": len(self.split), "off": self.off, "reason": self.reason,
                 "off_rule": self.off_rule, "gain": self.gain, "split_gain": self.split_gain,
-                "predicted_serial_s": self.predicted_serial_s, "predicted_iso_s": self.predicted_iso_s}
+                "predicted_serial_s": self.predicted_serial_s, "predicted_iso_s": self.predicted_iso_s,
+                **(dataclasses.asdict(self.parts) if self.parts else {})}
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The parts of a plan's predictions: the unsplit prefill without communication (``no_comm_s``), one
+    all-reduce of the whole prompt (``all_reduce_s``), ``all_reduces`` of them per prefill (``comm_s``), and the
+    bound no schedule of the plan's chunks beats (``bound_s``: the plan's compute plus its last all-reduce, or
+    its first block plus all its communication, whichever is longer)."""
+
+    no_comm_s: float
+    all_reduce_s: float
+    all_reduces: int
+    comm_s: float
+    bound_s: float
 
 
 # --- the decision ---
@@ -136,15 +153,19 @@ def decide(costs: LayerCosts, shape: PrefillShape, seq_len: int, policy: Policy 
     whole = ChunkSplit((seq_len,))
     serial = simulate_prefill(costs, shape, whole)
 
+    def parts(split):
+        return Parts(serial.compute_s, float(costs.all_reduce(shape.message_bytes(seq_len))), 2 * shape.n_layers,
+                     serial.comm_s, predict(costs, shape, split).bound_s)
+
     def off(rule, reason, split_gain=None):
-        return Plan(whole, serial.total_s, serial.total_s, True, reason, rule, split_gain)
+        return Plan(whole, serial.total_s, serial.total_s, True, reason, rule, split_gain, parts(whole))
 
     fixed = policy.chunks is not None
     if fixed and seq_len < policy.chunks:
         raise ValueError(f"chunks: a prompt of {seq_len} tokens cannot be cut into {policy.chunks} chunks")
     compute, comm, min_gain = serial.compute_s, serial.comm_s, policy.min_gain
     if not fixed:
-        if costs.ar_latency == 0 and costs.ar_bandwidth == math.inf:
+        if not costs.has_comm:
             return off("no-comm", "no all-reduce to hide: the costs have no communication (tp=1 without a link)")
         if seq_len < policy.min_split_tokens:
             return off("short", f"prompt too short to split: {seq_len} < {policy.min_split_tokens} tokens "
@@ -166,23 +187,25 @@ def decide(costs: LayerCosts, shape: PrefillShape, seq_len: int, policy: Policy 
         split, iso_s = even, float(even_s)
     gain = 1 - iso_s / serial.total_s
     if fixed or (len(split) > 1 and gain >= min_gain):
-        return Plan(split, serial.total_s, iso_s, False, split_gain=gain)
-    half = costs.all_reduce(shape.message_bytes(seq_len // 2))
+        return Plan(split, serial.total_s, iso_s, False, split_gain=gain, parts=parts(split))
+    half_bytes = shape.message_bytes(seq_len // 2)
+    half, latency = float(costs.all_reduce(half_bytes)), float(costs.all_reduce_latency(half_bytes))
     if len(split) == 1:
         gain, best = 0.0, "no split is predicted to beat the unsplit prefill"
     else:
         best = f"the best split ({len(split)} chunks) is predicted to save {gain:.1%} < min_gain={min_gain:.1%}"
-    if costs.ar_latency >= LATENCY_BOUND_SHARE * half:
+    if latency >= LATENCY_BOUND_SHARE * half:
         return off("latency", f"latency-bound: an all-reduce of half the prompt takes {1e6 * half:.0f} us, "
-                              f"{costs.ar_latency / half:.0%} of it the link's latency, so halving a message does "
+                              f"{latency / half:.0%} of it the link's latency, so halving a message does "
                               f"not halve its time; {best}", gain)
     return off("gain", best, gain)
 
 
 # --- plan(): the Python entry, from a model config and a datasheet or a calibration ---
-def resolve_costs(shape: ModelShape, tp: int, costs: LayerCosts | None,
-                  hardware: str | HardwareSpec | None) -> LayerCosts:
-    """``costs`` (a calibration), or the datasheet costs of ``hardware`` (a preset name or a HardwareSpec)."""
+def resolve_costs(shape: ModelShape, tp: int, costs: LayerCosts | None, hardware: str | HardwareSpec | None,
+                  collective: str = "nccl") -> LayerCosts:
+    """``costs`` (a calibration), or the costs ``hardware`` (a preset name or a HardwareSpec) gives with its
+    ``collective`` link."""
     if (costs is None) == (hardware is None):
         raise ValueError("pass exactly one of costs= (a calibration: LayerCosts) or hardware= (a preset name "
                          "or HardwareSpec)")
@@ -196,32 +219,36 @@ def resolve_costs(shape: ModelShape, tp: int, costs: LayerCosts | None,
         hardware = HARDWARE_PRESETS[hardware]
     if not isinstance(hardware, HardwareSpec):
         raise TypeError(f"hardware must be a preset name or a HardwareSpec, got {type(hardware).__name__}")
-    return LayerCosts.from_datasheet(shape, hardware, tp)
+    return LayerCosts.from_datasheet(shape, hardware, tp, collective)
 
 
 @overload
 def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int, prompt_lens: int | np.integer, *,
-         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, batch: int = 1,
-         dtype_bytes: int = 2, min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> Plan: ...
+         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, collective: str = "nccl",
+         batch: int = 1, dtype_bytes: int = 2, min_gain: float = MIN_GAIN,
+         max_chunks: int = MAX_AUTO_CHUNKS) -> Plan: ...
 
 
 @overload
 def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
          prompt_lens: list[int] | tuple[int, ...] | np.ndarray, *, costs: LayerCosts | None = None,
-         hardware: str | HardwareSpec | None = None, batch: int = 1, dtype_bytes: int = 2,
-         min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> list[Plan]: ...
+         hardware: str | HardwareSpec | None = None, collective: str = "nccl", batch: int = 1,
+         dtype_bytes: int = 2, min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> list[Plan]: ...
 
 
 def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
          prompt_lens: int | np.integer | list[int] | tuple[int, ...] | np.ndarray, *,
-         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, batch: int = 1,
-         dtype_bytes: int = 2, min_gain: float = MIN_GAIN, max_chunks: int = MAX_AUTO_CHUNKS) -> Plan | list[Plan]:
+         costs: LayerCosts | None = None, hardware: str | HardwareSpec | None = None, collective: str = "nccl",
+         batch: int = 1, dtype_bytes: int = 2, min_gain: float = MIN_GAIN,
+         max_chunks: int = MAX_AUTO_CHUNKS) -> Plan | list[Plan]:
     """Whether and how to split the prefill of ``prompt_lens`` tokens (an int: one Plan; a list: one Plan per
     length, each prompt planned alone) of model ``config`` (a ``config.json`` dict, ``ModelArgs`` or
     ``ModelShape``) over ``tp`` ranks, with ``batch`` sequences of that length per prefill.
 
     The costs are a calibration (``costs``, e.g. ``planning.load_calibration``'s) or a datasheet
-    (``hardware``: a ``hardware.HARDWARE_PRESETS`` name or a ``HardwareSpec``), exactly one of them. The
+    (``hardware``: a ``hardware.HARDWARE_PRESETS`` name or a ``HardwareSpec``, with the all-reduces of its
+    ``collective`` link, "nccl" or "multimem": the baseline is the prefill with the same all-reduce), exactly
+    one of them. The
     decision is ``decide``'s with ``Policy(min_gain, max_chunks)`` (boundaries on the ``SPLIT_GRANULARITY``
     grid). Costs with communication at ``tp=1`` (an emulated link) are planned like any other.
     """
@@ -230,7 +257,7 @@ def plan(config: "dict[str, Any] | ModelArgs | ModelShape", tp: int,
     check_int("batch", batch)
     check_fraction("min_gain", min_gain)  # before float(): float("0.1") or float(None) would not name it
     policy = Policy(min_gain=float(min_gain), max_chunks=max_chunks)
-    costs = resolve_costs(shape, tp, costs, hardware)
+    costs = resolve_costs(shape, tp, costs, hardware, collective)
     single = not isinstance(prompt_lens, (list, tuple, np.ndarray))
     lens = [prompt_lens] if single else list(prompt_lens)
     for length in lens:

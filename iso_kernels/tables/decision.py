@@ -16,39 +16,46 @@ from . import comma_list, render_table
 # GQA model between 13B and 70B.
 TABLE_MODELS = ("llama2-7b", "llama2-13b", "codellama-34b", "llama2-70b")
 # h100-nvlink stands for H100 and H200 alike: the same Hopper die (989 dense bf16 TFLOP/s) and NVLink 4; the
-# H200's 141 GB (against the preset's 80 GiB) changes only the table's "fits" column.
+# H200's 141 GB (against the preset's 80 GiB) and faster HBM change only the table's "fits" column and
+# the memory-bound terms a little. Each GPU's rows cover every collective implementation its preset models.
 TABLE_GPUS = ("rtx4090-pcie4", "a800-nvlink", "a100-nvlink", "h100-nvlink")
 TABLE_TPS = (2, 4, 8)
 TABLE_SEQ_LENS = tuple(2**i for i in range(8, 16))  # 256 .. 32768
 GIB = 2**30
 
 
-def decision_table(gpus=TABLE_GPUS, configs=None, tps=TABLE_TPS, seq_lens=TABLE_SEQ_LENS, *,
+def decision_table(gpus=TABLE_GPUS, configs=None, tps=TABLE_TPS, seq_lens=TABLE_SEQ_LENS, *, collectives=None,
                    batch=1, dtype_bytes=2, min_gain=MIN_GAIN, max_chunks=MAX_AUTO_CHUNKS) -> list:
-    """One dict per (gpu, model, tp) from the datasheet costs; ``configs``: name -> config (anything ``plan``
-    takes; default the TABLE_MODELS). ``plans``: a Plan per length, or None with ``impossible`` = why when tp
-    does not divide the model; ``fits_memory``: the bf16 weights / tp fit the GPU's memory (KV cache and
-    activations ignored)."""
+    """One dict per (gpu, collective, model, tp) from the preset costs; ``configs``: name -> config (anything
+    ``plan`` takes; default the TABLE_MODELS); ``collectives``: the links to plan with (default: every link
+    each GPU's preset models). ``plans``: a Plan per length, or None with ``impossible`` = why when tp does not
+    divide the model; ``fits_memory``: the bf16 weights / tp fit the GPU's memory (KV cache and activations
+    ignored)."""
     configs = configs if configs is not None else {name: models.config(name) for name in TABLE_MODELS}
     rows = []
     for gpu in gpus:
         if gpu not in HARDWARE_PRESETS:
             raise ValueError(f"--hardware: unknown preset {gpu!r}; known: {', '.join(sorted(HARDWARE_PRESETS))}")
         hardware = HARDWARE_PRESETS[gpu]
-        for name, config in configs.items():
-            shape = model_shape(config, dtype_bytes)
-            for tp in tps:
-                row = {"gpu": gpu, "model": name, "tp": tp, "impossible": None, "plans": None,
-                       "fits_memory": shape.weight_bytes / tp / GIB <= hardware.memory_gib}
-                try:
-                    row["plans"] = plan(shape, tp, list(seq_lens), hardware=hardware, batch=batch,
-                                        dtype_bytes=dtype_bytes, min_gain=min_gain, max_chunks=max_chunks)
-                except ValueError as exc:
-                    if "divisible" not in str(exc):
-                        raise
-                    row["impossible"] = str(exc)
-                rows.append(row)
+        for collective in collectives or [link.collective for link in hardware.links]:
+            hardware.link(collective)  # names the GPU's links where it has no such one
+            for name, config in configs.items():
+                rows += [_row(hardware, collective, name, model_shape(config, dtype_bytes), tp, seq_lens,
+                              batch=batch, dtype_bytes=dtype_bytes, min_gain=min_gain, max_chunks=max_chunks)
+                         for tp in tps]
     return rows
+
+
+def _row(hardware, collective, name, shape, tp, seq_lens, **options):
+    row = {"gpu": hardware.name, "collective": collective, "model": name, "tp": tp, "impossible": None,
+           "plans": None, "fits_memory": shape.weight_bytes / tp / GIB <= hardware.memory_gib}
+    try:
+        row["plans"] = plan(shape, tp, list(seq_lens), hardware=hardware, collective=collective, **options)
+    except ValueError as exc:
+        if "divisible" not in str(exc):
+            raise
+        row["impossible"] = str(exc)
+    return row
 
 
 SHORT_RULES = {"no-comm": "no comm", "short": "short", "comm": "comm", "compute": "compute",
@@ -65,11 +72,13 @@ def _cell(p: Plan) -> str:
 
 
 def format_decision_table(rows, seq_lens=TABLE_SEQ_LENS, markdown=False) -> str:
-    cells = [["GPU", "model", "TP", "fits"] + [f"{s // 1024}k" if s >= 1024 else str(s) for s in seq_lens]]
+    cells = [["GPU", "all-reduce", "model", "TP", "fits"]
+             + [f"{s // 1024}k" if s >= 1024 else str(s) for s in seq_lens]]
     for r in rows:
         body = [_cell(p) for p in r["plans"]] if r["plans"] is not None else \
             [f"impossible ({r['impossible']})"] + [""] * (len(seq_lens) - 1)
-        cells.append([r["gpu"], r["model"], str(r["tp"]), "yes" if r["fits_memory"] else "NO"] + body)
+        cells.append([r["gpu"], r["collective"], r["model"], str(r["tp"]), "yes" if r["fits_memory"] else "NO"]
+                     + body)
     return render_table(cells, markdown)
 
 
@@ -78,7 +87,7 @@ def format_plans(rows, seq_lens) -> str:
     lines = []
     for r in rows:
         for seq_len, p in zip(seq_lens, r["plans"] or [None] * len(seq_lens), strict=True):
-            head = f"{r['model']} tp={r['tp']} seq_len={seq_len} {r['gpu']}:"
+            head = f"{r['model']} tp={r['tp']} seq_len={seq_len} {r['gpu']} {r['collective']}:"
             if p is None:
                 lines.append(f"{head} impossible: {r['impossible']}")
             elif p.off:
@@ -117,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt lengths (default 4096; with --table 256..32768)")
     parser.add_argument("--hardware", type=comma_list(str), help="hardware presets, " + ", ".join(HARDWARE_PRESETS)
                         + " (default h100-nvlink, which stands for H200 too; with --table all of them)")
+    parser.add_argument("--collective", type=comma_list(str),
+                        help="all-reduce implementations: nccl (torch.distributed, nccl-ext) and, where the preset "
+                             "models it, multimem (default nccl; with --table every one each GPU models)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
     parser.add_argument("--min-gain", type=float, default=MIN_GAIN,
                         help=f"smallest predicted gain worth splitting for (default {MIN_GAIN})")
@@ -141,8 +153,10 @@ def run(args: argparse.Namespace) -> int:
             check_int(option, value)
     if not 0 <= args.min_gain < 1:
         raise ValueError(f"--min-gain must be in [0, 1), got {args.min_gain}")
-    rows = decision_table(gpus, {name: _model_config(name) for name in names}, tps, seq_lens, batch=args.batch,
-                          min_gain=args.min_gain, max_chunks=args.max_chunks)
+    collectives = args.collective or (None if table else ["nccl"])
+    rows = decision_table(gpus, {name: _model_config(name) for name in names}, tps, seq_lens,
+                          collectives=collectives, batch=args.batch, min_gain=args.min_gain,
+                          max_chunks=args.max_chunks)
     impossible = [r["impossible"] for r in rows if r["impossible"]]
     if impossible and not table:  # the table marks such cells; a plan asked for by name is an error
         raise ValueError(impossible[0])

@@ -51,9 +51,9 @@ def simulate_table(gpus, model_names, tps, seq_lens, *, efficiency=None, bandwid
             raise ValueError(f"gpus: unknown preset {gpu!r}; known: {', '.join(sorted(HARDWARE_PRESETS))}")
         hardware = HARDWARE_PRESETS[gpu]
         if efficiency is not None:
-            hardware = dataclasses.replace(hardware, efficiency=efficiency)
+            hardware = dataclasses.replace(hardware, gemm_efficiency=efficiency, attention_efficiency=efficiency)
         if bandwidth_gbps is not None:
-            hardware = dataclasses.replace(hardware, link_gbps=bandwidth_gbps)
+            hardware = hardware.with_link(bus_gbps=bandwidth_gbps)
         for model in model_names:
             shape = model_shape(models.config(model))
             for tp in tps:
@@ -63,7 +63,8 @@ def simulate_table(gpus, model_names, tps, seq_lens, *, efficiency=None, bandwid
                     serial = predict(costs, shape.prefill(batch), ChunkSplit((seq_len,)))
                     c, m = serial.compute_s, serial.comm_s
                     row = {"gpu": gpu, "model": model, "tp": tp, "seq_len": seq_len, "batch": batch,
-                           "efficiency": hardware.efficiency, "bus_gbps": hardware.link_gbps,
+                           "efficiency": hardware.gemm_efficiency,
+                           "bus_gbps": max(hardware.link("nccl").all_reduce.regimes)[1],
                            "weights_gib_per_gpu": round(weights, 1),
                            "fits_memory": weights <= hardware.memory_gib,
                            "compute_ms": 1e3 * c, "comm_ms": 1e3 * m, "serial_ms": 1e3 * serial.serial_s}
@@ -146,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=_ints, default=DEFAULT_SEQ_LENS,
                         help=f"prompt lengths (default {DEFAULT_SEQ_LENS})")
     parser.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
-    parser.add_argument("--efficiency", type=float, help="override the fraction of peak FLOP/s reached")
+    parser.add_argument("--efficiency", type=float,
+                        help="override the fraction of peak FLOP/s the GEMMs and attention reach")
     parser.add_argument("--bandwidth", type=float, help="override the all-reduce bus bandwidth, GB/s")
     parser.add_argument("--chunks", type=_chunk_specs, default="2,auto",
                         help="splits to show: N = even split into N chunks (2 = the paper), "

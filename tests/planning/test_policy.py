@@ -39,6 +39,8 @@ from iso_kernels.planning.policy import (
 from iso_kernels.split import ChunkSplit
 from iso_kernels.tables import decision, paper
 
+from helpers import preset
+
 SHAPE = PrefillShape(10, hidden=64, batch=1, dtype_bytes=2)
 
 
@@ -128,10 +130,6 @@ HF_LLAMA7 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11
 BANDWIDTHS = [1e5, 1e4, 3e3, 1e3, 500, 300, 150, 80, 40, 20, 10, 5, 2, 1, 0.1]
 
 
-def hardware(gpu, **overrides):
-    return dataclasses.replace(HARDWARE_PRESETS[gpu], **overrides)
-
-
 def serial_shares(shape, tp, seq_len, spec):
     """(compute, communication) shares of the serial prefill."""
     costs = LayerCosts.from_datasheet(shape, spec, tp)
@@ -186,21 +184,21 @@ def test_short_prompts_are_off():
 
 
 def test_negligible_communication_is_off():
-    p = plan(LLAMA70, 8, 4096, hardware=hardware("a800-nvlink", link_gbps=1e5))
+    p = plan(LLAMA70, 8, 4096, hardware=preset("a800-nvlink", link_gbps=1e5))
     assert p.off and p.off_rule == "comm" and "negligible communication" in p.reason
 
 
 def test_communication_bound_is_off():
-    p = plan(LLAMA70, 8, 4096, hardware=hardware("a800-nvlink", link_gbps=0.01))
+    p = plan(LLAMA70, 8, 4096, hardware=preset("a800-nvlink", link_gbps=0.01))
     assert p.off and p.off_rule == "compute" and "communication-bound" in p.reason
 
 
 def test_latency_bound_regime_is_named():
     # A latency comparable to a block's compute: halving a message barely shortens its all-reduce.
-    p = plan(LLAMA70, 8, 4096, hardware=hardware("a800-nvlink", link_latency_us=3000))
+    p = plan(LLAMA70, 8, 4096, hardware=preset("a800-nvlink", link_latency_us=3000))
     assert p.off and p.off_rule == "latency" and "latency-bound" in p.reason
     # A latency well under a block's compute is hidden like bandwidth time: ISO still pays (more, in fact).
-    hidden = plan(LLAMA70, 8, 4096, hardware=hardware("a800-nvlink", link_latency_us=300))
+    hidden = plan(LLAMA70, 8, 4096, hardware=preset("a800-nvlink", link_latency_us=300))
     assert not hidden.off and hidden.gain > plan(LLAMA70, 8, 4096, hardware="a800-nvlink").gain
 
 
@@ -219,7 +217,7 @@ def test_gain_below_the_margin_is_off():
 
 
 def test_a_fixed_chunk_count_is_never_off():
-    costs = LayerCosts.from_datasheet(LLAMA70, hardware("a800-nvlink", link_gbps=1e5), 8)  # "comm" when free
+    costs = LayerCosts.from_datasheet(LLAMA70, preset("a800-nvlink", link_gbps=1e5), 8)  # "comm" when free
     assert decide(costs, LLAMA70.prefill(), 4096).off_rule == "comm"
     fixed = decide(costs, LLAMA70.prefill(), 4096, Policy(chunks=2))
     assert not fixed.off and len(fixed.split) == 2 and fixed.gain < MIN_GAIN
@@ -231,7 +229,7 @@ def test_a_fixed_chunk_count_is_never_off():
 def test_gain_grows_as_the_link_slows_until_communication_dominates(gpu, tp, seq_len):
     plans, comm_below_compute = [], []
     for bandwidth in BANDWIDTHS:
-        spec = hardware(gpu, link_gbps=bandwidth)
+        spec = preset(gpu, link_gbps=bandwidth, link_latency_us=10.0)  # NVLink's small-message latency
         plans.append(plan(LLAMA70, tp, seq_len, hardware=spec))
         compute, comm = serial_shares(LLAMA70, tp, seq_len, spec)
         comm_below_compute.append(comm <= compute)
@@ -381,10 +379,11 @@ GRID_SEQ_LENS = tuple(2**i for i in range(8, 16))  # 256 .. 32768
 
 @pytest.fixture(scope="module")
 def grid_costs():
-    """(gpu, model, tp) -> (datasheet costs, shape) for every hardware preset."""
-    return {(gpu, name, tp): (LayerCosts.from_datasheet(model_shape(models.config(name)), spec, tp),
-                              model_shape(models.config(name)))
-            for gpu, spec in HARDWARE_PRESETS.items() for name in GRID_MODELS for tp in GRID_TPS}
+    """(gpu, collective, model, tp) -> (the preset's costs, shape) for every hardware preset and its links."""
+    return {(gpu, link.collective, name, tp): (
+        LayerCosts.from_datasheet(model_shape(models.config(name)), spec, tp, link.collective),
+        model_shape(models.config(name)))
+        for gpu, spec in HARDWARE_PRESETS.items() for link in spec.links for name in GRID_MODELS for tp in GRID_TPS}
 
 
 def test_plan_and_the_decision_table_agree_with_decide(grid_costs):
@@ -394,26 +393,28 @@ def test_plan_and_the_decision_table_agree_with_decide(grid_costs):
     rendered = decision.format_decision_table(rows, GRID_SEQ_LENS, markdown=True).splitlines()[2:]
     rules = set()
     for row, line in zip(rows, rendered, strict=True):
-        costs, shape = grid_costs[row["gpu"], row["model"], row["tp"]]
+        key = row["gpu"], row["collective"], row["model"], row["tp"]
+        costs, shape = grid_costs[key]
         decided = [decide(costs, shape.prefill(), seq_len, Policy()) for seq_len in GRID_SEQ_LENS]
-        planned = plan(models.config(row["model"]), row["tp"], list(GRID_SEQ_LENS), hardware=row["gpu"])
-        assert planned == decided, (row["gpu"], row["model"], row["tp"])
-        assert row["plans"] == planned, (row["gpu"], row["model"], row["tp"])
+        planned = plan(models.config(row["model"]), row["tp"], list(GRID_SEQ_LENS), hardware=row["gpu"],
+                       collective=row["collective"])
+        assert planned == decided, key
+        assert row["plans"] == planned, key
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert cells[:3] == [row["gpu"], row["model"], str(row["tp"])]
-        assert cells[4:] == [decision._cell(p) for p in decided]
+        assert cells[:4] == [row["gpu"], row["collective"], row["model"], str(row["tp"])]
+        assert cells[5:] == [decision._cell(p) for p in decided]
         rules |= {(p.off_rule, len(p.split)) for p in decided}
-    # not vacuous: the grid holds plans of two, three and four chunks, and plans that are off
-    assert {(None, 2), (None, 3), (None, 4)} <= rules and any(rule is not None for rule, _ in rules)
+    # not vacuous: the grid holds plans of two and three chunks, and plans that are off
+    assert {(None, 2), (None, 3)} <= rules and any(rule is not None for rule, _ in rules)
 
 
 def test_the_simulate_tables_auto_split_is_decides(grid_costs):
     rows = paper.simulate_table(tuple(HARDWARE_PRESETS), GRID_MODELS, GRID_TPS, GRID_SEQ_LENS, chunks=("auto",))
-    assert len(rows) == len(grid_costs) * len(GRID_SEQ_LENS)
+    assert len(rows) == len(HARDWARE_PRESETS) * len(GRID_MODELS) * len(GRID_TPS) * len(GRID_SEQ_LENS)
     policy = Policy(granularity=TRIAL_GRANULARITY)
     counts = set()
     for r in rows:
-        costs, shape = grid_costs[r["gpu"], r["model"], r["tp"]]
+        costs, shape = grid_costs[r["gpu"], "nccl", r["model"], r["tp"]]  # the simulator's link
         decided = decide(costs, shape.prefill(), r["seq_len"], policy)
         assert r["solver_boundaries"] == list(decided.ends), (r["gpu"], r["model"], r["tp"], r["seq_len"])
         assert r["iso_solver_ms"] == pytest.approx(1e3 * decided.predicted_iso_s)

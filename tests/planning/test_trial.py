@@ -1,14 +1,12 @@
 """``planning.trial``: the race among timed splits, its choice, its cache, the candidates it times
 (``solver.ranked_splits``), and its agreement with ``policy.decide`` where the timing is the model's own."""
 
-import dataclasses
 import json
 import math
 
 import pytest
 
 from iso_kernels import envs, models
-from iso_kernels.hardware import HARDWARE_PRESETS
 from iso_kernels.planning import (
     LayerCosts,
     PlanCorrection,
@@ -29,6 +27,8 @@ from iso_kernels.planning.policy import MIN_GAIN, TRIAL_GRANULARITY, TRIAL_MARGI
 from iso_kernels.planning.trial import FINAL_ROUNDS, FINALISTS, TRIAL_ROUNDS, _pick
 from iso_kernels.split import ChunkSplit
 
+from helpers import preset
+
 LLAMA7 = model_shape(models.config("llama2-7b"))
 LLAMA34 = model_shape(models.config("codellama-34b"))
 LLAMA70 = model_shape(models.config("llama2-70b"))
@@ -44,7 +44,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def datasheet(shape, gpu, tp, **overrides):
-    return LayerCosts.from_datasheet(shape, dataclasses.replace(HARDWARE_PRESETS[gpu], **overrides), tp)
+    return LayerCosts.from_datasheet(shape, preset(gpu, **overrides), tp)
 
 
 # --- _pick: the choice among timed rounds ---
@@ -317,13 +317,13 @@ def test_a_fixed_chunk_count_times_only_splits_of_that_many():
 # (gpu, model, tp, seq_len, link overrides), each with what decide() says at the trial's granularity.
 AGREEMENT = [
     ("a800-nvlink", LLAMA70, 8, 4096, {}),  # two chunks
-    ("rtx4090-pcie4", LLAMA34, 4, 2048, {}),  # three uneven chunks
-    ("h100-nvlink", LLAMA70, 8, 4096, {}),  # three even chunks
+    ("a800-nvlink", LLAMA34, 8, 2048, {"link_gbps": 50.0}),  # three uneven chunks
+    ("rtx4090-pcie4", LLAMA34, 4, 2048, {}),  # three even chunks
     ("rtx4090-pcie4", LLAMA70, 2, 8192, {"link_gbps": 3.0}),  # a slow link: three chunks
-    ("a100-nvlink", LLAMA70, 2, 512, {}),  # off, "gain": its best split saves 2.9 % < MIN_GAIN
-    ("a800-nvlink", LLAMA7, 8, 512, {"link_gbps": 3.0}),  # off, "gain"
-    ("a800-nvlink", LLAMA70, 8, 4096, {"link_gbps": 1e5}),  # off, "comm"
-    ("h100-nvlink", LLAMA7, 2, 512, {}),  # off, "latency"
+    ("a100-nvlink", LLAMA70, 2, 512, {}),  # off, "gain": no split beats the unsplit prompt
+    ("h100-nvlink", LLAMA7, 2, 512, {}),  # off, "gain": its best split saves 2.7 % < MIN_GAIN
+    ("a800-nvlink", LLAMA70, 8, 4096, {"link_gbps": 1e5, "link_latency_us": 10.0}),  # off, "comm"
+    ("h100-nvlink", LLAMA7, 2, 256, {}),  # off, "latency"
     ("a800-nvlink", LLAMA70, 8, 4096, {"link_gbps": 0.01}),  # off, "compute"
 ]
 EXPECTED_RULES = {None, "gain", "comm", "latency", "compute"}

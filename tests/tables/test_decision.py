@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from iso_kernels import cli, models
+from iso_kernels.hardware import HARDWARE_PRESETS
 from iso_kernels.planning import plan
 from iso_kernels.tables import decision
 from iso_kernels.tables.decision import TABLE_GPUS, TABLE_MODELS, TABLE_SEQ_LENS, TABLE_TPS
@@ -139,13 +140,14 @@ def test_cli_table_is_the_published_one(capsys):
     assert cli.main(["plan", "--table", "--markdown"]) == 0
     table = capsys.readouterr().out.strip()
     lines = table.splitlines()
-    expected_rows = len(TABLE_GPUS) * len(TABLE_MODELS) * len(TABLE_TPS)
-    assert len(lines) == 2 + expected_rows
-    assert lines[0].startswith("| GPU | model | TP | fits | 256 | 512 | 1k")
+    links = sum(len(HARDWARE_PRESETS[gpu].links) for gpu in TABLE_GPUS)  # a row set per GPU and collective
+    expected_rows = links * len(TABLE_MODELS) * len(TABLE_TPS)
+    assert len(lines) == 2 + expected_rows and links > len(TABLE_GPUS)
+    assert lines[0].startswith("| GPU | all-reduce | model | TP | fits | 256 | 512 | 1k")
     assert table in (ROOT / "bench" / "README.md").read_text(), \
         "bench/README.md's decision table is stale: python -m iso_kernels plan --table --markdown"
     assert all(line.count("|") == lines[0].count("|") for line in lines)
-    assert len(TABLE_SEQ_LENS) == lines[0].count("|") - 5
+    assert len(TABLE_SEQ_LENS) == lines[0].count("|") - 6
 
 
 def test_cli_table_as_json_and_plain(capsys):
@@ -157,6 +159,6 @@ def test_cli_table_as_json_and_plain(capsys):
     assert [p["ends"] for p in row["plans"]] == [list(p.ends) for p in expected]
     assert cli.main(argv) == 0
     header, body = capsys.readouterr().out.rstrip("\n").splitlines()
-    assert header.split()[:4] == ["GPU", "model", "TP", "fits"] and header.split()[4:] == ["512", "4k"]
-    assert body.split()[:4] == ["a800-nvlink", "llama2-70b", "8", "yes"] and len(body) == len(header)
+    assert header.split()[:5] == ["GPU", "all-reduce", "model", "TP", "fits"] and header.split()[5:] == ["512", "4k"]
+    assert body.split()[:5] == ["a800-nvlink", "nccl", "llama2-70b", "8", "yes"] and len(body) == len(header)
     assert body.endswith("  ".join(decision._cell(p) for p in expected))  # e.g. "26.6% (2: .50)"
