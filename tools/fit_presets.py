@@ -1,6 +1,7 @@
 """Fit the H100 preset's measured constants to published 8xH100 measurements, and print them with their errors.
 
-    python -m tools.fit_presets
+    python -m tools.fit_presets              # the fits, with their largest errors
+    python -m tools.fit_presets --compare    # the H100 preset beside every measurement (bench/README.md)
 
 Data: ``tests/data/tokenweave/`` (TokenWeave's artifact, README there). Fitted on exactly these, nothing else:
 
@@ -19,12 +20,14 @@ Data: ``tests/data/tokenweave/`` (TokenWeave's artifact, README there). Fitted o
 matches this fit and the data.
 """
 
+import argparse
 import csv
 from pathlib import Path
 
 import numpy as np
 
 from iso_kernels import models
+from iso_kernels.hardware import HARDWARE_PRESETS
 from iso_kernels.planning import model_shape
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "tokenweave"
@@ -106,7 +109,44 @@ def fit_collective(column):
     return tuple((1e6 * latency, bandwidth / 1e9) for latency, bandwidth in regimes), worst(regimes)
 
 
-def main():
+def compare():
+    """Markdown tables: the H100 preset's predictions (``plan()``'s parts) beside every dense-model prefill of
+    figure_11a/11b and every all-reduce of figure_6."""
+    from iso_kernels.planning import plan
+
+    h100 = HARDWARE_PRESETS["h100-nvlink"]
+    names = {"Llama-3.3-70B-Instruct": "llama3-70b", "Qwen2.5-72B-Instruct": "qwen2.5-72b"}
+    lines = ["| model | TP | tokens | no-comm measured ms | predicted | error | serial (multimem) measured ms "
+             "| predicted | error | fitted on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, tp in (("figure_11a.csv", 8), ("figure_11b.csv", 4)):
+        for row in read_rows(name):
+            if row["model"] not in names:
+                continue
+            p = plan(models.config(names[row["model"]]), tp, int(row["prompt_len"]), hardware=h100,
+                     collective="multimem")
+            no_comm, serial = float(row["no_ar"]), float(row["baseline_multimem"])
+            fitted = "yes" if name == "figure_11a.csv" and names[row["model"]] == "llama3-70b" else "no"
+            lines.append(f"| {row['model']} | {tp} | {row['prompt_len']} | {no_comm:.1f} | "
+                         f"{1e3 * p.parts.no_comm_s:.1f} | {1e3 * p.parts.no_comm_s / no_comm - 1:+.1%} | "
+                         f"{serial:.1f} | {1e3 * p.predicted_serial_s:.1f} | "
+                         f"{1e3 * p.predicted_serial_s / serial - 1:+.1%} | {fitted} |")
+    lines += ["", "| tokens | " + " | ".join(f"{c} measured / predicted us" for c in COLLECTIVE_COLUMNS) + " |",
+              "|---|" + "---|" * len(COLLECTIVE_COLUMNS)]
+    for row in read_rows("figure_6.csv"):
+        nbytes, cells = int(row["BL"]) * HIDDEN * 2, []
+        for column, (collective, kind) in COLLECTIVE_COLUMNS.items():
+            predicted = 1e6 * h100.link(collective).seconds(kind, nbytes, GPUS)
+            cells.append(f"{float(row[column]):.1f} / {predicted:.1f} ({predicted / float(row[column]) - 1:+.1%})")
+        lines.append(f"| {row['BL']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tools.fit_presets", description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", action="store_true", help="print the preset beside the data (Markdown)")
+    if parser.parse_args(argv).compare:
+        print(compare())
+        return
     print("H100 compute, fitted on figure_11a.csv Llama-3.3-70B-Instruct TP 8 no_ar:")
     for name, value in fit_compute().items():
         print(f"  {name} = {value:.4g}")
