@@ -344,7 +344,7 @@ def _report(prefill, choice, compute_only_s, logits, runs, traces) -> PrefillRep
         predicted_iso_ms=predicted.iso_s * 1e3 if predicted else math.nan,
         runs_ms={mode: [t * 1e3 for t in seconds] for mode, seconds in runs.items()},
         split_source=choice.source, trial=choice.trial, trial_ms=choice.trial_s * 1e3,
-        trial_verdict=choice.verdict,
+        trial_verdict=choice.verdict, trial_default=choice.default.ends if choice.default else None,
         model_correction=dataclasses.asdict(choice.correction),
         requests=_requests(packed, choice.split, prefill.cfg.cached_prefix) if packed else None)
     if prefill.cfg.mode == "both":

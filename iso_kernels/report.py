@@ -36,6 +36,7 @@ class PrefillReport:
     trial: list = field(default_factory=list)  # TrialCandidate per split the trial timed
     trial_ms: float = 0.0  # what the trial cost
     trial_verdict: str = ""  # why the trial chose the split
+    trial_default: tuple | None = None  # the chunk ends the trial kept unless a candidate beat them
     model_correction: dict = field(default_factory=dict)  # ``planning.PlanCorrection`` the trial fitted
     generated: list | None = None  # greedy token ids after the prompt, per batch row or request
     # A serving batch: per request its cached_prefix, new_tokens, stream [a, b) and the chunks it falls in
@@ -106,7 +107,8 @@ class PrefillReport:
             out.update(iso_equals_serial_same_chunks=self.iso_equals_serial_same_chunks,
                        max_abs_diff=self.max_abs_diff, agree=self.agree)
         out.update(split_source=self.split_source, trial=[dataclasses.asdict(c) for c in self.trial],
-                   trial_ms=self.trial_ms, trial_verdict=self.trial_verdict, model_correction=self.model_correction)
+                   trial_ms=self.trial_ms, trial_verdict=self.trial_verdict, trial_default=self.trial_default,
+                   model_correction=self.model_correction)
         if self.requests is not None:
             out["requests"] = self.requests
         out["generated"] = self.generated
@@ -138,7 +140,8 @@ def format_report(report: PrefillReport) -> str:
                      "(ISO ms: measured / predicted by the calibration, timed rounds)")
         lines += [f"  {list(c.ends)!s:<22}{c.measured_iso_ms:>9.2f} / {c.predicted_iso_ms:<9.2f}{c.rounds:>3}"
                   for c in report.trial]
-        lines.append(f"trial's choice       {[end for _, end in report.bounds]}: {report.trial_verdict}")
+        default = f" (policy's plan {list(report.trial_default)})" if report.trial_default else ""
+        lines.append(f"trial's choice       {[end for _, end in report.bounds]}: {report.trial_verdict}{default}")
         correction = report.model_correction
         if not math.isnan(report.predicted_iso_ms):
             lines.append(f"model correction     blocks {1e3 * correction['block_offset_s']:+.3f} ms each, compute"

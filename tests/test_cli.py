@@ -147,9 +147,10 @@ def test_split_auto_times_its_candidates_once_then_uses_the_cached_choice(tmp_pa
     assert all(math.isfinite(c["predicted_iso_ms"]) for c in first["trial"])
     most = max(c["rounds"] for c in first["trial"])
     finalists = {tuple(c["ends"]) for c in first["trial"] if c["rounds"] == most}
-    assert (24, 48) in finalists
-    # the fastest finalist; else the unsplit prompt where it is a finalist (the off rule); else the even two chunks
-    allowed = {min(finalists, key=timed.get), (24, 48)} | ({(48,)} & finalists)
+    default = tuple(first["trial_default"])
+    assert default in finalists and default in timed  # the policy's plan races to the end
+    # the fastest finalist; else the unsplit prompt where it is a finalist (the off rule); else the policy's plan
+    allowed = {min(finalists, key=timed.get), default} | ({(48,)} & finalists)
     assert tuple(end for _, end in first["bounds"]) in allowed
     again = report()
     assert again["split_source"] == "cached" and again["trial"] == [] and again["bounds"] == first["bounds"]

@@ -68,6 +68,7 @@ class SplitChoice:
     trial_s: float = 0.0  # the trial's cost
     correction: PlanCorrection = dataclasses.field(default_factory=PlanCorrection)
     verdict: str = ""  # why the trial chose ``split``, in words
+    default: ChunkSplit | None = None  # the split kept unless a timed candidate beat it (the policy's plan)
 
     @property
     def costs(self):
@@ -137,7 +138,7 @@ def split_trial(costs: LayerCosts | None, shape: PrefillShape, seq_len: int, tim
     if writer:
         store.save(key, {"fractions": [end / seq_len for end in candidates[best].ends],
                          "correction": dataclasses.asdict(correction)})
-    return SplitChoice(candidates[best], "trial", costs, trial, sum(spent), correction, verdict)
+    return SplitChoice(candidates[best], "trial", costs, trial, sum(spent), correction, verdict, default)
 
 
 def _candidates(costs, shape, seq_len, planned, chunks, even_only_chunks):
