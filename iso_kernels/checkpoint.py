@@ -26,16 +26,40 @@ def preset_config(name):
 
 
 # Our per-layer parameter -> its tensor under "model.layers.N." in a Hugging Face checkpoint. The fused qkv
-# projection is the exception: it is made of HF_QKV's three projections.
-HF_LAYER_NAMES = {
+# projection is made of HF_QKV's three projections, and an MoE block's stacked experts of one tensor per
+# expert and projection (HF_EXPERTS).
+HF_ATTENTION_NAMES = {
     "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+HF_QK_NORM_NAMES = {"attention.q_norm.weight": "self_attn.q_norm.weight",
+                    "attention.k_norm.weight": "self_attn.k_norm.weight"}
+HF_MLP_NAMES = {
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
 HF_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# model_type -> (the MoE block's module, each expert's gate, up and down projection)
+HF_EXPERTS = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+              "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
+def hf_layer_names(args, layer, model_type):
+    """Ours -> Hugging Face's name of layer ``layer``'s tensors (besides the fused qkv and the experts)."""
+    names = dict(HF_ATTENTION_NAMES, **(HF_QK_NORM_NAMES if args.qk_norm else {}))
+    if layer in args.sparse_layers:
+        names["feed_forward.gate.weight"] = f"{HF_EXPERTS[model_type][0]}.gate.weight"
+    else:
+        names.update(HF_MLP_NAMES)
+    return names
+
+
+def hf_expert_names(model_type, expert):
+    """Hugging Face's (gate, up, down) weight names of one expert, under "model.layers.N."."""
+    block, *projections = HF_EXPERTS[model_type]
+    return [f"{block}.experts.{expert}.{name}.weight" for name in projections]
 
 
 class _Reader:
@@ -90,12 +114,12 @@ def load_checkpoint(folder: str | os.PathLike[str], *, rank: int = 0, world_size
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     """Build this rank's shard of the model in ``folder``, reading only the slices it owns."""
     folder = Path(folder)
-    args = ModelArgs.from_hf_config(models.read_config(folder))
+    config = models.read_config(folder)
+    args, model_type = ModelArgs.from_hf_config(config), config.get("model_type", "llama")
     tp.check_divisible(args, world_size)
     reader = _Reader(folder)
     with torch.device("meta"):
         model = Transformer(args)
-    full_shapes = {name: tuple(p.shape) for name, p in model.layers[0].named_parameters()}
     q_out, kv_out = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
 
     def full(name, *shape):
@@ -105,12 +129,15 @@ def load_checkpoint(folder: str | os.PathLike[str], *, rank: int = 0, world_size
              "norm.weight": full("model.norm.weight", args.dim)}
     state["output.weight"] = (state["tok_embeddings.weight"] if args.tie_embeddings
                               else full("lm_head.weight", args.vocab_size, args.dim))
-    for i in range(args.n_layer):
+    for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
-        for ours, theirs in HF_LAYER_NAMES.items():
+        full_shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        for ours, theirs in hf_layer_names(args, i, model_type).items():
             piece = reader.slice(prefix + theirs, full_shapes[ours])
             split = tp.LAYER_SPLITS.get(ours)
             state[f"layers.{i}.{ours}"] = split(piece, rank, world_size) if split else piece[:]
+        if i in args.sparse_layers:
+            state.update(_expert_slices(reader, prefix, f"layers.{i}.", args, model_type, rank, world_size))
         for param_name in ("weight", "bias") if args.qkv_bias else ("weight",):
             shapes = [(out, args.dim) if param_name == "weight" else (out,) for out in (q_out, kv_out, kv_out)]
             q, k, v = (reader.slice(f"{prefix}{name}.{param_name}", shape)
@@ -124,8 +151,20 @@ def load_checkpoint(folder: str | os.PathLike[str], *, rank: int = 0, world_size
     return model.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def to_hf_state_dict(model):
-    """The unsharded model's weights under transformers' names (for saving checkpoints)."""
+def _expert_slices(reader, prefix, ours, args, model_type, rank, world_size):
+    """This rank's share of every expert's gate/up (stacked, gate rows then up rows) and down projection."""
+    width, dim = args.moe_intermediate_size, args.dim
+    gate_up, down = [], []
+    for expert in range(args.n_experts):
+        gate, up, down_name = hf_expert_names(model_type, expert)
+        gate_up.append(torch.cat([tp.column_piece(reader.slice(prefix + name, (width, dim)), rank, world_size)
+                                  for name in (gate, up)]))
+        down.append(tp.row_piece(reader.slice(prefix + down_name, (dim, width)), rank, world_size))
+    return {ours + "feed_forward.w_gate_up": torch.stack(gate_up), ours + "feed_forward.w_down": torch.stack(down)}
+
+
+def to_hf_state_dict(model, model_type="llama"):
+    """The unsharded model's weights under transformers' names for ``model_type`` (for saving checkpoints)."""
     args = model.args
     q_out, kv_out = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
@@ -133,8 +172,15 @@ def to_hf_state_dict(model):
         state["lm_head.weight"] = model.output.weight
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
-        for ours, theirs in HF_LAYER_NAMES.items():
+        for ours, theirs in hf_layer_names(args, i, model_type).items():
             state[prefix + theirs] = layer.get_parameter(ours)
+        if i in args.sparse_layers:
+            experts = layer.feed_forward
+            for expert in range(args.n_experts):
+                gate, up = experts.w_gate_up[expert].chunk(2)
+                for name, tensor in zip(hf_expert_names(model_type, expert), (gate, up, experts.w_down[expert]),
+                                        strict=True):
+                    state[prefix + name] = tensor
         for param_name in ("weight", "bias"):
             fused = getattr(layer.attention.wqkv, param_name)
             if fused is not None:
@@ -161,7 +207,7 @@ def save_random_checkpoint(config, folder, *, seed=0, std=0.02):
                 param.normal_(1.0, 0.1, generator=generator)
             else:
                 param.normal_(0.0, std, generator=generator)
-    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
+    save_file(to_hf_state_dict(model, config.get("model_type", "llama")), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 

@@ -1,4 +1,4 @@
-"""A plain Llama-family decoder (Llama, Mistral, Qwen2), gpt-fast style.
+"""A plain Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral and Qwen3-MoE experts), gpt-fast style.
 
 ``Transformer.forward(tokens, start)`` runs the whole model. Each block is two halves that end *before* their
 all-reduce: ``attention_half`` (add-norm, QKV, RoPE, attention over the KV cache, o_proj) and ``mlp_half``
@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops
 from .paged_cache import DEFAULT_BLOCK_SIZE, KVBuffers, PackedBatch, PagedCache, PagedKVCache
+from .planning import shapes
 
 if TYPE_CHECKING:  # annotations only: the model runs without loading the communicators
     from .comm import Communicator
@@ -40,8 +41,17 @@ class ModelArgs:
     rope_scaling: dict = field(default_factory=dict)  # HF "llama3" rope parameters, or empty
     max_seq_len: int = 2048
     qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
     tie_embeddings: bool = False
-    sliding_window: int = 0  # Mistral; 0 = none. Prompts longer than the window are refused.
+    sliding_window: int = 0  # tokens a query sees, itself included (Mistral, Qwen2/3); 0 = unbounded
+    first_sliding_layer: int = 0  # layers from this one on use the window (Qwen's max_window_layers)
+    # Mixture of experts (Mixtral, Qwen3-MoE): layers in sparse_layers route each token to experts_per_token
+    # of n_experts experts of width moe_intermediate_size; the others run the dense MLP.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router probabilities to sum to 1
+    sparse_layers: tuple = ()
 
     def __post_init__(self):
         if self.n_kv_heads == -1:
@@ -53,7 +63,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
-        """From a Hugging Face ``config.json`` of a Llama, Mistral or Qwen2 model (transformers 4 or 5 keys)."""
+        """From a Hugging Face ``config.json`` of a Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE model
+        (transformers 4 or 5 keys). What the model does not implement is refused with the field and its value."""
         if not isinstance(config, dict):
             raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
         missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -61,22 +72,16 @@ class ModelArgs:
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         model_type = config.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json: model_type {model_type!r} is not supported (llama, mistral, qwen2)")
-        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias", False):
-            raise ValueError("config.json: only SiLU-gated MLPs without bias are supported")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported ({', '.join(MODEL_TYPES)})")
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default, llama3)")
-        sliding = config.get("sliding_window") or 0
-        if model_type == "qwen2" and not config.get("use_sliding_window", False):
-            sliding = 0
-        n_head = config["num_attention_heads"]
+        _refuse_unsupported(config, model_type, rope_type)
+        n_head, n_layer = config["num_attention_heads"], config["num_hidden_layers"]
         return cls(
             vocab_size=config["vocab_size"],
             dim=config["hidden_size"],
-            n_layer=config["num_hidden_layers"],
+            n_layer=n_layer,
             n_head=n_head,
             n_kv_heads=config.get("num_key_value_heads") or n_head,
             head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
@@ -85,10 +90,63 @@ class ModelArgs:
             rope_base=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
             rope_scaling=rope if rope_type == "llama3" else {},
             max_seq_len=config.get("max_position_embeddings", 2048),
-            qkv_bias=config.get("attention_bias", model_type == "qwen2"),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             tie_embeddings=config.get("tie_word_embeddings", False),
-            sliding_window=sliding,
+            **_sliding_window(config, model_type, n_layer),
+            **_expert_args(config),
         )
+
+    def window(self, layer: int) -> int:
+        """Tokens a query of layer ``layer`` sees, itself included; 0 = unbounded."""
+        return self.sliding_window if layer >= self.first_sliding_layer else 0
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+
+
+def _refuse_unsupported(config, model_type, rope_type):
+    """One line naming the config.json field and its value, for what this model does not implement."""
+    refusals = {
+        "hidden_act": (config.get("hidden_act", "silu"), lambda v: v == "silu", "only SiLU-gated MLPs"),
+        "mlp_bias": (config.get("mlp_bias", False), lambda v: not v, "MLPs without bias"),
+        # Qwen2's q/k/v always carry a bias (and o_proj none); elsewhere attention_bias adds o_proj's too.
+        "attention_bias": (config.get("attention_bias", False), lambda v: not v or model_type == "qwen2",
+                           "attention without bias (Qwen2's own q/k/v bias excepted)"),
+        "rope type": (rope_type, lambda v: v in ("default", "llama3"), "default or llama3 RoPE"),
+        "shared_expert_intermediate_size": (config.get("shared_expert_intermediate_size", 0), lambda v: not v,
+                                            "experts without a shared expert"),
+    }
+    for field_name, (value, supported, what) in refusals.items():
+        if not supported(value):
+            raise ValueError(f"config.json: {field_name} {value!r} is not supported (only {what})")
+
+
+def _expert_args(config):
+    experts = shapes.expert_config(config)
+    if not experts:
+        return {}
+    return dict(n_experts=experts["n_experts"], experts_per_token=experts["experts_per_token"],
+                moe_intermediate_size=experts["moe_intermediate"], norm_topk_prob=experts["norm_topk_prob"],
+                sparse_layers=experts["sparse_layers"])
+
+
+def _sliding_window(config, model_type, n_layer):
+    """ModelArgs' window fields: Mistral slides in every layer; Qwen2/3 where use_sliding_window is set, from
+    layer max_window_layers on (transformers' layer_types, which must say the same where given)."""
+    window = config.get("sliding_window") or 0
+    first = 0
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+        if not config.get("use_sliding_window", False):
+            window = 0
+        first = min(config.get("max_window_layers", 0), n_layer)
+    if window and "layer_types" in config and config["layer_types"] is not None:
+        expected = ["full_attention"] * first + ["sliding_attention"] * (n_layer - first)
+        if list(config["layer_types"]) != expected:
+            raise ValueError(f"config.json: layer_types {config['layer_types']!r} is not supported (only full "
+                             "attention up to max_window_layers, sliding after)")
+    return dict(sliding_window=window, first_sliding_layer=first if window else 0)
+
 
 
 class RMSNorm(nn.Module):
@@ -132,7 +190,14 @@ class Attention(nn.Module):
         qkv_out = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
         self.wo = RowParallelLinear(args.n_head * args.head_dim, args.dim)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.kv_cache = None
+
+    @property
+    def row_parallel(self):
+        """The GEMM whose output the block's all-reduce completes (the schedule's row signals hook it)."""
+        return self.wo
 
     def forward(self, x, start, rope):
         """x: (batch, n, dim) normed input at positions [start, start + n), or (1, total, dim) of a packed
@@ -145,6 +210,8 @@ class Attention(nn.Module):
         q = q.view(batch, n, self.n_head, self.head_dim)
         k = k.view(batch, n, self.n_kv_heads, self.head_dim)
         v = v.view(batch, n, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         positions = start.positions if isinstance(start, PackedBatch) else slice(start, start + n)
         cos, sin = rope[0][positions], rope[1][positions]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -159,8 +226,38 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
         self.w2 = RowParallelLinear(args.intermediate_size, args.dim)  # down
 
+    @property
+    def row_parallel(self):
+        return self.w2
+
     def forward(self, x):
         return self.w2(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight))
+
+
+class SparseMoE(nn.Module):
+    """A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router that is replicated on every rank picks
+    ``experts_per_token`` experts per token; ``ops.moe_experts`` runs them. Under TP every expert's gate/up and
+    down are sharded on the intermediate dimension, like the dense MLP, so the output is the partial sum that
+    the block's all-reduce completes, and the ISO schedule overlaps it unchanged."""
+
+    row_parallel = None  # the experts' down projection raises no row signals: one all-reduce per block
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        experts, width = args.n_experts, args.moe_intermediate_size
+        self.gate = nn.Linear(args.dim, experts, bias=False)  # the router
+        self.w_gate_up = nn.Parameter(torch.empty(experts, 2 * width, args.dim))  # gate rows, then up rows
+        self.w_down = nn.Parameter(torch.empty(experts, args.dim, width))
+        self.top_k, self.norm_topk_prob = args.experts_per_token, args.norm_topk_prob
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(F.linear(flat, self.gate.weight).float(), dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = ops.moe_experts(flat, ids, weights.to(x.dtype), self.w_gate_up, self.w_down)
+        return out.view_as(x)
 
 
 class RowParallelLinear(nn.Linear):
@@ -186,10 +283,10 @@ class RowParallelLinear(nn.Linear):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = SparseMoE(args) if layer in args.sparse_layers else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -209,7 +306,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(args, layer) for layer in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:

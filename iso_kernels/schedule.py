@@ -131,12 +131,12 @@ def forward(model: "Transformer", tokens: torch.Tensor, comm: Communicator | Non
     for index, layer in enumerate(model.layers):
         for c, chunk in enumerate(chunks):
             update = chunk.take_reduced()
-            with span("attention", c, index), reducer.signalling(layer.attention.wo, chunk) as signal:
+            with span("attention", c, index), reducer.signalling(layer.attention.row_parallel, chunk) as signal:
                 out, chunk.residual = layer.attention_half(chunk.residual, update, chunk.start, model.rope)
             chunk.pending = reducer.start(out, c, index, "attention", signal)
         for c, chunk in enumerate(chunks):
             update = chunk.take_reduced()
-            with span("mlp", c, index), reducer.signalling(layer.feed_forward.w2, chunk) as signal:
+            with span("mlp", c, index), reducer.signalling(layer.feed_forward.row_parallel, chunk) as signal:
                 out, chunk.residual = layer.mlp_half(chunk.residual, update)
             chunk.pending = reducer.start(out, c, index, "mlp", signal)
 
@@ -253,7 +253,10 @@ class _Reducer:
     @contextlib.contextmanager
     def signalling(self, linear, chunk):
         """While a half runs on ``chunk``, its row-parallel ``linear`` raises the RowSignal this yields (None
-        when row signals are off)."""
+        when row signals are off, or the half has no such GEMM: an MoE block)."""
+        if linear is None:
+            yield None
+            return
         linear.row_signal = signal = self.signal_for(chunk.residual)
         try:
             yield signal

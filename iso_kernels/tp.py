@@ -44,13 +44,28 @@ def row_piece(weight, rank, world_size):
     return weight[:, a:b]
 
 
-# How each sharded per-layer weight is split (besides the fused qkv, split by whole heads with qkv_piece);
-# the norms are replicated. shard_model and checkpoint.load_checkpoint both follow this plan.
+def experts_gate_up_piece(gate_up, rank, world_size):
+    """(experts, 2 x width, hidden) gate rows then up rows of every expert -> this rank's share of each."""
+    width = gate_up.shape[1] // 2
+    a, b = shard_range(width, rank, world_size)
+    return torch.cat([gate_up[:, a:b], gate_up[:, width + a:width + b]], dim=1)
+
+
+def experts_down_piece(down, rank, world_size):
+    """(experts, hidden, width) -> this rank's share of every expert's inputs."""
+    a, b = shard_range(down.shape[2], rank, world_size)
+    return down[:, :, a:b]
+
+
+# How each sharded per-layer weight is split (besides the fused qkv, split by whole heads with qkv_piece); the
+# norms and an MoE block's router are replicated. shard_model and checkpoint.load_checkpoint follow this plan.
 LAYER_SPLITS = {
     "attention.wo.weight": row_piece,
     "feed_forward.w1.weight": column_piece,
     "feed_forward.w3.weight": column_piece,
     "feed_forward.w2.weight": row_piece,
+    "feed_forward.w_gate_up": experts_gate_up_piece,
+    "feed_forward.w_down": experts_down_piece,
 }
 
 
@@ -68,10 +83,11 @@ def shard_model(model, rank, world_size):
             if fused is not None:
                 q, k, v = fused.detach().split([q_size, kv_size, kv_size], dim=0)
                 _replace(attention.wqkv, param_name, qkv_piece(q, k, v, args, rank, world_size))
-        for name, split in LAYER_SPLITS.items():
-            module_name, param_name = name.rsplit(".", 1)
-            module = layer.get_submodule(module_name)
-            _replace(module, param_name, split(getattr(module, param_name).detach(), rank, world_size))
+        for name, param in list(layer.named_parameters()):
+            if name in LAYER_SPLITS:
+                module_name, param_name = name.rsplit(".", 1)
+                _replace(layer.get_submodule(module_name), param_name, LAYER_SPLITS[name](param.detach(), rank,
+                                                                                           world_size))
         attention.n_head //= world_size
         attention.n_kv_heads //= world_size
     return model

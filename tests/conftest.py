@@ -72,8 +72,8 @@ def backend(request):
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
-    """Llama (llama3 rope), Mistral and Qwen2 (tied embeddings), each saved with save_pretrained, with HF's
-    logits for a prompt and its greedy continuation."""
+    """Llama (llama3 rope), Mistral, Qwen2 (tied embeddings) and Qwen3, each saved with save_pretrained, with
+    HF's logits for a prompt and its greedy continuation."""
     from helpers import HF_BATCH, HF_COMMON, HF_DECODE_STEPS, HF_LLAMA3_ROPE, HF_SEQ_LEN
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,6 +82,8 @@ def hf_checkpoints(tmp_path_factory):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_parameters=HF_LLAMA3_ROPE)),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64)),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+        # q/k norms, and a head_dim that is not hidden / heads (4 x 32 query features from 64)
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True)),
     }
     made = {}
     for seed, (family, (config_cls, model_cls, extra)) in enumerate(families.items()):

@@ -36,6 +36,12 @@ class ModelShape:
     intermediate: int
     vocab: int
     dtype_bytes: int = 2
+    # Mixture of experts: sparse_layers of the n_layers route each token to experts_per_token of n_experts
+    # experts of width moe_intermediate; the other layers run the dense MLP of width intermediate.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate: int = 0
+    sparse_layers: int = 0
 
     @property
     def attention_gemm_flops(self) -> float:
@@ -123,14 +129,40 @@ def model_shape(config: "dict[str, Any] | ModelArgs | ModelShape", dtype_bytes: 
                           n_kv_heads=config.get("num_key_value_heads") or heads,
                           head_dim=config.get("head_dim") or config["hidden_size"] // heads,
                           intermediate=config["intermediate_size"], vocab=config["vocab_size"],
-                          dtype_bytes=dtype_bytes)
+                          dtype_bytes=dtype_bytes, **_shape_of_experts(expert_config(config)))
     from ..model import ModelArgs  # a caller holding a ModelArgs has imported torch already
 
     if not isinstance(config, ModelArgs):
         raise TypeError(f"config must be a config.json dict, a ModelArgs or a ModelShape, got {type(config).__name__}")
     return ModelShape(hidden=config.dim, n_layers=config.n_layer, n_heads=config.n_head,
                       n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
-                      intermediate=config.intermediate_size, vocab=config.vocab_size, dtype_bytes=dtype_bytes)
+                      intermediate=config.intermediate_size, vocab=config.vocab_size, dtype_bytes=dtype_bytes,
+                      n_experts=config.n_experts, experts_per_token=config.experts_per_token,
+                      moe_intermediate=config.moe_intermediate_size, sparse_layers=len(config.sparse_layers))
+
+
+def _shape_of_experts(experts):
+    return {**{k: v for k, v in experts.items() if k != "norm_topk_prob"},
+            "sparse_layers": len(experts["sparse_layers"])} if experts else {}
+
+
+def expert_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The experts of a Mixtral or Qwen3-MoE config.json ({} for a dense model): n_experts, experts_per_token,
+    moe_intermediate, norm_topk_prob and sparse_layers (the indices of the layers that route). Mixtral's every
+    layer routes; Qwen3-MoE's every decoder_sparse_step-th layer but those in mlp_only_layers."""
+    model_type = config.get("model_type")
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return {}
+    layers = range(config["num_hidden_layers"])
+    if model_type == "mixtral":
+        sparse, width, norm, top_k = tuple(layers), config["intermediate_size"], True, 2
+    else:
+        step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+        sparse = tuple(i for i in layers if i not in dense and step > 0 and (i + 1) % step == 0)
+        width, norm, top_k = config["moe_intermediate_size"], config.get("norm_topk_prob", False), 8
+    return dict(n_experts=config.get("num_experts") or config.get("num_local_experts") or 0,
+                experts_per_token=config.get("num_experts_per_tok", top_k), moe_intermediate=width,
+                norm_topk_prob=norm, sparse_layers=sparse)
 
 
 def check_divisible(shape: ModelShape, tp: int) -> None:
@@ -138,6 +170,6 @@ def check_divisible(shape: ModelShape, tp: int) -> None:
     of the MLP per rank (KV heads are never replicated). The one rule of ``iso_kernels.tp`` and the planner."""
     check_int("tp", tp)
     for what, size in (("attention heads", shape.n_heads), ("KV heads", shape.n_kv_heads),
-                       ("intermediate size", shape.intermediate)):
+                       ("intermediate size", shape.intermediate), ("expert intermediate size", shape.moe_intermediate)):
         if size % tp:
             raise ValueError(f"{what} ({size}) are not divisible by tp={tp}")
