@@ -26,6 +26,19 @@ PRESETS = {
     # Tests: seconds for a whole TP=4 run.
     "llama-tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                        num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
+    # The 2026 families at llama-tiny's size, TP 1, 2 or 4. Qwen3: q/k norms and a head_dim that is not
+    # hidden / heads; Qwen3-MoE: 8 experts, 2 per token, its second layer dense (mlp_only_layers); Mixtral: 4
+    # experts, 2 per token.
+    "qwen3-tiny": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=32, vocab_size=512,
+                       max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                           mlp_only_layers=[1], vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6),
+    "mixtral-tiny": dict(model_type="mixtral", hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2,
+                         vocab_size=512, max_position_embeddings=512),
 }
 
 # Published checkpoints, planned and simulated only (too large to make here). The keys the cost model reads,
@@ -52,6 +65,24 @@ PUBLISHED = {
     "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                         num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
                         max_position_embeddings=32768, rms_norm_eps=1e-6),
+    # Qwen/Qwen3-32B; Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B (128 experts, 8 per token, every layer
+    # sparse); mistralai/Mixtral-8x22B-v0.1 (8 experts, 2 per token).
+    "qwen3-32b": dict(model_type="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                      max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          mlp_only_layers=[], vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "qwen3-235b-a22b": dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288,
+                            moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64,
+                            num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                            max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "mixtral-8x22b": dict(model_type="mixtral", hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                          num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                          vocab_size=32768, max_position_embeddings=65536,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 
 # What every registered model leaves at the Llama defaults.

@@ -19,8 +19,10 @@ def test_every_registered_model_reads_the_same_as_a_model_and_as_a_shape(name):
 
 
 def test_published_shapes_are_the_checkpoints_sizes():
-    # Parameter counts the model cards state: Llama-2-70B 69.0 B, Llama-3-70B 70.6 B, Qwen2.5-72B 72.7 B.
-    for name, billions in (("llama2-70b", 69.0), ("llama3-70b", 70.6), ("qwen2.5-72b", 72.7)):
+    # Parameter counts the model cards state: Llama-2-70B 69.0 B, Llama-3-70B 70.6 B, Qwen2.5-72B 72.7 B;
+    # Qwen3-32B 32.8 B, Qwen3-30B-A3B 30.5 B, Qwen3-235B-A22B 235 B, Mixtral-8x22B 141 B (experts counted).
+    for name, billions in (("llama2-70b", 69.0), ("llama3-70b", 70.6), ("qwen2.5-72b", 72.7), ("qwen3-32b", 32.8),
+                           ("qwen3-30b-a3b", 30.5), ("qwen3-235b-a22b", 235.1), ("mixtral-8x22b", 140.6)):
         assert model_shape(models.config(name)).weight_bytes / 2 / 1e9 == pytest.approx(billions, rel=0.01)
 
 

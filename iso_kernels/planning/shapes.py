@@ -61,10 +61,12 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
-        """Decoder layers, untied embedding and LM head, norms."""
-        h = self.hidden
-        per_layer = self.attention_weight_elements + self.mlp_weight_elements + 2 * h
-        return (self.n_layers * per_layer + 2 * self.vocab * h + h) * self.dtype_bytes
+        """Decoder layers (a sparse layer: its router and every expert), untied embedding and LM head, norms."""
+        h, dense = self.hidden, self.n_layers - self.sparse_layers
+        experts = self.n_experts * (h + 3 * h * self.moe_intermediate)
+        layers = (self.n_layers * (self.attention_weight_elements + 2 * h) + dense * self.mlp_weight_elements
+                  + self.sparse_layers * experts)
+        return (layers + 2 * self.vocab * h + h) * self.dtype_bytes
 
     @property
     def attention_weight_elements(self) -> int:
