@@ -28,8 +28,17 @@ def qkv_piece(q, k, v, args, rank, world_size):
     q, k, v: full-size tensors or safetensors slices (anything that supports ``[a:b]``).
     """
     qa, qb = shard_range(args.n_head * args.head_dim, rank, world_size)
-    ka, kb = shard_range(args.n_kv_heads * args.head_dim, rank, world_size)
+    ka, kb = kv_range(args, rank, world_size)
     return torch.cat([q[qa:qb], k[ka:kb], v[ka:kb]], dim=0)
+
+
+def kv_range(args, rank, world_size):
+    """This rank's rows of the K (or V) projection: its share of the KV heads or, where the ranks outnumber
+    them, the one head its query heads read (query head j reads KV head j // (n_head / n_kv_heads))."""
+    if world_size <= args.n_kv_heads:
+        return shard_range(args.n_kv_heads * args.head_dim, rank, world_size)
+    head = rank * args.n_kv_heads // world_size
+    return head * args.head_dim, (head + 1) * args.head_dim
 
 
 def column_piece(weight, rank, world_size):
@@ -89,7 +98,7 @@ def shard_model(model, rank, world_size):
                 _replace(layer.get_submodule(module_name), param_name, LAYER_SPLITS[name](param.detach(), rank,
                                                                                            world_size))
         attention.n_head //= world_size
-        attention.n_kv_heads //= world_size
+        attention.n_kv_heads = shapes.kv_heads_per_rank(attention.n_kv_heads, world_size)
     return model
 
 

@@ -60,8 +60,8 @@ def test_checkpoint_errors(tmp_path, hf_checkpoints):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         checkpoint.load_checkpoint(folder)
-    with pytest.raises(ValueError, match="KV heads"):
-        checkpoint.load_checkpoint(hf_checkpoints["llama"]["folder"], world_size=4)
+    with pytest.raises(ValueError, match="attention heads"):
+        checkpoint.load_checkpoint(hf_checkpoints["llama"]["folder"], world_size=8)
     # A config that disagrees with the weights: the shape check names the tensor.
     wrong = dict(config, intermediate_size=128)
     (folder / "config.json").write_text(json.dumps(wrong))

@@ -74,3 +74,14 @@ def test_triton_kernels_in_the_model_match_the_references(tiny_checkpoint, reque
         request.getfixturevalue("triton_backend")
         got = schedule.forward(model, tokens, None, split)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_kv_heads_are_replicated_where_the_ranks_outnumber_them(hf_checkpoints):
+    # 4 query and 2 KV heads over 4 ranks: each rank holds one query head and the KV head it reads.
+    made = hf_checkpoints["qwen3"]
+    for rank, out in enumerate(launch.spawn_ranks(_run_family, 4, args=(made["folder"], made["tokens"],
+                                                                        made["sequence"]))):
+        torch.testing.assert_close(out["unsplit"], made["logits"], atol=2e-5, rtol=1e-4, msg=f"rank {rank}")
+        for split in SPLITS:
+            assert torch.equal(out[(split.ends, "iso")], out[(split.ends, "serial")]), (rank, split)

@@ -51,8 +51,15 @@ class ModelShape:
 
     @property
     def mlp_gemm_flops(self) -> float:
-        """Per token per layer: gate, up and down projections."""
-        return 6.0 * self.hidden * self.intermediate
+        """Per token per layer, averaged over the layers: gate, up and down projections; in a sparse layer the
+        router's and those of the experts_per_token experts the token is routed to."""
+        sparse = self.experts_per_token * 6.0 * self.moe_intermediate + 2.0 * self.n_experts
+        return self.hidden * (self.dense_share * 6.0 * self.intermediate + (1 - self.dense_share) * sparse)
+
+    @property
+    def dense_share(self) -> float:
+        """The share of the layers that run the dense MLP."""
+        return 1 - self.sparse_layers / self.n_layers
 
     @property
     def pair_flops(self) -> float:
@@ -76,18 +83,25 @@ class ModelShape:
 
     @property
     def mlp_weight_elements(self) -> int:
-        """Per layer: gate, up and down projections' weights."""
+        """Per dense layer: gate, up and down projections' weights."""
         return 3 * self.hidden * self.intermediate
+
+    @property
+    def expert_weight_elements(self) -> int:
+        """Per sparse layer, per expert: its gate, up and down projections' weights."""
+        return 3 * self.hidden * self.moe_intermediate
 
     def elementwise_bytes(self, tp: int) -> tuple[int, int]:
         """Per token per layer on each of ``tp`` ranks, the (attention, MLP) block's memory traffic besides its
         GEMMs: the fused residual add + RMSNorm on the whole hidden state (reads x and the residual, writes
         both), RoPE on this rank's q and k (read, write) and their K/V cache writes; the second norm and
-        SiLU * mul on this rank's MLP slice (reads gate and up, writes one)."""
-        q, kv = self.n_heads * self.head_dim // tp, self.n_kv_heads * self.head_dim // tp
+        SiLU * mul on this rank's MLP slice (reads gate and up, writes one; in a sparse layer, of each expert the
+        token is routed to), averaged over the layers."""
+        q, kv = self.n_heads * self.head_dim // tp, kv_heads_per_rank(self.n_kv_heads, tp) * self.head_dim
         norm = 4 * self.hidden
-        return ((norm + 2 * (q + kv) + 2 * kv) * self.dtype_bytes,
-                (norm + 3 * self.intermediate // tp) * self.dtype_bytes)
+        sparse = self.experts_per_token * self.moe_intermediate
+        mlp = self.dense_share * self.intermediate + (1 - self.dense_share) * sparse
+        return ((norm + 2 * (q + kv) + 2 * kv) * self.dtype_bytes, round((norm + 3 * mlp / tp) * self.dtype_bytes))
 
     def prefill(self, batch: int = 1) -> "PrefillShape":
         return PrefillShape(self.n_layers, self.hidden, batch, self.dtype_bytes)
@@ -168,10 +182,19 @@ def expert_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_divisible(shape: ModelShape, tp: int) -> None:
-    """Clear errors when a model cannot be split over ``tp`` ranks: whole query and KV heads and an equal share
-    of the MLP per rank (KV heads are never replicated). The one rule of ``iso_kernels.tp`` and the planner."""
+    """Clear errors when a model cannot be split over ``tp`` ranks: whole query heads and an equal share of the
+    MLP (and of every expert) per rank; whole KV heads per rank, or, where the ranks outnumber the KV heads
+    (Qwen3-235B-A22B's 4 at TP 8), each rank holds the one KV head its query heads read (replicated). The one
+    rule of ``iso_kernels.tp`` and the planner."""
     check_int("tp", tp)
-    for what, size in (("attention heads", shape.n_heads), ("KV heads", shape.n_kv_heads),
-                       ("intermediate size", shape.intermediate), ("expert intermediate size", shape.moe_intermediate)):
+    for what, size in (("attention heads", shape.n_heads), ("intermediate size", shape.intermediate),
+                       ("expert intermediate size", shape.moe_intermediate)):
         if size % tp:
             raise ValueError(f"{what} ({size}) are not divisible by tp={tp}")
+    if shape.n_kv_heads % tp and tp % shape.n_kv_heads:
+        raise ValueError(f"KV heads ({shape.n_kv_heads}) are neither divisible by tp={tp} nor a divisor of it")
+
+
+def kv_heads_per_rank(n_kv_heads: int, tp: int) -> int:
+    """KV heads each of ``tp`` ranks holds: its share, or one replicated head where the ranks outnumber them."""
+    return max(1, n_kv_heads // tp)
