@@ -76,7 +76,9 @@ class HardwareSpec:
     weights stream from HBM (``hbm_gbps``), so a GEMM of few rows per rank runs far below peak; causal
     attention's quadratic term at ``attention_efficiency``; norms, RoPE, K/V writes and SiLU * mul move their
     bytes at HBM speed; every layer pays ``layer_fixed_us`` whatever its tokens (launches, small kernels).
-    ``links``: the collective implementations modelled, the first the default."""
+    A mixture of experts' grouped GEMMs run at ``expert_efficiency`` on many rows per expert, and each expert a
+    chunk reaches costs ``expert_half_rows`` rows more (its GEMM's efficiency at m rows is expert_efficiency x
+    m / (m + expert_half_rows)). ``links``: the collective implementations modelled, the first the default."""
 
     name: str
     peak_tflops: float
@@ -86,6 +88,8 @@ class HardwareSpec:
     attention_efficiency: float
     layer_fixed_us: float
     links: tuple[Link, ...]
+    expert_efficiency: float
+    expert_half_rows: float
 
     def link(self, collective: str = "nccl") -> Link:
         for link in self.links:
@@ -120,10 +124,13 @@ class HardwareSpec:
 #   the stock driver has no P2P, so NCCL stages PCIe 4.0 traffic through host memory (NVIDIA/nccl-tests#117,
 #   NVIDIA/nccl#814); a P2P-patched driver reached ~25.9 GB/s on 4 cards (tinygrad/open-gpu-kernel-modules#36).
 #   40 us: an 8-byte all-reduce on 8x4090 took ~42 us (NVIDIA/nccl#1530).
+# - H100 experts: expert_efficiency 0.495 and expert_half_rows 108, fitted (the same tool) to the whole prefill of
+#   Mixtral-8x22B at TP 8 with its all-reduces removed (figure_11a.csv, no_ar column), the dense terms above held.
 # - The A100, A800 and RTX 4090 have no published whole-prefill measurement to fit: they take the H100 fit's
 #   efficiencies and per-layer fixed cost (eager launches cost the same host time on any of them), an
 #   assumption; their links have one regime each.
-H100_EFFICIENCY = dict(gemm_efficiency=0.614, attention_efficiency=0.572, layer_fixed_us=110.0)
+H100_EFFICIENCY = dict(gemm_efficiency=0.614, attention_efficiency=0.572, layer_fixed_us=110.0,
+                       expert_efficiency=0.495, expert_half_rows=108.0)
 HARDWARE_PRESETS = {
     "rtx4090-pcie4": HardwareSpec("rtx4090-pcie4", 165.2, 1008.0, 24.0, **H100_EFFICIENCY,
                                   links=(Link("nccl", _one_regime(40.0, 20.0)),)),

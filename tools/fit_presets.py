@@ -10,6 +10,10 @@ Data: ``tests/data/tokenweave/`` (TokenWeave's artifact, README there). Fitted o
   ``layer_fixed + n * (GEMM FLOPs / (tp * peak * gemm_eff) + elementwise bytes / HBM) + causal pairs * pair FLOPs
   / (tp * peak * attention_eff)``: linear in (layer_fixed, 1 / gemm_eff, 1 / attention_eff), so a least-squares
   fit in relative error finds them. Peak (989 TFLOP/s) and HBM (3.35 TB/s) are the datasheet's.
+- experts: ``figure_11a.csv``, Mixtral-8x22B at TP 8, column ``no_ar``, with the dense terms above held: the
+  experts' GEMMs take ``tokens x k x expert FLOPs / (tp * peak * expert_eff)`` plus, per expert a chunk reaches,
+  ``expert_half_rows`` rows more (the efficiency of a GEMM of m rows: expert_eff x m / (m + half_rows)), linear
+  in (1 / expert_eff, half_rows / expert_eff). The weight-streaming floor does not bind from 1k tokens up.
 - collectives: ``figure_6.csv``, each column (NCCL and multimem all-reduce, reduce-scatter, all-gather over 8
   GPUs, 64..32768 tokens of hidden 8192 in bf16). A collective takes the fastest of its regimes, each
   ``latency + traffic / bus bandwidth`` (traffic = message bytes x 2(t-1)/t for an all-reduce, (t-1)/t for
@@ -22,6 +26,7 @@ matches this fit and the data.
 
 import argparse
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +73,27 @@ def no_comm_features(shape, tp, n, hbm_gbps=H100_HBM_GBPS, peak_tflops=H100_PEAK
     return shape.n_layers * elementwise, [shape.n_layers, shape.n_layers * gemm, shape.n_layers * pairs]
 
 
+def fit_experts(model="Mixtral-8x22B-Instruct-v0.1", registry_name="mixtral-8x22b", tp=8):
+    """{"expert_efficiency", "expert_half_rows"} fitted on figure_11a's no_ar column, the dense terms held."""
+    from iso_kernels.planning import plan
+
+    shape = model_shape(models.config(registry_name))
+    rows = [r for r in read_rows("figure_11a.csv") if r["model"] == model]
+    free_experts = dataclasses.replace(HARDWARE_PRESETS["h100-nvlink"], expert_efficiency=1e12, expert_half_rows=0.0)
+    flops = tp * H100_PEAK_TFLOPS * 1e12
+    per_row = shape.expert_gemm_flops / shape.experts_per_token
+    known, features = [], []
+    for row in rows:
+        n = int(row["prompt_len"])
+        known.append(plan(shape, tp, n, hardware=free_experts).parts.no_comm_s)
+        hit = 1 - (1 - shape.experts_per_token / shape.n_experts) ** n
+        features.append([shape.n_layers * n * shape.expert_gemm_flops / flops,
+                         shape.n_layers * shape.n_experts * per_row * hit / flops])
+    times = np.array([float(r["no_ar"]) / 1e3 for r in rows]) - np.array(known)
+    inverse, half_rows_over = _relative_lstsq(features, times)
+    return {"expert_efficiency": 1 / inverse, "expert_half_rows": half_rows_over / inverse}
+
+
 def fit_compute(model="Llama-3.3-70B-Instruct", registry_name="llama3-70b", tp=8):
     """{"layer_fixed_us", "gemm_efficiency", "attention_efficiency"} fitted on figure_11a's no_ar column."""
     shape = model_shape(models.config(registry_name))
@@ -110,12 +136,13 @@ def fit_collective(column):
 
 
 def compare():
-    """Markdown tables: the H100 preset's predictions (``plan()``'s parts) beside every dense-model prefill of
-    figure_11a/11b and every all-reduce of figure_6."""
+    """Markdown tables: the H100 preset's predictions (``plan()``'s parts) beside every prefill of
+    figure_11a/11b and every collective of figure_6."""
     from iso_kernels.planning import plan
 
     h100 = HARDWARE_PRESETS["h100-nvlink"]
-    names = {"Llama-3.3-70B-Instruct": "llama3-70b", "Qwen2.5-72B-Instruct": "qwen2.5-72b"}
+    names = {"Llama-3.3-70B-Instruct": "llama3-70b", "Qwen2.5-72B-Instruct": "qwen2.5-72b",
+             "Mixtral-8x22B-Instruct-v0.1": "mixtral-8x22b"}
     lines = ["| model | TP | tokens | no-comm measured ms | predicted | error | serial (multimem) measured ms "
              "| predicted | error | fitted on |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, tp in (("figure_11a.csv", 8), ("figure_11b.csv", 4)):
@@ -125,7 +152,7 @@ def compare():
             p = plan(models.config(names[row["model"]]), tp, int(row["prompt_len"]), hardware=h100,
                      collective="multimem")
             no_comm, serial = float(row["no_ar"]), float(row["baseline_multimem"])
-            fitted = "yes" if name == "figure_11a.csv" and names[row["model"]] == "llama3-70b" else "no"
+            fitted = "yes" if name == "figure_11a.csv" and names[row["model"]] != "qwen2.5-72b" else "no"
             lines.append(f"| {row['model']} | {tp} | {row['prompt_len']} | {no_comm:.1f} | "
                          f"{1e3 * p.parts.no_comm_s:.1f} | {1e3 * p.parts.no_comm_s / no_comm - 1:+.1%} | "
                          f"{serial:.1f} | {1e3 * p.predicted_serial_s:.1f} | "
@@ -149,6 +176,9 @@ def main(argv=None):
         return
     print("H100 compute, fitted on figure_11a.csv Llama-3.3-70B-Instruct TP 8 no_ar:")
     for name, value in fit_compute().items():
+        print(f"  {name} = {value:.4g}")
+    print("H100 experts, fitted on figure_11a.csv Mixtral-8x22B-Instruct-v0.1 TP 8 no_ar:")
+    for name, value in fit_experts().items():
         print(f"  {name} = {value:.4g}")
     print("8xH100 collectives, fitted on figure_6.csv: regimes (latency us, bus GB/s), largest relative error")
     for column in COLLECTIVE_COLUMNS:

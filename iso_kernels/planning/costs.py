@@ -11,7 +11,7 @@ Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a 
 
     attention_block(n, p) = attn_fixed + max(batch * attn_per_token * n, attn_gemm_floor)
                             + batch * (attn_per_pair * n * (p + (n + 1) / 2) + attn_per_key * n * (p + n))
-    mlp_block(n)          = mlp_fixed  + max(batch * mlp_per_token * n, mlp_gemm_floor + mlp_experts_floor * hit(n))
+    mlp_block(n)          = mlp_fixed  + max(batch * mlp_per_token * n, mlp_gemm_floor) + mlp_experts_per_chunk * hit(n)
     all_reduce(nbytes)    = min(ar_latency + nbytes / ar_bandwidth, ar_small_latency + nbytes / ar_small_bandwidth)
 
 ``n * (p + (n + 1) / 2)`` counts the visible (query, key) pairs of causal attention for queries p..p+n-1;
@@ -19,9 +19,11 @@ Per-op times (``LayerCosts``), for a chunk of ``n`` tokens per sequence after a 
 reference) also pays for. A kernel that skips masked blocks has ``attn_per_key = 0`` (the datasheet model).
 The floors are the time to stream a block's GEMM weights from memory: a chunk of few tokens cannot run its
 GEMMs faster, so they run below peak (the datasheet model's shape-dependent efficiency). In a mixture of
-experts a chunk reads the weights of the experts its tokens are routed to: ``hit(n)`` = 1 - (1 - k / E)^(batch
-n), the expected share of E experts that ``batch * n`` tokens routed uniformly to k each reach. A chunk of a
-few hundred tokens reaches nearly all of them, so each chunk reads the experts' weights again. The all-reduce takes
+experts each expert a chunk's tokens reach runs a grouped GEMM of few rows, which streams the expert's weights
+and runs below peak: it costs ``mlp_experts_per_chunk`` (all E experts) times ``hit(n)`` = 1 - (1 - k /
+E)^(batch n), the expected share of E experts that ``batch * n`` tokens routed uniformly to k each reach. A
+chunk of a few hundred tokens reaches nearly all of them, so every chunk pays it again (uniform routing is an
+assumption; real routers are skewed, which lowers ``hit`` for short chunks). The all-reduce takes
 the faster of two regimes (NCCL's protocols for small and large messages; one regime leaves the second at
 infinity). RMSNorm, RoPE, SiLU and residual adds are linear in tokens and folded into the per-token terms.
 """
@@ -51,7 +53,7 @@ class LayerCosts:
     mlp_gemm_floor: float = 0.0
     ar_small_latency: float = math.inf  # a second all-reduce regime (inf: none)
     ar_small_bandwidth: float = math.inf
-    mlp_experts_floor: float = 0.0  # seconds: every expert's weights read once (averaged over the layers)
+    mlp_experts_per_chunk: float = 0.0  # seconds: every expert's small-GEMM cost, paid per chunk it is reached
     mlp_experts: int = 0  # E and k of ``hit(n)``; 0: no experts
     mlp_experts_per_token: int = 0
 
@@ -75,11 +77,11 @@ class LayerCosts:
                 + batch * (self.attn_per_pair * pairs + self.attn_per_key * scored))
 
     def mlp_block(self, n, batch=1):
-        floor = self.mlp_gemm_floor
+        hit = 0.0
         if self.mlp_experts:
-            floor = floor + self.mlp_experts_floor * (1 - (1 - self.mlp_experts_per_token / self.mlp_experts)
-                                                      ** (batch * np.asarray(n)))
-        return self.mlp_fixed + np.maximum(batch * self.mlp_per_token * n, floor)
+            hit = 1 - (1 - self.mlp_experts_per_token / self.mlp_experts) ** (batch * np.asarray(n))
+        return (self.mlp_fixed + np.maximum(batch * self.mlp_per_token * n, self.mlp_gemm_floor)
+                + self.mlp_experts_per_chunk * hit)
 
     def all_reduce(self, nbytes):
         return np.minimum(self.ar_latency + nbytes / self.ar_bandwidth,
@@ -98,7 +100,7 @@ class LayerCosts:
             raise ValueError(f"compute and comm factors must be positive, got {compute}, {comm}")
         terms = {f: getattr(self, f) * compute for f in (
             "attn_fixed", "attn_per_token", "attn_per_pair", "attn_per_key", "mlp_fixed", "mlp_per_token",
-            "attn_gemm_floor", "mlp_gemm_floor", "mlp_experts_floor")}
+            "attn_gemm_floor", "mlp_gemm_floor", "mlp_experts_per_chunk")}
         return dataclasses.replace(self, **terms, ar_latency=self.ar_latency * comm,
                                    ar_bandwidth=self.ar_bandwidth / comm, ar_small_latency=self.ar_small_latency * comm,
                                    ar_small_bandwidth=self.ar_small_bandwidth / comm)
@@ -115,6 +117,9 @@ class LayerCosts:
         link = hardware.link(collective)
         flops, hbm = tp * hardware.peak_tflops * 1e12, hardware.hbm_gbps * 1e9
         gemm, attention = flops * hardware.gemm_efficiency, flops * hardware.attention_efficiency
+        experts = flops * hardware.expert_efficiency
+        # the FLOPs of one row through one expert, averaged over the layers
+        per_expert_row = shape.expert_gemm_flops / shape.experts_per_token if shape.experts_per_token else 0.0
         attn_bytes, mlp_bytes = shape.elementwise_bytes(tp)
         fixed = hardware.layer_fixed_us * 1e-6 / 2
         comm = {}
@@ -127,10 +132,10 @@ class LayerCosts:
                 comm.update(ar_small_latency=regimes[0][0] * 1e-6, ar_small_bandwidth=regimes[0][1] * 1e9 / ring)
         return cls(attn_fixed=fixed, attn_per_token=shape.attention_gemm_flops / gemm + attn_bytes / hbm,
                    attn_per_pair=shape.pair_flops / attention, mlp_fixed=fixed,
-                   mlp_per_token=shape.mlp_gemm_flops / gemm + mlp_bytes / hbm,
+                   mlp_per_token=shape.mlp_gemm_flops / gemm + shape.expert_gemm_flops / experts + mlp_bytes / hbm,
                    attn_gemm_floor=shape.attention_weight_elements * shape.dtype_bytes / tp / hbm,
                    mlp_gemm_floor=shape.dense_share * shape.mlp_weight_elements * shape.dtype_bytes / tp / hbm,
-                   mlp_experts_floor=(1 - shape.dense_share) * shape.n_experts * shape.expert_weight_elements
-                   * shape.dtype_bytes / tp / hbm, mlp_experts=shape.n_experts,
+                   mlp_experts=shape.n_experts,
                    mlp_experts_per_token=shape.experts_per_token,
+                   mlp_experts_per_chunk=shape.n_experts * per_expert_row * hardware.expert_half_rows / experts,
                    **(comm or dict(ar_latency=0.0, ar_bandwidth=math.inf)))

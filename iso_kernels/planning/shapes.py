@@ -51,10 +51,16 @@ class ModelShape:
 
     @property
     def mlp_gemm_flops(self) -> float:
-        """Per token per layer, averaged over the layers: gate, up and down projections; in a sparse layer the
-        router's and those of the experts_per_token experts the token is routed to."""
-        sparse = self.experts_per_token * 6.0 * self.moe_intermediate + 2.0 * self.n_experts
+        """Per token per layer, averaged over the layers: the dense layers' gate, up and down projections and
+        the sparse layers' router (``expert_gemm_flops`` apart)."""
+        sparse = 2.0 * self.n_experts
         return self.hidden * (self.dense_share * 6.0 * self.intermediate + (1 - self.dense_share) * sparse)
+
+    @property
+    def expert_gemm_flops(self) -> float:
+        """Per token per layer, averaged over the layers: the gate, up and down projections of the
+        experts_per_token experts a token of a sparse layer is routed to."""
+        return (1 - self.dense_share) * self.experts_per_token * 6.0 * self.hidden * self.moe_intermediate
 
     @property
     def dense_share(self) -> float:
@@ -70,7 +76,7 @@ class ModelShape:
     def weight_bytes(self) -> int:
         """Decoder layers (a sparse layer: its router and every expert), untied embedding and LM head, norms."""
         h, dense = self.hidden, self.n_layers - self.sparse_layers
-        experts = self.n_experts * (h + 3 * h * self.moe_intermediate)
+        experts = self.n_experts * (h + self.expert_weight_elements)
         layers = (self.n_layers * (self.attention_weight_elements + 2 * h) + dense * self.mlp_weight_elements
                   + self.sparse_layers * experts)
         return (layers + 2 * self.vocab * h + h) * self.dtype_bytes

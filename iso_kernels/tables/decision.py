@@ -21,6 +21,13 @@ TABLE_MODELS = ("llama2-7b", "llama2-13b", "codellama-34b", "llama2-70b")
 TABLE_GPUS = ("rtx4090-pcie4", "a800-nvlink", "a100-nvlink", "h100-nvlink")
 TABLE_TPS = (2, 4, 8)
 TABLE_SEQ_LENS = tuple(2**i for i in range(8, 16))  # 256 .. 32768
+# --table 2026: the models served in 2026, dense and mixtures of experts, on the H100 the presets are fitted to,
+# up to 64k tokens (TokenWeave measured them there).
+TABLES = {
+    "llama": (TABLE_GPUS, TABLE_MODELS, TABLE_TPS, TABLE_SEQ_LENS),
+    "2026": (("h100-nvlink",), ("qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x22b"), (4, 8),
+             tuple(2**i for i in range(10, 17))),
+}
 GIB = 2**30
 
 
@@ -134,7 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"smallest predicted gain worth splitting for (default {MIN_GAIN})")
     parser.add_argument("--max-chunks", type=int, default=MAX_AUTO_CHUNKS,
                         help=f"most chunks (default {MAX_AUTO_CHUNKS})")
-    parser.add_argument("--table", action="store_true", help="the decision table: every GPU x model x TP x length")
+    parser.add_argument("--table", nargs="?", const="llama", choices=sorted(TABLES),
+                        help="a decision table, every GPU x model x TP x length: llama (the default: four GPUs, "
+                             "Llama-2 shapes) or 2026 (H100, Qwen3 dense and MoE, Mixtral)")
     parser.add_argument("--markdown", action="store_true", help="with --table: a Markdown table")
     parser.add_argument("--json", action="store_true", help="print the plans as JSON")
 
@@ -143,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
     table = args.table
     if args.markdown and not table:
         raise ValueError("--markdown needs --table")
-    gpus = args.hardware or (list(TABLE_GPUS) if table else ["h100-nvlink"])
-    names = args.model or (list(TABLE_MODELS) if table else ["llama2-70b"])
-    tps = args.tp or (list(TABLE_TPS) if table else [8])
-    seq_lens = args.seq_len or (list(TABLE_SEQ_LENS) if table else [4096])
+    table_gpus, table_models, table_tps, table_lens = TABLES[table] if table else (
+        ["h100-nvlink"], ["llama2-70b"], [8], [4096])
+    gpus, names = args.hardware or list(table_gpus), args.model or list(table_models)
+    tps, seq_lens = args.tp or list(table_tps), args.seq_len or list(table_lens)
     for option, values in (("--seq-len", seq_lens), ("--tp", tps), ("--batch", [args.batch]),
                            ("--max-chunks", [args.max_chunks])):
         for value in values:

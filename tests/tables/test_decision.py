@@ -150,6 +150,20 @@ def test_cli_table_is_the_published_one(capsys):
     assert len(TABLE_SEQ_LENS) == lines[0].count("|") - 6
 
 
+def test_the_2026_table_is_published_and_turns_mixtures_of_experts_off_where_chunks_cost_more(capsys):
+    assert cli.main(["plan", "--table", "2026", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table in (ROOT / "bench" / "README.md").read_text(), \
+        "bench/README.md's 2026 table is stale: python -m iso_kernels plan --table 2026 --markdown"
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:4]): line for line in table.splitlines()[2:]}
+    # Every expert a chunk reaches runs again per chunk: short MoE prompts stay whole, long ones split.
+    def off(model):
+        return [cell.strip().startswith("off") for cell in rows["h100-nvlink", "multimem", model, "8"].split("|")[6:-1]]
+
+    assert off("mixtral-8x22b") == [True, True] + [False] * 5
+    assert sum(off("qwen3-32b")) < sum(off("mixtral-8x22b"))
+
+
 def test_cli_table_as_json_and_plain(capsys):
     argv = ["plan", "--table", "--hardware", "a800-nvlink", "--model", "llama2-70b", "--tp", "8",
             "--seq-len", "512,4096"]
