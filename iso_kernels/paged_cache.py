@@ -224,15 +224,16 @@ class PagedKVCache(KVBuffers):
     def __init__(self, num_blocks, block_size, n_kv_heads, head_dim, dtype, device):
         super().__init__((num_blocks, block_size, n_kv_heads, head_dim), dtype, device)
 
-    def attend(self, q, k, v, batch: PackedBatch):
+    def attend(self, q, k, v, batch: PackedBatch, *, window_size=(-1, -1)):
         """q: (1, total, n_head, head_dim), k, v: (1, total, n_kv_heads, head_dim) of ``batch``'s tokens. Stores
-        k and v in their slots, then returns each request's causal attention over its pages, shaped like q."""
+        k and v in their slots, then returns each request's causal attention over its pages, shaped like q;
+        ``window_size=(left, right)`` limits it to a sliding window (``ops.chunked_attention_varlen``'s)."""
         for pages, new in ((self.k, k), (self.v, v)):
             pages.view(-1, *pages.shape[2:]).index_copy_(0, batch.slots, new[0])
         # The batch checked its values on the host (PackedBatch, Transformer.check_positions): no device read.
         out = ops.chunked_attention_varlen(q[0], self.k, self.v, cu_seqlens_q=batch.cu_seqlens_q,
                                            seqused_k=batch.seqused_k, block_table=batch.block_table,
-                                           check_index_values=False)
+                                           window_size=window_size, check_index_values=False)
         return out[None]
 
     def copy_page(self, src, dst):

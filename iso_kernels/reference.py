@@ -10,12 +10,15 @@ import math
 import torch
 
 
-def chunked_attention_ref(q, k, v, *, q_start=None, causal=True, softmax_scale=None, upcast=True):
+def chunked_attention_ref(q, k, v, *, q_start=None, causal=True, softmax_scale=None, window_size=(-1, -1),
+                          upcast=True):
     """Attention of queries at absolute positions ``[q_start, q_start + q_len)`` over keys ``[0, kv_len)``.
 
     q: (batch, q_len, n_heads, head_dim); k, v: (batch, kv_len, n_kv_heads, head_dim).
     Returns ``(out, lse)``: out (batch, q_len, n_heads, head_dim) in q's dtype, lse (batch, n_heads, q_len) fp32.
     With ``causal``, query i sees keys ``0 .. q_start + i`` (default q_start = kv_len - q_len: bottom-right).
+    ``window_size=(left, right)`` (-1: unbounded) keeps, of those, the keys ``q_start + i - left ..
+    q_start + i + right``; rows that see no key give output 0 and LSE -inf.
     """
     q_len, kv_len, n_heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     if q_start is None:
@@ -27,10 +30,17 @@ def chunked_attention_ref(q, k, v, *, q_start=None, causal=True, softmax_scale=N
     kh = k.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     vh = v.to(compute_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    left, right = window_size
+    query_pos = torch.arange(q_len, device=q.device)[:, None] + q_start
+    key_pos = torch.arange(kv_len, device=q.device)[None, :]
+    hidden = torch.zeros(q_len, kv_len, dtype=torch.bool, device=q.device)
     if causal:
-        query_pos = torch.arange(q_len, device=q.device)[:, None] + q_start
-        key_pos = torch.arange(kv_len, device=q.device)[None, :]
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        hidden |= key_pos > query_pos
+    if left >= 0:
+        hidden |= key_pos < query_pos - left
+    if right >= 0:
+        hidden |= key_pos > query_pos + right
+    scores = scores.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(scores.float(), dim=-1)
     # Rows that see no key (possible only with q_start < 0 semantics) give zeros, not NaN.
     probs = torch.exp(scores.float() - lse[..., None].nan_to_num(neginf=0.0)).to(compute_dtype)
@@ -65,14 +75,15 @@ def varlen_attention_per_sequence(attend, q, k_cache, v_cache, cu_seqlens_q, seq
 
 
 def chunked_attention_varlen_ref(q, k_cache, v_cache, *, cu_seqlens_q, seqused_k, block_table=None, causal=True,
-                                 softmax_scale=None, upcast=True):
+                                 softmax_scale=None, window_size=(-1, -1), upcast=True):
     """``chunked_attention_ref`` of each sequence of a varlen batch over its keys (see
     ``varlen_attention_per_sequence`` for the layouts), bottom-right causal: query j of sequence i sees keys
-    ``0 .. seqused_k[i] - len_q_i + j``. Returns ``(out, lse)``: out (total_q, n_heads, head_dim) in q's dtype,
-    lse (n_heads, total_q) fp32."""
+    ``0 .. seqused_k[i] - len_q_i + j``, within ``window_size`` of that position. Returns ``(out, lse)``: out
+    (total_q, n_heads, head_dim) in q's dtype, lse (n_heads, total_q) fp32."""
 
     def attend(q_i, k_i, v_i):
-        return chunked_attention_ref(q_i, k_i, v_i, causal=causal, softmax_scale=softmax_scale, upcast=upcast)
+        return chunked_attention_ref(q_i, k_i, v_i, causal=causal, softmax_scale=softmax_scale,
+                                     window_size=window_size, upcast=upcast)
 
     return varlen_attention_per_sequence(attend, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)
 

@@ -48,6 +48,25 @@ def assert_comparison_can_fail(ref, bound, *, name="output"):
     )
 
 
+def window_mask(q_len, kv_len, q_start, causal, window_size):
+    """(q_len, kv_len) bool, True where query i, at position ``q_start + i`` (None: kv_len - q_len, bottom-right),
+    may see key j: ``position - left <= j <= position + right`` for ``window_size = (left, right)`` (-1:
+    unbounded), and ``j <= position`` with causal. The attention tests' oracle mask, written here from the
+    documented convention rather than taken from the library."""
+    q_start = kv_len - q_len if q_start is None else q_start
+    left, right = window_size
+    position = torch.arange(q_len)[:, None] + q_start
+    key = torch.arange(kv_len)[None, :]
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool)
+    if causal:
+        mask &= key <= position
+    if left >= 0:
+        mask &= key >= position - left
+    if right >= 0:
+        mask &= key <= position + right
+    return mask
+
+
 # The tiny Hugging Face checkpoints of conftest.hf_checkpoints
 HF_SEQ_LEN, HF_BATCH, HF_DECODE_STEPS = 37, 2, 3  # 37: not a multiple of any block size
 HF_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -1,6 +1,9 @@
 """chunked_attention: the Triton kernel (interpreted on CPU) and the CPU kernel (torch's fused attention)
 against the fp32 reference and against torch SDPA with an explicit bottom-right / q_start mask; the ISO chunk
-split; the prefix + diagonal merge; empty ranges; opcheck; bad inputs."""
+split; the prefix + diagonal merge; empty ranges; sliding windows against SDPA with a band mask built here, and
+the key blocks outside a window never read; opcheck; bad inputs."""
+
+import importlib
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch.nn.attention.bias import causal_lower_right
 from iso_kernels.ops import chunked_attention, merge_attention_states
 from iso_kernels.reference import chunked_attention_ref, merge_attention_states_ref
 
-from helpers import ATOL, assert_close_to_ref, assert_comparison_can_fail
+from helpers import ATOL, assert_close_to_ref, assert_comparison_can_fail, window_mask
 
 # (q_len, kv_len, q_start): None = bottom-right default; block sizes are 64 x 32 under the interpreter.
 CASES = [
@@ -29,6 +32,25 @@ DTYPES = [torch.float32, torch.float16]
 HEAD_DIMS = [16, 32, 128, 256]
 NONCAUSAL_CASES = [(1, 97), (97, 200), (200, 17)]
 SPLITS = [1, 64, 97, 199]  # chunk 1 length of a 200-token prompt
+# (q_len, kv_len, q_start, causal, window_size): None = bottom-right. Windows narrower than a key block (32 under
+# the interpreter), spanning several, as wide as the keys and wider, left-only, both sides and right-only without
+# causal, a chunk in the middle of a longer cache, and one decode-like query.
+WINDOW_CASES = [
+    (97, 200, None, True, (5, -1)),
+    (97, 200, None, True, (70, 0)),
+    (130, 130, None, True, (129, -1)),
+    (130, 130, None, True, (300, -1)),
+    (64, 200, 50, True, (33, 2)),  # a right side is moot with causal
+    (97, 200, None, False, (20, 7)),
+    (17, 200, None, False, (40, -1)),
+    (97, 200, 30, False, (-1, 45)),
+    (1, 97, None, True, (10, -1)),
+]
+# Queries per call of the CPU kernel's windowed path in the window tests (its default, 256, exceeds every q_len
+# here): pieces that are not block multiples, each over its own keys.
+CPU_WINDOW_PIECE = 40
+# The module (``iso_kernels.ops.chunked_attention`` is also the name of its public function there).
+OP_MODULE = importlib.import_module("iso_kernels.ops.chunked_attention")
 BATCH = 2
 # Each op's CPU kernel ("torch") and its Triton kernel ("triton", interpreted on CPU): the `backend` fixture.
 BACKENDS = ["torch", "triton"]
@@ -93,6 +115,108 @@ def test_noncausal(backend, device, q_len, kv_len, dtype):
     q, k, v = make_qkv(q_len, kv_len, 4, 2, 64, dtype, device)
     out, lse = chunked_attention(q, k, v, causal=False, return_lse=True)
     check_against_oracles(out, lse, q, k, v, causal=False)
+
+
+def masked_sdpa(q, k, v, mask, dtype=torch.float32):
+    """torch SDPA in ``dtype`` with a boolean (q_len, kv_len) mask; (batch, q_len, n_heads, head_dim)."""
+    group = q.shape[2] // k.shape[2]
+    qh = q.to(dtype).transpose(1, 2)
+    kh = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.to(q.device)).transpose(1, 2)
+
+
+def masked_lse(q, k, mask):
+    """logsumexp of each query's fp32 scores over the keys ``mask`` shows it: (batch, n_heads, q_len)."""
+    group = q.shape[2] // k.shape[2]
+    scores = (q.float().transpose(1, 2) @ k.float().transpose(1, 2).repeat_interleave(group, dim=1).transpose(2, 3)
+              * q.shape[-1] ** -0.5)
+    return torch.logsumexp(scores.masked_fill(~mask.to(q.device), float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len,kv_len,q_start,causal,window_size", WINDOW_CASES)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_window_matches_sdpa_with_a_band_mask(backend, device, q_len, kv_len, q_start, causal, window_size, dtype,
+                                              monkeypatch):
+    monkeypatch.setattr(OP_MODULE, "_CPU_WINDOW_PIECE", CPU_WINDOW_PIECE)
+    q, k, v = make_qkv(q_len, kv_len, 4, 2, 64, dtype, device)
+    out, lse = chunked_attention(q, k, v, q_start=q_start, causal=causal, window_size=window_size,
+                                 return_lse=True)
+    mask = window_mask(q_len, kv_len, q_start, causal, window_size)
+    assert mask.any(dim=1).all(), "every query sees at least the key at its own position"
+    sdpa, torch_out = masked_sdpa(q, k, v, mask), masked_sdpa(q, k, v, mask, dtype)
+    assert_close_to_ref(out, sdpa, torch_out, name="output vs SDPA")
+    torch.testing.assert_close(lse, masked_lse(q, k, mask), atol=1e-4, rtol=1e-5)
+    ref, ref_lse = chunked_attention_ref(q, k, v, q_start=q_start, causal=causal, window_size=window_size)
+    assert_close_to_ref(ref, sdpa, torch_out, name="reference vs SDPA")  # the reference (the empty-input path)
+    torch.testing.assert_close(ref_lse, lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_window_reaching_every_key_is_no_window(backend, device, causal):
+    """A side of kv_len or more bounds nothing (flash-attn's rule): the same bits as no window."""
+    q, k, v = make_qkv(97, 150, 2, 1, 64, torch.float16, device)
+    q_start = None if causal else 0  # without causal the window places the queries: at 0 here, as without one
+    plain = chunked_attention(q, k, v, causal=causal, return_lse=True)
+    wide = chunked_attention(q, k, v, q_start=q_start, causal=causal, window_size=(150, 150 + 97), return_lse=True)
+    assert torch.equal(plain[0], wide[0]) and torch.equal(plain[1], wide[1])
+
+
+# (q_len, kv_len, q_start, causal, window_size): one tile of queries (BLOCK_M = 64 under the interpreter) whose
+# windows start inside a key block (BLOCK_N = 32) and, without causal, end inside one.
+SKIP_CASES = [(40, 300, 200, True, (50, -1)), (40, 300, 200, False, (21, 7))]
+
+
+def _unseen_blocks(q_len, kv_len, q_start, causal, window_size, block_n):
+    """(first, end): the keys the tile's rows reach, widened to whole key blocks; the blocks outside it hold no
+    key any row sees, so the kernel must not load them."""
+    left, right = window_size
+    first = max(q_start - left, 0)
+    last = min(q_start + q_len - 1 + (0 if causal or right < 0 else right), kv_len - 1)
+    return first // block_n * block_n, min(-(-(last + 1) // block_n) * block_n, kv_len)
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_start,causal,window_size", SKIP_CASES)
+def test_triton_window_never_loads_the_key_blocks_outside_it(triton_backend, device, q_len, kv_len, q_start, causal,
+                                                             window_size):
+    """NaN in every key block no row of the tile reaches: a kernel that loaded such a block and only masked its
+    scores would multiply the NaN values by probability 0 and return NaN, so a finite, correct output shows the
+    blocks were skipped. NaN in one masked key of a block that is loaded does come through (the check can fail)."""
+    from triton_ops.chunked_attention import _INTERPRETER_CONFIG
+
+    block_n = _INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+    q, k, v = make_qkv(q_len, kv_len, 2, 1, 64, torch.float32, device)
+    mask = window_mask(q_len, kv_len, q_start, causal, window_size)
+    expected = masked_sdpa(q, k, v, mask)
+    first, end = _unseen_blocks(q_len, kv_len, q_start, causal, window_size, block_n)
+    assert 0 < first and (causal or end < kv_len), "the case must leave blocks to skip"
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for t in (poisoned_k, poisoned_v):
+        t[:, :first] = float("nan")
+        t[:, end:] = float("nan")
+    out = chunked_attention(q, poisoned_k, poisoned_v, q_start=q_start, causal=causal, window_size=window_size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    assert not mask[:, first].any(), "the first key loaded must be one no row sees"
+    poisoned_v[:, first] = float("nan")
+    assert torch.isnan(chunked_attention(q, poisoned_k, poisoned_v, q_start=q_start, causal=causal,
+                                         window_size=window_size)).any()
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_start,causal,window_size", SKIP_CASES)
+def test_cpu_window_never_reads_the_keys_outside_it(q_len, kv_len, q_start, causal, window_size):
+    """The CPU kernel passes torch's fused attention only the keys a window reaches: NaN in every other key leaves
+    the output finite, though the same keys under a mask alone turn it NaN."""
+    q, k, v = make_qkv(q_len, kv_len, 2, 1, 64, torch.float32, "cpu")
+    mask = window_mask(q_len, kv_len, q_start, causal, window_size)
+    expected = masked_sdpa(q, k, v, mask)
+    unseen = ~mask.any(dim=0)
+    k[:, unseen], v[:, unseen] = float("nan"), float("nan")
+    out = chunked_attention(q, k, v, q_start=q_start, causal=causal, window_size=window_size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(masked_sdpa(q, k, v, mask)).any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -195,6 +319,8 @@ def test_opcheck(backend, device):
     q, k, v = make_qkv(17, 40, 4, 2, 32, torch.float32, device, batch=1)
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 10, True, 0.2))
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 0, False, 0.2))
+    torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 10, True, 0.2, 5, -1))
+    torch.library.opcheck(torch.ops.iso_kernels.chunked_attention.default, (q, k, v, 23, False, 0.2, 4, 2))
 
 
 # (changes to valid arguments q (1, 17, 4, 64), k, v (1, 40, 2, 64); a callable gets the valid arguments, the
@@ -217,6 +343,16 @@ BAD_INPUTS = [
     ({"softmax_scale": 0.0}, "softmax_scale"),
     ({"softmax_scale": -0.1}, "softmax_scale"),
     ({"softmax_scale": float("nan")}, "softmax_scale"),
+    ({"window_size": (-2, 0)}, "window_size"),
+    ({"window_size": (4, -3)}, "window_size"),
+    ({"window_size": (4,)}, "window_size"),
+    ({"window_size": (4, 0, 1)}, "window_size"),
+    ({"window_size": (4.0, 0)}, "window_size"),
+    ({"window_size": (True, 0)}, "window_size"),
+    ({"window_size": 4}, "window_size"),
+    ({"window_size": None}, "window_size"),
+    ({"causal": False, "window_size": (3, 3), "q": lambda a: torch.randn(1, 41, 4, 64)}, "q_start"),
+    ({"causal": False, "window_size": (3, 3), "q_start": 24}, "q_start"),
 ]
 
 
@@ -299,6 +435,20 @@ def test_gpu_large_vs_sdpa(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, 
     assert_close_to_ref(out, ref, sdpa, name="output vs SDPA")
     _, ref_lse = chunked_attention_ref(q[:, -64:], k, v, q_start=kv_len - 64)
     torch.testing.assert_close(lse[:, :, -64:], ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_window_vs_sdpa():
+    """A local layer of 1024 keys back (Gemma 3's) on chunk 2 of a 4k prompt, bf16: the windowed kernel (blocks
+    skipped at the left, masked bands, a new autotune key) against SDPA with the band mask."""
+    q_len, kv_len, window_size = 2600, 4093, (1024, -1)
+    q, k, v = make_qkv(q_len, kv_len, 16, 2, 128, torch.bfloat16, "cuda", batch=1)
+    out, lse = chunked_attention(q, k, v, window_size=window_size, return_lse=True)
+    mask = window_mask(q_len, kv_len, None, True, window_size)
+    with sdpa_kernel(SDPBackend.MATH):  # exact fp32 oracle, no TF32
+        ref = masked_sdpa(q, k, v, mask)
+    assert_close_to_ref(out, ref, masked_sdpa(q, k, v, mask, torch.bfloat16), name="output vs SDPA")
+    torch.testing.assert_close(lse[:, :, -64:], masked_lse(q[:, -64:], k, mask[-64:]), atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.gpu

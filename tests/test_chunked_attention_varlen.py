@@ -1,7 +1,8 @@
 """chunked_attention_varlen: the Triton kernel (interpreted on CPU) and the CPU kernel (torch's fused attention per
 sequence) against torch SDPA per sequence with a bottom-right mask, an explicit logsumexp, and the fp32 reference;
 ragged sequences (empty ones too) over contiguous and paged caches with shuffled block tables; GQA/MQA; the
-same bits as chunked_attention and as the unpaged layout; opcheck; bad inputs."""
+same bits as chunked_attention and as the unpaged layout; sliding windows against SDPA with a band mask built
+here, and the key blocks outside a window never read; PagedKVCache.attend's window; opcheck; bad inputs."""
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from iso_kernels.ops import chunked_attention, chunked_attention_varlen
+from iso_kernels.paged_cache import PackedBatch, PagedKVCache
 from iso_kernels.reference import chunked_attention_varlen_ref
 
-from helpers import assert_close_to_ref
+from helpers import assert_close_to_ref, window_mask
 
 # Queries per sequence and the keys cached before them (seqused_k = both): lengths that are not block multiples,
 # a decode-like single query, a sequence with keys but no queries and one with neither. Interpreter blocks are
@@ -24,6 +26,20 @@ HEADS = [(2, 2), (4, 1)]  # (n_heads, n_kv_heads): MHA and MQA; the main tests r
 DTYPES = [torch.float32, torch.float16]
 HEAD_DIMS = [16, 128, 256]
 BACKENDS = ["torch", "triton"]  # the op's CPU kernel and its Triton kernel (interpreted on CPU)
+# (causal, window_size, block_size) over Q_LENS / EXTRA_KEYS (keys 1, 97, 5, 91, 233, 0; capacity MAX_KV): windows
+# narrower than a key block (32 under the interpreter), spanning several, wider than most sequences but not the
+# capacity (so the kernel still runs windowed), wider than every one; without causal both sides, left-only and
+# right-only.
+WINDOW_CASES = [
+    (True, (5, -1), None),
+    (True, (5, 0), 16),
+    (True, (70, -1), 64),
+    (True, (100, -1), None),
+    (True, (1000, -1), 16),
+    (False, (20, 7), None),
+    (False, (40, -1), 16),
+    (False, (-1, 3), 256),
+]
 
 
 def make_batch(q_lens, extra_keys, n_heads, n_kv_heads, head_dim, dtype, device, block_size=None,
@@ -72,40 +88,48 @@ def per_sequence(q, index, keys, values):
                    v.transpose(0, 1).repeat_interleave(group, 0))
 
 
-def sdpa_oracle(q, index, keys, values, causal=True, dtype=torch.float32):
-    """torch SDPA in ``dtype``, one sequence at a time, with causal_lower_right masks; packed like q."""
+def visible_keys(q_len, kv_len, causal, window_size=(-1, -1)):
+    """(q_len, kv_len) bool, True where a query sees a key: query j of a sequence sits at position
+    kv_len - q_len + j (bottom-right)."""
+    return window_mask(q_len, kv_len, None, causal, window_size)
+
+
+def sdpa_oracle(q, index, keys, values, causal=True, dtype=torch.float32, window_size=(-1, -1)):
+    """torch SDPA in ``dtype``, one sequence at a time, with causal_lower_right masks (or, with a window, the
+    boolean ``visible_keys``); packed like q."""
     outs = [q.new_empty(0, *q.shape[1:])]
     for qh, kh, vh in per_sequence(q, index, keys, values):
         mask = causal_lower_right(qh.shape[1], kh.shape[1]) if causal else None
+        if window_size != (-1, -1):
+            mask = visible_keys(qh.shape[1], kh.shape[1], causal, window_size).to(q.device)
         out = F.scaled_dot_product_attention(qh[None].to(dtype), kh[None].to(dtype), vh[None].to(dtype),
                                              attn_mask=mask)
         outs.append(out[0].transpose(0, 1).to(q.dtype))
     return torch.cat(outs)
 
 
-def lse_oracle(q, index, keys, values, causal=True, softmax_scale=None):
+def lse_oracle(q, index, keys, values, causal=True, softmax_scale=None, window_size=(-1, -1)):
     """logsumexp over each query's visible keys of its fp32 scores: (n_heads, total_q)."""
     scale = softmax_scale or q.shape[-1] ** -0.5
     lses = [torch.empty(q.shape[1], 0)]
     for qh, kh, _ in per_sequence(q, index, keys, values):
         scores = qh.float() @ kh.float().transpose(1, 2) * scale
-        q_len, kv_len = scores.shape[1:]
-        if causal:
-            visible = torch.arange(kv_len)[None, :] <= torch.arange(q_len)[:, None] + kv_len - q_len
-            scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+        visible = visible_keys(*scores.shape[1:], causal, window_size)
+        scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
         lses.append(torch.logsumexp(scores, dim=-1).cpu())
     return torch.cat(lses, dim=1).to(q.device)
 
 
-def check_against_oracles(out, lse, q, k_cache, v_cache, index, keys, values, causal=True):
+def check_against_oracles(out, lse, q, k_cache, v_cache, index, keys, values, causal=True, window_size=(-1, -1)):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
-    ref, _ = chunked_attention_varlen_ref(q, k_cache, v_cache, **index, causal=causal)
-    torch_out, _ = chunked_attention_varlen_ref(q, k_cache, v_cache, **index, causal=causal, upcast=False)
+    window = {"causal": causal, "window_size": window_size}
+    ref, _ = chunked_attention_varlen_ref(q, k_cache, v_cache, **index, **window)
+    torch_out, _ = chunked_attention_varlen_ref(q, k_cache, v_cache, **index, **window, upcast=False)
     assert_close_to_ref(out, ref, torch_out, name="output vs reference")
-    assert_close_to_ref(out, sdpa_oracle(q, index, keys, values, causal),
-                        sdpa_oracle(q, index, keys, values, causal, q.dtype), name="output vs SDPA")
-    torch.testing.assert_close(lse, lse_oracle(q, index, keys, values, causal), atol=1e-4, rtol=1e-5)
+    assert_close_to_ref(out, sdpa_oracle(q, index, keys, values, causal, window_size=window_size),
+                        sdpa_oracle(q, index, keys, values, causal, q.dtype, window_size), name="output vs SDPA")
+    torch.testing.assert_close(lse, lse_oracle(q, index, keys, values, **window), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,6 +161,79 @@ def test_noncausal(backend, device, block_size, dtype):
     check_against_oracles(out, lse, q, k_cache, v_cache, index, keys, values, causal=False)
 
 
+@pytest.mark.parametrize("causal,window_size,block_size", WINDOW_CASES)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_window_matches_sdpa_with_a_band_mask(backend, device, causal, window_size, block_size):
+    q, k_cache, v_cache, index, keys, values = make_batch(Q_LENS, EXTRA_KEYS, 4, 2, 64, torch.float16, device,
+                                                          block_size)
+    out, lse = chunked_attention_varlen(q, k_cache, v_cache, **index, causal=causal, window_size=window_size,
+                                        return_lse=True)
+    check_against_oracles(out, lse, q, k_cache, v_cache, index, keys, values, causal, window_size)
+
+
+# (causal, window_size): two sequences of one query tile each (BLOCK_M = 64 under the interpreter), whose windows
+# start inside a key block (BLOCK_N = 32), far from their first keys.
+SKIP_CASES = [(True, (50, -1)), (False, (21, 7))]
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+@pytest.mark.parametrize("causal,window_size", SKIP_CASES)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_window_never_reads_the_keys_before_it(backend, device, causal, window_size, block_size):
+    """NaN in the keys and values before each sequence's first window, whole key blocks of them for the Triton
+    kernel: a kernel that read them (a block it loads and only masks multiplies NaN values by probability 0)
+    would return NaN, so a correct output shows they were skipped. For the Triton kernel, NaN in one masked key
+    of a block it does load comes through (the check can fail)."""
+    from triton_ops.chunked_attention import _INTERPRETER_CONFIG
+
+    q_lens, extra_keys = [40, 30], [260, 220]
+    q, k_cache, v_cache, index, keys, values = make_batch(q_lens, extra_keys, 2, 1, 64, torch.float32, device,
+                                                          block_size, max_kv=300)
+    expected = sdpa_oracle(q, index, keys, values, causal, window_size=window_size)
+    block_n = 1 if backend == "torch" else _INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+    firsts = [(extra - window_size[0]) // block_n * block_n for extra in extra_keys]
+    for seq, first in enumerate(firsts):
+        assert first > 0 and not visible_keys(q_lens[seq], q_lens[seq] + extra_keys[seq], causal,
+                                              window_size)[:, :first].any()
+        poison_keys(k_cache, v_cache, index, seq, range(first))
+    out = chunked_attention_varlen(q, k_cache, v_cache, **index, causal=causal, window_size=window_size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if backend == "triton":
+        assert firsts[0] < extra_keys[0] - window_size[0], "the first key loaded must be one no query sees"
+        poison_keys(k_cache, v_cache, index, 0, range(firsts[0], firsts[0] + 1))
+        out = chunked_attention_varlen(q, k_cache, v_cache, **index, causal=causal, window_size=window_size)
+        assert torch.isnan(out[:q_lens[0]]).any()
+
+
+def poison_keys(k_cache, v_cache, index, seq, positions):
+    """NaN in keys and values ``positions`` of sequence ``seq``, wherever its cache holds them."""
+    positions = torch.tensor(list(positions), dtype=torch.long)
+    if "block_table" in index:
+        block_size = k_cache.shape[1]
+        rows = index["block_table"][seq, positions // block_size].long(), positions % block_size
+    else:
+        rows = seq, positions
+    for cache in (k_cache, v_cache):
+        cache[rows] = float("nan")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_paged_kv_cache_attends_within_its_window(backend, device):
+    """PagedKVCache.attend stores the batch's K/V in its pages and passes its window to the op."""
+    batch = PackedBatch(q_lens=(5, 40), starts=(30, 0), block_tables=((2, 0, 4), (1, 3, 5)), block_size=16,
+                        device=device)
+    cache = PagedKVCache(6, 16, 2, 64, torch.float32, device)
+    cache.k.normal_(), cache.v.normal_()  # request 0's 30 cached keys
+    q = torch.randn(1, batch.total, 4, 64, device=device)
+    k, v = (torch.randn(1, batch.total, 2, 64, device=device) for _ in range(2))
+    out = cache.attend(q, k, v, batch, window_size=(8, -1))
+    expected = chunked_attention_varlen(q[0], cache.k, cache.v, cu_seqlens_q=batch.cu_seqlens_q,
+                                        seqused_k=batch.seqused_k, block_table=batch.block_table,
+                                        window_size=(8, -1))
+    assert torch.equal(out[0], expected)
+    assert not torch.allclose(out, cache.attend(q, k, v, batch))
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_head_dims(triton_backend, device, head_dim):
     q, k_cache, v_cache, index, keys, values = make_batch([5, 70], [40, 3], 2, 1, head_dim, torch.float16, device,
@@ -164,8 +261,9 @@ def test_softmax_scale(backend, device):
     torch.testing.assert_close(lse, lse_oracle(q, index, keys, values, softmax_scale=0.3), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (True, (20, -1)), (False, (30, 5))])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_equal_lengths_give_chunked_attentions_bits(backend, device):
+def test_equal_lengths_give_chunked_attentions_bits(backend, device, causal, window_size):
     """A batch of equal lengths over a contiguous cache is chunked_attention with bottom-right q_start, bit for
     bit: the same tiles and key loop (Triton), the same fused attention per sequence (CPU)."""
     batch, q_len, kv_len = 3, 97, 150
@@ -173,9 +271,10 @@ def test_equal_lengths_give_chunked_attentions_bits(backend, device):
     k, v = (torch.randn(batch, kv_len, 2, 64, device=device) for _ in range(2))
     cu_seqlens_q = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device)
     seqused_k = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+    window = {"causal": causal, "window_size": window_size}
     out, lse = chunked_attention_varlen(q.flatten(0, 1), k, v, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
-                                        return_lse=True)
-    dense_out, dense_lse = chunked_attention(q, k, v, return_lse=True)
+                                        **window, return_lse=True)
+    dense_out, dense_lse = chunked_attention(q, k, v, **window, return_lse=True)
     assert torch.equal(out, dense_out.flatten(0, 1))
     assert torch.equal(lse, dense_lse.transpose(0, 1).flatten(1))
 
@@ -218,6 +317,8 @@ def test_opcheck(backend, device, block_size):
     args = (q, k_cache, v_cache, index["cu_seqlens_q"], index["seqused_k"], index.get("block_table"))
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention_varlen.default, (*args, True, 0.2))
     torch.library.opcheck(torch.ops.iso_kernels.chunked_attention_varlen.default, (*args, False, 0.2))
+    torch.library.opcheck(torch.ops.iso_kernels.chunked_attention_varlen.default, (*args, True, 0.2, 3, -1))
+    torch.library.opcheck(torch.ops.iso_kernels.chunked_attention_varlen.default, (*args, False, 0.2, 2, 1))
 
 
 def test_compiles_with_the_eager_result():
@@ -225,9 +326,11 @@ def test_compiles_with_the_eager_result():
     index tensors' values, are skipped there."""
     q, k_cache, v_cache, index, _, _ = make_batch([3, 0, 17], [2, 5, 20], 4, 2, 32, torch.float32, "cpu", 16,
                                                   max_kv=40)
-    eager = chunked_attention_varlen(q, k_cache, v_cache, **index)
     compiled = torch.compile(chunked_attention_varlen, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k_cache, v_cache, **index), eager, atol=0, rtol=0)
+    for window_size in ((-1, -1), (4, -1)):
+        eager = chunked_attention_varlen(q, k_cache, v_cache, **index, window_size=window_size)
+        torch.testing.assert_close(compiled(q, k_cache, v_cache, **index, window_size=window_size), eager, atol=0,
+                                   rtol=0)
 
 
 # --- bad inputs ---
@@ -285,6 +388,12 @@ BAD_INPUTS = [  # (layout, changes, message fragment naming the argument)
     ("paged", {"k_cache": torch.randn(8, 8, 2, 64), "v_cache": torch.randn(8, 8, 2, 64)}, r"in \[16, 256\]"),
     ("dense", {"softmax_scale": 0.0}, "softmax_scale"),
     ("dense", {"softmax_scale": float("inf")}, "softmax_scale"),
+    ("dense", {"window_size": (-2, -1)}, "window_size"),
+    ("paged", {"window_size": (0, -5)}, "window_size"),
+    ("dense", {"window_size": (8,)}, "window_size"),
+    ("dense", {"window_size": (8, 1.5)}, "window_size"),
+    ("dense", {"window_size": (False, 0)}, "window_size"),
+    ("dense", {"window_size": "8,0"}, "window_size"),
 ]
 
 

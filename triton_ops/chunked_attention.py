@@ -4,6 +4,11 @@
 With ``CAUSAL`` query ``i`` sees keys ``0 .. q_start + i``, so chunk 2 of a split prompt runs over the keys of
 chunks 1 and 2 with ``q_start`` = the length of chunk 1. Each program first sweeps the key prefix that all of
 its rows see, with no mask, then the diagonal band (which also holds the ragged tail) with a mask.
+
+With ``WINDOWED`` (a sliding window: query ``i`` sees keys ``q_start + i - window_left .. q_start + i +
+window_right``) the sweep starts at the first key block the tile's first row reaches and ends after the last
+block its last row reaches; the blocks outside are never loaded. The blocks every row sees whole run without a
+mask, the bands at either end with one. The window is a runtime argument: one compiled kernel serves every size.
 """
 
 import torch
@@ -69,7 +74,8 @@ _CONFIGS_FP32 = [
 # chunk whose lengths are all multiples of 16 now compiles to what the others, most of ISO's, always did (the
 # same registers and spills: Triton 3.9, sm_90, head_dim 128, [1365, 4093) before and any chunk now), which at
 # head_dim 128 on sm_90 costs 64x64 at 4 warps and 2 stages its fit (0 -> 80 B frame): one of six that fitted.
-LENGTH_ARGUMENTS = ["q_len", "kv_len", "q_start", "q_len_bucket", "kv_len_bucket", "stride_lb", "stride_lh"]
+LENGTH_ARGUMENTS = ["q_len", "kv_len", "q_start", "window_left", "window_right", "q_len_bucket", "kv_len_bucket",
+                    "stride_lb", "stride_lh"]
 # The interpreter runs one config whose BLOCK_M != BLOCK_N, so the CPU tests walk band blocks that some rows
 # see none of.
 _INTERPRETER_CONFIG = config(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -99,17 +105,28 @@ def dot_options(dtype):
 
 @triton.jit
 def _chunked_attention_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit,
-    stride_kp, stride_kn, stride_vp, stride_vn, kv_len, qk_scale, start_n, end_n,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_start, row_limit,
+    stride_kp, stride_kn, stride_vp, stride_vn, kv_len, qk_scale, start_n, end_n, hop_start, hop_end,
+    MASKED: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    """The key blocks ``[start_n, end_n)`` into the running ``acc``, ``l_i``, ``m_i``; with ``MASKED`` row i sees
+    only keys ``row_start[i]`` (with ``WINDOWED``) to ``row_limit[i]`` of them. A window's masked sweep (``MASKED``
+    and ``WINDOWED``) hops over the blocks ``[hop_start, hop_end)``: its two bands run as one loop."""
     offs_d = tl.arange(0, HEAD_DIM)
-    if PAGE_SIZE == 0:  # key n at row n of the sequence's keys (int64 offsets, int32 positions)
-        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    for _ in range(start_n, end_n, BLOCK_N):
+    if not (MASKED and WINDOWED):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if PAGE_SIZE == 0:  # key n at row n of the sequence's keys (int64 offsets, int32 positions)
+            k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    else:
+        end_n -= hop_end - hop_start
+    for n in range(start_n, end_n, BLOCK_N):
+        if MASKED and WINDOWED:  # step n of the loop is key block n before the hop, n + its length after it
+            offs_n = tl.where(n < hop_start, n, n + hop_end - hop_start) + tl.arange(0, BLOCK_N)
+            if PAGE_SIZE == 0:
+                k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+                v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
         if PAGE_SIZE > 0:  # key n at slot n % PAGE_SIZE of page page_table[n // PAGE_SIZE]
             if MASKED:
                 page = tl.load(page_table_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0).to(tl.int64)
@@ -127,9 +144,13 @@ def _chunked_attention_fwd_inner(
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            qk = tl.where(offs_n[None, :] <= row_limit[:, None], qk, float("-inf"))
+            seen = offs_n[None, :] <= row_limit[:, None]
+            if WINDOWED:
+                seen = seen & (offs_n[None, :] >= row_start[:, None])
+            qk = tl.where(seen, qk, float("-inf"))
         # --- online softmax (base 2) ---
-        # Every row's first block holds key 0, which it sees, so m_new is finite from the first block on.
+        # Without a window every row's first block holds key 0, which it sees, so m_new is finite from the first
+        # block on. With one, a row may have seen no key yet: its m_i starts finite (see the tile), so m_new is.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -143,10 +164,11 @@ def _chunked_attention_fwd_inner(
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-        offs_n += BLOCK_N
-        if PAGE_SIZE == 0:
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+        if not (MASKED and WINDOWED):
+            offs_n += BLOCK_N
+            if PAGE_SIZE == 0:
+                k_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -154,14 +176,16 @@ def _chunked_attention_fwd_inner(
 def _chunked_attention_fwd_tile(
     q_base, k_base, v_base, out_base, lse_base, page_table_ptr,
     stride_qm, stride_kp, stride_kn, stride_vp, stride_vn, stride_om,
-    start_m, q_len, kv_len, q_start, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    start_m, q_len, kv_len, q_start, window_left, window_right, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Query rows ``start_m * BLOCK_M + [0, BLOCK_M)`` of one sequence and head, of ``q_len``, over its keys
     ``[0, kv_len)``: writes their output and LSE. ``q_base``, ``out_base`` and ``lse_base`` point at the head's
     row 0 (LSE rows contiguous); ``k_base``/``v_base`` at the head's key 0, or with ``PAGE_SIZE`` at the head in
-    page 0 of a pool whose page stride is ``stride_kp``/``stride_vp``, pages listed by ``page_table_ptr``."""
+    page 0 of a pool whose page stride is ``stride_kp``/``stride_vp``, pages listed by ``page_table_ptr``.
+    With ``WINDOWED`` row i, at position ``q_start + i``, sees keys ``q_start + i - window_left .. q_start + i +
+    window_right`` (and none past its position with ``CAUSAL``); both sides >= 0, kv_len standing for unbounded."""
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m < q_len
@@ -170,32 +194,59 @@ def _chunked_attention_fwd_tile(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    # --- key ranges: [0, full_end) seen by every row of the block, [.., band_end) seen by some ---
+    # --- key ranges ---
+    # Row i sees keys row_start[i] .. row_limit[i]. The blocks of [lo_full, hi_full) are seen whole by every row
+    # of the tile (no mask), those of [n_start, lo_full) and [hi_full, n_end) in part (masked); the keys before
+    # n_start and from n_end on by no row: never loaded. Without a window n_start = lo_full = 0.
+    first_row = q_start + start_m * BLOCK_M  # positions of the tile's first row and of its last valid one
+    last_row = q_start + tl.minimum((start_m + 1) * BLOCK_M, q_len) - 1
     if CAUSAL:
         row_limit = tl.minimum(q_start + offs_m, kv_len - 1)
-        full_end = q_start + start_m * BLOCK_M + 1
-        band_end = q_start + tl.minimum((start_m + 1) * BLOCK_M, q_len)
+        hi_full = (first_row + 1) // BLOCK_N * BLOCK_N
+        n_end = last_row + 1
+    elif WINDOWED:
+        row_limit = tl.minimum(q_start + offs_m + window_right, kv_len - 1)
+        hi_full = (tl.minimum(first_row + window_right, kv_len - 1) + 1) // BLOCK_N * BLOCK_N
+        n_end = tl.minimum(last_row + window_right, kv_len - 1) + 1
     else:
         row_limit = tl.full([BLOCK_M], kv_len - 1, tl.int64)
-        full_end = kv_len
-        band_end = kv_len
-    n_full = full_end // BLOCK_N * BLOCK_N
+        hi_full = kv_len // BLOCK_N * BLOCK_N
+        n_end = kv_len
+    if WINDOWED:
+        row_start = q_start + offs_m - window_left
+        n_start = tl.maximum(first_row - window_left, 0) // BLOCK_N * BLOCK_N
+        # A window narrower than the tile leaves no block that every row sees whole: all are masked.
+        lo_full = tl.minimum(tl.cdiv(tl.maximum(last_row - window_left, 0), BLOCK_N) * BLOCK_N, hi_full)
+    else:
+        row_start = row_limit  # unused: without a window every row's keys start at 0
+        n_start = 0
+        lo_full = 0
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # A window's masked sweep may reach a row before its first key: from a finite m_i its p and alpha come out 0
+    # and 1, where -inf would give NaN (-inf - -inf). Scores are far above -1e30, so the first real one replaces
+    # it (alpha 0). Every row sees its own position's key, so none ends at -1e30.
+    m_i = tl.full([BLOCK_M], -1.0e30 if WINDOWED else float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = qk_scale * LOG2_E  # scores go to base 2 once, here
+    # --- sweep: the blocks every row sees whole, then the masked band(s) ---
+    # A window's two bands, [n_start, lo_full) and [hi_full, n_end), run as one loop that hops over the whole
+    # blocks: as a loop of their own the leading band made the compiler spill (head_dim 128, 128x64 tiles: 348 B
+    # of spill stores on sm_89; one loop: none, and 128x64 fits sm_80/89/90 windowed).
     acc, l_i, m_i = _chunked_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit, stride_kp, stride_kn, stride_vp, stride_vn,
-        kv_len, qk_scale, 0, n_full, False, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_F32, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_start, row_limit, stride_kp, stride_kn, stride_vp,
+        stride_vn, kv_len, qk_scale, lo_full, hi_full, 0, 0, False, WINDOWED, HEAD_DIM, BLOCK_N, PAGE_SIZE,
+        DOT_F32, DOT_PRECISION,
     )
     acc, l_i, m_i = _chunked_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_limit, stride_kp, stride_kn, stride_vp, stride_vn,
-        kv_len, qk_scale, n_full, band_end, True, HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_F32, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, page_table_ptr, row_start, row_limit, stride_kp, stride_kn, stride_vp,
+        stride_vn, kv_len, qk_scale, n_start if WINDOWED else hi_full, n_end, lo_full, hi_full, True, WINDOWED,
+        HEAD_DIM, BLOCK_N, PAGE_SIZE, DOT_F32, DOT_PRECISION,
     )
 
     # --- epilogue: normalise, natural-log LSE ---
-    # Only kv_len == 0 (non-causal, empty key range) leaves l_i == 0: output 0 and LSE -inf, as merging expects.
+    # Only kv_len == 0 (non-causal, empty key range) leaves l_i == 0: output 0 and LSE -inf, as merging expects
+    # (every row of a window sees at least the key at its own position).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) / LOG2_E
@@ -204,7 +255,8 @@ def _chunked_attention_fwd_tile(
     tl.store(lse_base + offs_m, lse, mask=row_mask)
 
 
-@autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32, key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL"],
+@autotune(configs=_CONFIGS_16BIT + _CONFIGS_FP32,
+          key=["q_len_bucket", "kv_len_bucket", "HEAD_DIM", "CAUSAL", "WINDOWED"],
           prune_configs_by={"early_config_prune": _keep})
 @triton.jit(do_not_specialize=LENGTH_ARGUMENTS)
 def _chunked_attention_fwd_kernel(
@@ -214,10 +266,10 @@ def _chunked_attention_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    n_heads, group_size, q_len, kv_len, q_start, qk_scale,
+    n_heads, group_size, q_len, kv_len, q_start, window_left, window_right, qk_scale,
     q_len_bucket, kv_len_bucket,  # autotune key only: retune per power-of-two length, not per length
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # --- program -> (query block, batch, head) ---
     # Causal blocks further down the sequence see more keys: launch them first so the short ones fill the tail.
@@ -229,16 +281,27 @@ def _chunked_attention_fwd_kernel(
         q_ptr + batch * stride_qb + head * stride_qh, k_ptr + batch * stride_kb + kv_head * stride_kh,
         v_ptr + batch * stride_vb + kv_head * stride_vh, out_ptr + batch * stride_ob + head * stride_oh,
         lse_ptr + batch * stride_lb + head * stride_lh, None,
-        stride_qm, 0, stride_kn, 0, stride_vn, stride_om, start_m, q_len, kv_len, q_start, qk_scale,
-        HEAD_DIM, CAUSAL, 0, DOT_F32, DOT_PRECISION, BLOCK_M, BLOCK_N,
+        stride_qm, 0, stride_kn, 0, stride_vn, stride_om, start_m, q_len, kv_len, q_start, window_left,
+        window_right, qk_scale, HEAD_DIM, CAUSAL, WINDOWED, 0, DOT_F32, DOT_PRECISION, BLOCK_M, BLOCK_N,
     )
 
 
-def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
+def window_arguments(window_left, window_right, causal, kv_len):
+    """``(window_left, window_right, WINDOWED)`` for a launch over at most ``kv_len`` keys: a side that is -1
+    (unbounded) or reaches ``kv_len`` keys or more bounds nothing and is passed as ``kv_len``, keeping it in
+    int32; causal attention ends at the query (right side 0). ``WINDOWED`` only where a side bounds something."""
+    left = window_left if 0 <= window_left < kv_len else kv_len
+    right = 0 if causal else window_right if 0 <= window_right < kv_len else kv_len
+    return left, right, left < kv_len or (not causal and right < kv_len)
+
+
+def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale, window_left=-1, window_right=-1):
     """Launch the forward kernel. Inputs are validated by ``iso_kernels.ops.chunked_attention``.
 
     q: (batch, q_len, n_heads, head_dim); k, v: (batch, kv_len, n_kv_heads, head_dim), any strides with the
-    last one 1. Returns ``(out, lse)``: out contiguous like q, lse (batch, n_heads, q_len) fp32.
+    last one 1. ``window_left``, ``window_right``: the sliding window (-1: unbounded); with one, query i sits at
+    position ``q_start + i`` also when not causal. Returns ``(out, lse)``: out contiguous like q, lse
+    (batch, n_heads, q_len) fp32.
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
@@ -251,6 +314,8 @@ def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
     if out.numel() == 0:
         return out, lse
 
+    window_left, window_right, windowed = window_arguments(window_left, window_right, causal, kv_len)
+
     def grid(meta):
         return triton.cdiv(q_len, meta["BLOCK_M"]), batch * n_heads
 
@@ -262,9 +327,9 @@ def chunked_attention_fwd(q, k, v, q_start, causal, softmax_scale):
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        n_heads, n_heads // n_kv_heads, q_len, kv_len, q_start if causal else 0, softmax_scale,
-        triton.next_power_of_2(q_len), triton.next_power_of_2(max(kv_len, 1)),
-        HEAD_DIM=head_dim, CAUSAL=causal, **dot_options(q.dtype),
+        n_heads, n_heads // n_kv_heads, q_len, kv_len, q_start if causal or windowed else 0, window_left,
+        window_right, softmax_scale, triton.next_power_of_2(q_len), triton.next_power_of_2(max(kv_len, 1)),
+        HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=windowed, **dot_options(q.dtype),
     )
     return out, lse
 

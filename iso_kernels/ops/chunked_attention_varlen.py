@@ -4,7 +4,7 @@ KV cache, contiguous or paged (the conventions of flash-attn's ``flash_attn_varl
 
 Each sequence's queries are its newest tokens: with ``seqused_k[i]`` keys cached (this chunk's included) and
 ``len_q_i`` queries, query j sees keys ``0 .. seqused_k[i] - len_q_i + j``, which is ``chunked_attention`` with
-the bottom-right default ``q_start`` per sequence.
+the bottom-right default ``q_start`` per sequence; ``window_size`` likewise.
 
 The custom op ``iso_kernels::chunked_attention_varlen`` runs the Triton kernel on CUDA tensors and, on CPU
 tensors, ``chunked_attention``'s CPU kernel (torch's fused CPU attention) sequence by sequence;
@@ -17,7 +17,7 @@ import torch
 
 from ..reference import varlen_attention_per_sequence
 from ._checks import check_same_device, check_tensor
-from .chunked_attention import check_keys, chunked_attention_cpu, resolve_softmax_scale
+from .chunked_attention import check_keys, chunked_attention_cpu, resolve_softmax_scale, resolve_window_size
 
 # Tokens per KV block with a block table: powers of two (same list as
 # triton_ops.chunked_attention_varlen.SUPPORTED_PAGE_SIZES, repeated so that CPU use never imports Triton).
@@ -29,24 +29,27 @@ _BLOCK_SIZES = (16, 32, 64, 128, 256)
 def _chunked_attention_varlen(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
     seqused_k: torch.Tensor, block_table: torch.Tensor | None, causal: bool, softmax_scale: float,
+    window_left: int = -1, window_right: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from triton_ops.chunked_attention_varlen import chunked_attention_varlen_fwd
 
     return chunked_attention_varlen_fwd(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal,
-                                        softmax_scale)
+                                        softmax_scale, window_left, window_right)
 
 
 @_chunked_attention_varlen.register_kernel("cpu")
-def _(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal, softmax_scale):
-    def attend(q_i, k_i, v_i):
-        q_start = k_i.shape[1] - q_i.shape[1] if causal else 0
-        return chunked_attention_cpu(q_i, k_i, v_i, q_start, causal, softmax_scale)
+def _(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal, softmax_scale, window_left=-1,
+      window_right=-1):
+    def attend(q_i, k_i, v_i):  # bottom-right: the sequence's queries are its last keys' positions
+        q_start = k_i.shape[1] - q_i.shape[1]
+        return chunked_attention_cpu(q_i, k_i, v_i, q_start, causal, softmax_scale, window_left, window_right)
 
     return varlen_attention_per_sequence(attend, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)
 
 
 @_chunked_attention_varlen.register_fake
-def _(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal, softmax_scale):
+def _(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal, softmax_scale, window_left=-1,
+      window_right=-1):
     total_q, n_heads, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (n_heads, total_q), dtype=torch.float32
@@ -144,7 +147,8 @@ def _check_index_values(total_q, capacity, num_blocks, cu_seqlens_q, seqused_k, 
 def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                              cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
                              block_table: torch.Tensor | None = None, causal: bool = True,
-                             softmax_scale: float | None = None, return_lse: Literal[False] = False,
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             return_lse: Literal[False] = False,
                              check_index_values: bool = True) -> torch.Tensor: ...
 
 
@@ -152,7 +156,8 @@ def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                              cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
                              block_table: torch.Tensor | None = None, causal: bool = True,
-                             softmax_scale: float | None = None, return_lse: Literal[True],
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             return_lse: Literal[True],
                              check_index_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -160,14 +165,16 @@ def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                              cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
                              block_table: torch.Tensor | None = None, causal: bool = True,
-                             softmax_scale: float | None = None, return_lse: bool,
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             return_lse: bool,
                              check_index_values: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                              cu_seqlens_q: torch.Tensor, seqused_k: torch.Tensor,
                              block_table: torch.Tensor | None = None, causal: bool = True,
-                             softmax_scale: float | None = None, return_lse: bool = False,
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             return_lse: bool = False,
                              check_index_values: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the queries of ``batch`` sequences packed in one stream, each over its own cached keys.
 
@@ -192,6 +199,16 @@ def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         1 1 1 1 1
 
     With ``causal=False`` every query of sequence i sees its seqused_k[i] keys.
+
+    ``window_size=(left, right)``: sliding-window attention in flash-attn's convention, each an int >= 0 or -1
+    for unbounded (the default ``(-1, -1)`` is no window). Query j of sequence i, at position
+    ``p = seqused_k[i] - len_q_i + j`` (bottom-right, also without ``causal``), sees the keys n with
+    ``p - left <= n <= p + right``, and ``n <= p`` with ``causal``. For len_q = 3, seqused_k = 5, window (1, 0)::
+
+        0 1 1 0 0
+        0 0 1 1 0
+        0 0 0 1 1
+
     softmax_scale defaults to ``1 / sqrt(head_dim)``.
     Returns out: (total_q, n_heads, head_dim) in q's dtype; with ``return_lse`` also lse: (n_heads, total_q)
     float32, the natural-log sum of exp(scores) of each query.
@@ -204,8 +221,9 @@ def chunked_attention_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """
     capacity = _check_shapes(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)
     softmax_scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    window_left, window_right = resolve_window_size(window_size)
     if check_index_values and _index_checks_possible(q):
         _check_index_values(q.shape[0], capacity, k_cache.shape[0], cu_seqlens_q, seqused_k, block_table)
     out, lse = _chunked_attention_varlen(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, bool(causal),
-                                         softmax_scale)
+                                         softmax_scale, window_left, window_right)
     return (out, lse) if return_lse else out
