@@ -150,21 +150,27 @@ def memory_gbps(nbytes, ms):
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def bench_memory_bound(op, mode, x_name, x_value, providers, nbytes, config):
-    """Time each provider (name -> zero-argument callable) of one shape. Returns the tidy rows (time and GB/s
-    from ``nbytes``) and the p50 GB/s per provider."""
-    rows, gbps = [], {}
+def bench_rates(op, mode, x_name, x_value, providers, config, *, rate, unit):
+    """Time each provider (name -> zero-argument callable) of one shape. Returns the tidy rows (time, and
+    ``rate(ms)`` in ``unit``: a throughput) and the p50 rate per provider."""
+    rows, rates = [], {}
     for provider, fn in providers.items():
         fn()  # compiles (and autotunes) outside the timing
         p50, p20, p80 = bench(fn)
-        gbps[provider] = memory_gbps(nbytes, p50)
+        rates[provider] = rate(p50)
         base = {"op": op, "provider": provider, "mode": mode, "x_name": x_name, "x_value": x_value,
                 "config_json": config}
         rows.append({**base, "metric": "time", "unit": "ms", "p50": p50, "p20": p20, "p80": p80})
-        # the faster quantile of time is the higher one of bandwidth
-        rows.append({**base, "metric": "GB/s", "unit": "GB/s", "p50": gbps[provider],
-                     "p20": memory_gbps(nbytes, p80), "p80": memory_gbps(nbytes, p20)})
-    return rows, gbps
+        # the faster quantile of time is the higher one of throughput
+        rows.append({**base, "metric": unit, "unit": unit, "p50": rates[provider], "p20": rate(p80),
+                     "p80": rate(p20)})
+    return rows, rates
+
+
+def bench_memory_bound(op, mode, x_name, x_value, providers, nbytes, config):
+    """``bench_rates`` in GB/s from ``nbytes``: the tidy rows and the p50 GB/s per provider."""
+    return bench_rates(op, mode, x_name, x_value, providers, config, rate=lambda ms: memory_gbps(nbytes, ms),
+                       unit="GB/s")
 
 
 def save_rows(csv_path, rows, *, metric, ylabel, title):

@@ -35,7 +35,7 @@ KILL_GRACE_S=5
 # imports. The kernel tests (one file per op), then the communicator tests: test_comm_nccl.py and the one-GPU
 # overlap paths (test_gpu_paths.py, world-1 NCCL communicators in a spawned rank).
 KERNEL_TEST_FILES="tests/test_chunked_attention.py tests/test_chunked_attention_varlen.py tests/test_add_rms_norm.py"
-KERNEL_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py"
+KERNEL_TEST_FILES+=" tests/test_gemm_signal.py tests/test_merge_attention_states.py tests/test_moe_experts.py"
 COMM_TEST_FILES="tests/test_comm_nccl.py tests/test_gpu_paths.py"
 # Rank 0 of 2 alone polls ncclCommInitRankConfig to its timeout: if NCCL blocks instead, with the GIL released,
 # neither pytest-timeout's signal nor SIGINT interrupts it. So it runs last, in its own pytest process (the

@@ -132,3 +132,40 @@ def rms_norm_ref(x, weight, eps, *, upcast=True):
     xc = x.to(compute_dtype)
     normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * weight.to(compute_dtype)).to(x.dtype)
+
+
+def moe_experts_ref(x, topk_ids, topk_weights, w_gate_up, w_down, *, upcast=True):
+    """The routed experts of a mixture-of-experts block (SwiGLU experts), on tokens sorted by expert.
+
+    x: (tokens, hidden); topk_ids: (tokens, top_k) int, each token's experts in [0, experts);
+    topk_weights: (tokens, top_k), the router's weights as the model applies them; w_gate_up:
+    (experts, 2 * inter, hidden), each expert's gate rows then its up rows (the Linear layout, out x in);
+    w_down: (experts, hidden, inter). Returns (tokens, hidden) in x's dtype:
+    ``out[t] = sum_s topk_weights[t, s] * (silu(x[t] @ gate_e.T) * (x[t] @ up_e.T)) @ down_e.T``,
+    ``e = topk_ids[t, s]``. Under tensor parallelism (every expert's gate/up rows and down columns sharded on
+    inter) this is one rank's partial sum, which the block's all-reduce completes.
+    """
+    compute_dtype = torch.float32 if upcast else x.dtype
+    tokens, top_k = topk_ids.shape
+    inter = w_gate_up.shape[1] // 2
+    # --- the (token, slot) pairs sorted by expert: one contiguous segment per expert ---
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
+    rows = x[order // top_k].to(compute_dtype)
+    # --- each expert's segment through its gate/up, SwiGLU and down ---
+    out_rows = torch.empty_like(rows)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        segment = slice(start, start + count)
+        gate_up = torch.matmul(rows[segment], w_gate_up[expert].to(compute_dtype).T)
+        h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out_rows[segment] = torch.matmul(h, w_down[expert].to(compute_dtype).T)
+        start += count
+    # --- router weights, back to (token, slot) order, sum over the slots ---
+    out_rows *= topk_weights.reshape(-1)[order, None].to(compute_dtype)
+    unsorted = torch.empty_like(out_rows)
+    unsorted[order] = out_rows
+    return unsorted.view(tokens, top_k, x.shape[1]).sum(dim=1).to(x.dtype)

@@ -15,12 +15,14 @@ import triton_ops.chunked_attention
 import triton_ops.chunked_attention_varlen
 import triton_ops.gemm_signal
 import triton_ops.merge_attention_states
+import triton_ops.moe_experts
 from iso_kernels import checkpoint, ops
 
 # (custom op, the Triton launcher its CUDA kernel calls, a call of the public function on CPU tensors)
 x, w, res = torch.randn(20, 64), torch.randn(12, 64), torch.randn(20, 64)
 q, lse = torch.randn(1, 5, 2, 64), torch.randn(1, 2, 5)
 cu_seqlens_q, seqused_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([4, 3], dtype=torch.int32)
+topk_ids = torch.randint(0, 3, (20, 2))
 CALLS = [
     ("add_rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.add_rms_norm(x, res, w[0], 1e-6)),
     ("rms_norm", triton_ops.add_rms_norm, "add_rms_norm", lambda: ops.rms_norm(x, w[0], 1e-6)),
@@ -32,6 +34,8 @@ CALLS = [
     ("gemm_signal", triton_ops.gemm_signal, "gemm_signal", lambda: ops.gemm_signal(x, w)),
     ("merge_attention_states", triton_ops.merge_attention_states, "merge_attention_states",
      lambda: ops.merge_attention_states(q, lse, q, lse)),
+    ("moe_experts", triton_ops.moe_experts, "moe_experts",
+     lambda: ops.moe_experts(x, topk_ids, topk_ids.float(), w.expand(3, 12, 64), w[:6].T.expand(3, 64, 6))),
 ]
 
 
@@ -104,6 +108,10 @@ def test_ops_run_without_gpu_or_interpreter():
         "assert torch.allclose(varlen[3:], out[0, 3:], atol=1e-6), 'the second sequence: the last 4 queries of 7'\n"
         "merged, _ = ops.merge_attention_states(out, lse, out, lse)\n"
         "assert torch.allclose(merged, out, atol=1e-6)\n"
+        "ids, gate_up, down = torch.tensor([[1, 0]] * 20), torch.randn(2, 24, 8), torch.randn(2, 8, 12)\n"
+        "moe = ops.moe_experts(x, ids, torch.full((20, 2), 0.5), gate_up, down)\n"
+        "def expert(e): g, u = (x @ gate_up[e].T).chunk(2, -1); return (torch.nn.functional.silu(g) * u) @ down[e].T\n"
+        "assert torch.allclose(moe, (expert(0) + expert(1)) / 2, atol=1e-4)\n"
         "import sys; assert not [m for m in sys.modules if m.startswith('triton_ops')], 'a kernel was imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

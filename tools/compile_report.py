@@ -237,6 +237,34 @@ def _merge_case(dtype, head_dim, n_heads, q_len):
                 lambda: merge_attention_states(out, lse, out, lse))
 
 
+# Mixture-of-experts blocks per rank, every expert's intermediate dimension sharded: (label, hidden, inter per
+# rank, experts, top_k). Mixtral-8x22B (inter 16384) and Qwen3-235B-A22B (moe inter 1536) at TP 8; in the full
+# matrix also Mixtral-8x7B (inter 14336) at TP 2 and Qwen3-30B-A3B (hidden 2048, moe inter 768) at TP 4.
+MOE_MAIN = [("Mixtral-8x22B TP8", 6144, 16384 // 8, 8, 2), ("Qwen3-235B-A22B TP8", 4096, 1536 // 8, 128, 8)]
+MOE_MORE = [("Mixtral-8x7B TP2", 4096, 14336 // 2, 8, 2), ("Qwen3-30B-A3B TP4", 2048, 768 // 4, 128, 8)]
+
+
+def _moe_cases(dtype, label, hidden, inter, experts, top_k, tokens):
+    """The two kernels of one MoE launch, a case each through its phase's launcher, on the blocks the launch
+    aligns the tokens to (BLOCK_M as the launch chooses it, named in the case)."""
+    from triton_ops.moe_experts import align_blocks, block_m_for, moe_experts_down, moe_experts_gate_up
+
+    block_m = block_m_for(tokens * top_k, experts, dtype)
+    ids, weights = _meta(tokens, top_k, dtype=torch.int64), _meta(tokens, top_k, dtype=torch.float32)
+    sorted_pairs, block_expert = align_blocks(ids, experts, block_m)
+    x, h = _meta(tokens, hidden, dtype=dtype), _meta(block_expert.shape[0] * block_m, inter, dtype=dtype)
+    w_gate_up, w_down = _meta(experts, 2 * inter, hidden, dtype=dtype), _meta(experts, hidden, inter, dtype=dtype)
+    name = f"{label} {experts} experts top{top_k} tokens={tokens} BLOCK_M={block_m}"
+
+    def gate_up():
+        moe_experts_gate_up(x, w_gate_up, sorted_pairs, block_expert, top_k, block_m)
+
+    def down():
+        moe_experts_down(h, w_down, weights, sorted_pairs, block_expert, block_m)
+
+    return [Case("moe_experts_gate_up", name, dtype, gate_up), Case("moe_experts_down", name, dtype, down)]
+
+
 def cases(matrix="main"):
     """``main``: the shapes of a Llama-70B-class ISO prefill in bf16 (and fp32's exact path) — what the
     default test suite checks. ``full``: every dtype, head_dim 64/128/256, causal and not, 4k-16k tokens
@@ -255,6 +283,8 @@ def cases(matrix="main"):
             _gemm_case(fp32, "o_proj TP8", 8192, 1024, 4096, None),
             _norm_case(bf16, 8192, 4096, residual=True),
             _merge_case(bf16, 128, 8, 2560),
+            *[case for shard in MOE_MAIN for case in _moe_cases(bf16, *shard, 4096)],
+            *_moe_cases(fp32, *MOE_MAIN[0], 4096),
         ]
     if matrix != "full":
         raise ValueError(f"matrix must be 'main' or 'full', got {matrix!r}")
@@ -277,6 +307,8 @@ def cases(matrix="main"):
         for hidden in (4096, 8192):
             found += [_norm_case(dtype, hidden, 4096, residual) for residual in (False, True)]
         found += [_merge_case(dtype, head_dim, 8, 9383) for head_dim in (64, 128, 256)]
+        found += [case for shard in MOE_MAIN + MOE_MORE for tokens in (16, 1000, 9383)
+                  for case in _moe_cases(dtype, *shard, tokens)]
     found += [_gemm_case(fp32, label, n, k, 4096, 128, tf32=True) for label, n, k in LLAMA_70B_ROW_PARALLEL]
     return found
 
@@ -340,11 +372,13 @@ def _jit_functions():
         chunked_attention_varlen,
         gemm_signal,
         merge_attention_states,
+        moe_experts,
     )
 
     kernels = [chunked_attention._chunked_attention_fwd_kernel,
                chunked_attention_varlen._chunked_attention_varlen_fwd_kernel, gemm_signal._gemm_signal_kernel,
-               add_rms_norm._add_rms_norm_kernel, merge_attention_states._merge_attention_states_kernel]
+               add_rms_norm._add_rms_norm_kernel, merge_attention_states._merge_attention_states_kernel,
+               moe_experts._moe_experts_gate_up_kernel, moe_experts._moe_experts_down_kernel]
     return [(k, k.fn) if isinstance(k, Autotuner) else (None, k) for k in kernels]
 
 
