@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import comm, engine
+from . import comm, engine, models
 from .launch import RankError, Stopped, handle_stop_signals, one_line_warnings
 
 DESCRIPTION = """ISO: overlap tensor-parallel all-reduce with computation inside one sequence.
@@ -25,7 +25,7 @@ plan      whether and where to split a prompt, from the cost model (--table: the
 def _prefill_arguments(parser):
     defaults = engine.PrefillConfig()
     parser.add_argument("--model", default=defaults.model,
-                        help="preset (llama-small, llama-tiny, llama-1b; random weights made locally) or a Hugging "
+                        help=f"preset ({', '.join(models.PRESETS)}; random weights made locally) or a Hugging "
                              "Face checkpoint folder (config.json + safetensors)")
     parser.add_argument("--tp", type=int, default=defaults.tp, help="tensor-parallel ranks, launched here")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="prompt length (random tokens)")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .models import expert_config
 from .paged_cache import DEFAULT_BLOCK_SIZE, KVBuffers, PackedBatch, PagedCache, PagedKVCache
-from .planning import shapes
 
 if TYPE_CHECKING:  # annotations only: the model runs without loading the communicators
     from .comm import Communicator
@@ -123,7 +123,7 @@ def _refuse_unsupported(config, model_type, rope_type):
 
 
 def _expert_args(config):
-    experts = shapes.expert_config(config)
+    experts = expert_config(config)
     if not experts:
         return {}
     return dict(n_experts=experts["n_experts"], experts_per_token=experts["experts_per_token"],
@@ -176,15 +176,19 @@ class KVCache(KVBuffers):
         self.v[:, start:end] = v
         return self.k[:, :end], self.v[:, :end]
 
-    def attend(self, q, k, v, start):
-        """Store k, v at [start, start + len) and return the causal attention of q over [0, start + len)."""
+    def attend(self, q, k, v, start, *, window_size=(-1, -1)):
+        """Store k, v at [start, start + len) and return the causal attention of q over [0, start + len) (within
+        ``window_size``, flash-attn's (left, right))."""
         keys, values = self.update(start, k, v)
-        return ops.chunked_attention(q, keys, values, q_start=start)
+        return ops.chunked_attention(q, keys, values, q_start=start, window_size=window_size)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
+        window = args.window(layer)
+        # A query sees itself and the window - 1 keys before it: flash-attn's (left, right) = (window - 1, 0).
+        self.window_size = (window - 1, 0) if window else (-1, -1)
         # This module's heads: all of the model's, or one rank's share once iso_kernels.tp has sharded it.
         self.n_head, self.n_kv_heads, self.head_dim = args.n_head, args.n_kv_heads, args.head_dim
         qkv_out = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
@@ -215,7 +219,7 @@ class Attention(nn.Module):
         positions = start.positions if isinstance(start, PackedBatch) else slice(start, start + n)
         cos, sin = rope[0][positions], rope[1][positions]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.kv_cache.attend(q, k, v, start)
+        out = self.kv_cache.attend(q, k, v, start, window_size=self.window_size)
         return self.wo(out.reshape(batch, n, -1))
 
 
@@ -256,7 +260,7 @@ class SparseMoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = ops.moe_experts(flat, ids, weights.to(x.dtype), self.w_gate_up, self.w_down)
+        out = ops.moe_experts(flat, ids, weights.to(x.dtype), self.w_gate_up, self.w_down, check_ids=False)
         return out.view_as(x)
 
 
@@ -285,7 +289,7 @@ class RowParallelLinear(nn.Linear):
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer)
         self.feed_forward = SparseMoE(args) if layer in args.sparse_layers else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -367,9 +371,6 @@ class Transformer(nn.Module):
         device)`` for its (possibly sharded) heads."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.args.max_seq_len} positions")
-        if self.args.sliding_window and max_seq_len > self.args.sliding_window:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the sliding window "
-                             f"{self.args.sliding_window}, which this model does not implement")
         weight = self.output.weight
         for layer in self.layers:
             attention = layer.attention

@@ -107,3 +107,22 @@ def read_config(folder):
         raise FileNotFoundError(f"{config_path} is missing or unreadable") from None
     except ValueError as exc:
         raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
+
+
+def expert_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The experts of a Mixtral or Qwen3-MoE config.json ({} for a dense model): n_experts, experts_per_token,
+    moe_intermediate, norm_topk_prob and sparse_layers (the indices of the layers that route). Mixtral's every
+    layer routes; Qwen3-MoE's every decoder_sparse_step-th layer but those in mlp_only_layers."""
+    model_type = config.get("model_type")
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return {}
+    layers = range(config["num_hidden_layers"])
+    if model_type == "mixtral":
+        sparse, width, norm, top_k = tuple(layers), config["intermediate_size"], True, 2
+    else:
+        step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+        sparse = tuple(i for i in layers if i not in dense and step > 0 and (i + 1) % step == 0)
+        width, norm, top_k = config["moe_intermediate_size"], config.get("norm_topk_prob", False), 8
+    return dict(n_experts=config.get("num_experts") or config.get("num_local_experts") or 0,
+                experts_per_token=config.get("num_experts_per_tok", top_k), moe_intermediate=width,
+                norm_topk_prob=norm, sparse_layers=sparse)

@@ -72,18 +72,26 @@ def backend(request):
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
-    """Llama (llama3 rope), Mistral, Qwen2 (tied embeddings) and Qwen3, each saved with save_pretrained, with
-    HF's logits for a prompt and its greedy continuation."""
+    """Llama (llama3 rope), Mistral and Qwen2 (sliding windows), Qwen3, Mixtral and Qwen3-MoE, each saved with
+    save_pretrained, with HF's logits for a prompt and its greedy continuation."""
     from helpers import HF_BATCH, HF_COMMON, HF_DECODE_STEPS, HF_LLAMA3_ROPE, HF_SEQ_LEN
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     families = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_parameters=HF_LLAMA3_ROPE)),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64)),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+        # sliding windows shorter than the prompt: every layer (Mistral), from max_window_layers on (Qwen2)
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=16)),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                  dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
         # q/k norms, and a head_dim that is not hidden / heads (4 x 32 query features from 64)
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True)),
+        # mixtures of experts: every layer (Mixtral), every layer but mlp_only_layers, unnormalised (Qwen3-MoE)
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                    dict(num_local_experts=4, num_experts_per_tok=2)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                      dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
+                           norm_topk_prob=False, mlp_only_layers=[1])),
     }
     made = {}
     for seed, (family, (config_cls, model_cls, extra)) in enumerate(families.items()):

@@ -1,5 +1,8 @@
-"""The model against Hugging Face transformers' own forward (Llama, Mistral, Qwen2): ``model(tokens)``, the
-chunked schedules and decode steps, at TP 1 and 2 over gloo; and with every op on its Triton kernel."""
+"""The model against Hugging Face transformers' own forward (Llama, Mistral and Qwen2 with sliding windows, Qwen3,
+Mixtral, Qwen3-MoE): ``model(tokens)``, the chunked schedules and decode steps, at TP 1 and 2 over gloo; and with
+every op on its Triton kernel."""
+
+import json
 
 import pytest
 import torch
@@ -85,3 +88,41 @@ def test_kv_heads_are_replicated_where_the_ranks_outnumber_them(hf_checkpoints):
         torch.testing.assert_close(out["unsplit"], made["logits"], atol=2e-5, rtol=1e-4, msg=f"rank {rank}")
         for split in SPLITS:
             assert torch.equal(out[(split.ends, "iso")], out[(split.ends, "serial")]), (rank, split)
+
+
+# --- what the model does not implement: refused with the config field and its value ---
+@pytest.mark.parametrize("changes, message", [
+    (dict(model_type="gemma2"), "model_type 'gemma2' is not supported"),
+    (dict(model_type="qwen2_moe", shared_expert_intermediate_size=64), "model_type 'qwen2_moe' is not supported"),
+    (dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=64),
+     "shared_expert_intermediate_size 64 is not supported"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn' is not supported"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (dict(attention_bias=True), "attention_bias True is not supported"),
+    (dict(model_type="qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=1,
+          layer_types=["sliding_attention", "full_attention"]), "layer_types .* is not supported"),
+])
+def test_unsupported_configs_are_refused_with_the_field_and_its_value(changes, message, tmp_path, capsys):
+    from iso_kernels import cli
+    from iso_kernels.model import ModelArgs
+
+    from helpers import HF_COMMON
+
+    config = {**HF_COMMON, "model_type": "llama", **changes}
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_hf_config(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # refused before any rank starts
+    assert cli.main(["prefill", "--model", str(tmp_path), "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: config.json:"), err
+
+
+def test_qwen2_keeps_its_qkv_bias_and_a_supported_window_layout():
+    from iso_kernels.model import ModelArgs
+
+    from helpers import HF_COMMON
+
+    args = ModelArgs.from_hf_config(dict(HF_COMMON, model_type="qwen2", use_sliding_window=True, sliding_window=16,
+                                         max_window_layers=1, layer_types=["full_attention", "sliding_attention"]))
+    assert args.qkv_bias and [args.window(i) for i in range(2)] == [0, 16]
+    assert ModelArgs.from_hf_config(dict(HF_COMMON, model_type="qwen2", sliding_window=16)).window(1) == 0
