@@ -3,7 +3,7 @@ compiled for sm_80 (A100/A800), sm_89 (RTX 4090) and sm_90 (H100/H200) by ``pyth
 (a development tool of the checkout, run from its root); every config the launcher keeps must compile, spill at
 most 64 bytes per thread, fit the arch's shared memory, and run 16-bit GEMM and attention on tensor cores while
 fp32 stays on the exact path.
-A launch at a new chunk boundary or packing must compile nothing new.
+A launch at a new chunk boundary, packing or sliding-window size must compile nothing new.
 
 ``ISO_KERNELS_COMPILE_MATRIX=full`` checks every dtype, head_dim and shape (``.ci/run`` does, under the newest
 Triton and under 3.6); the default is the main shapes of a Llama-70B-class bf16 prefill.
@@ -40,7 +40,8 @@ TIMEOUT_S = {"main": 900, "full": 3600}[MATRIX]
 pytestmark = [pytest.mark.timeout(TIMEOUT_S + 60), pytest.mark.slow]
 
 # Launches at ISO's chunk boundaries (1365, 2730: not multiples of 16), at aligned ones and at one token, and of
-# packed batches of 1-3 sequences, through the real launchers under the compile-only driver for sm_90: prints
+# packed batches of 1-3 sequences, the attention ones also under a sliding window of another size each time,
+# through the real launchers under the compile-only driver for sm_90: prints
 # how many kernels each autotuned kernel had compiled after its first launch and after all of them. fp32 keeps
 # its first fitting config, so this compiles a few kernels and times nothing.
 BOUNDARIES_SCRIPT = """
@@ -74,6 +75,9 @@ for step, (start, end, q_lens) in enumerate([(0, 1365, (1365,)), (1365, 2730, (1
     index = meta(len(q_lens) + 1, dtype=torch.int32), meta(len(q_lens), dtype=torch.int32)
     table = meta(len(q_lens), 2 * sum(q_lens) // 16 + 1, dtype=torch.int32)
     chunked_attention_varlen_fwd(meta(sum(q_lens), 8, 64), pool, pool, *index, table, True, 0.125)
+    window = 256 + 37 * step, -1
+    chunked_attention_fwd(meta(1, end - start, 8, 64), cache[:, :end], cache[:, :end], start, True, 0.125, *window)
+    chunked_attention_varlen_fwd(meta(sum(q_lens), 8, 64), pool, pool, *index, table, True, 0.125, *window)
     if step == 0:
         counts.append(compiled())
 counts.append(compiled())
@@ -109,8 +113,9 @@ def rows(tmp_path_factory):
 
 
 def test_new_chunk_boundaries_compile_nothing():
-    """The lengths, positions and packing of a chunk are not specialized on: after each kernel's first launch,
-    launches at other chunk boundaries and packings reuse its compiled kernels."""
+    """The lengths, positions and packing of a chunk, and the size of a sliding window, are not specialized on:
+    after each kernel's first launch, launches at other chunk boundaries, packings and windows reuse its compiled
+    kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", BOUNDARIES_SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=600, check=False)

@@ -172,23 +172,28 @@ def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start, causal=True):
+def _window_name(window):
+    return "" if window == (-1, -1) else f" window {window}"
+
+
+def _attention_case(dtype, head_dim, n_heads, n_kv_heads, seq_len, q_start, causal=True, window=(-1, -1)):
     from triton_ops.chunked_attention import chunked_attention_fwd
 
     q_len = seq_len - q_start
     q = _meta(1, q_len, n_heads, head_dim, dtype=dtype)
     kv = _meta(1, seq_len, n_kv_heads, head_dim, dtype=dtype)
     part = "full" if q_start == 0 else f"chunk [{q_start},{seq_len})"
-    name = f"hd{head_dim} {n_heads}/{n_kv_heads} heads S={seq_len} {part}{'' if causal else ' non-causal'}"
+    name = (f"hd{head_dim} {n_heads}/{n_kv_heads} heads S={seq_len} {part}{'' if causal else ' non-causal'}"
+            f"{_window_name(window)}")
     return Case("chunked_attention", name, dtype,
-                lambda: chunked_attention_fwd(q, kv, kv, q_start, causal, head_dim ** -0.5))
+                lambda: chunked_attention_fwd(q, kv, kv, q_start, causal, head_dim ** -0.5, *window))
 
 
 def _varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, batch, total_q, kv_capacity, block_size,
-                           causal=True):
+                           causal=True, window=(-1, -1)):
     """``batch`` sequences of ``total_q`` queries in all, each over up to ``kv_capacity`` keys: a contiguous
     (batch, kv_capacity, ...) cache for ``block_size`` None, else pages of ``block_size`` through a block table
-    (the launch reads no index values, so meta tensors stand for them)."""
+    (the launch reads no index values, so meta tensors stand for them); ``window``: the sliding window."""
     from triton_ops.chunked_attention_varlen import chunked_attention_varlen_fwd
 
     q = _meta(total_q, n_heads, head_dim, dtype=dtype)
@@ -200,9 +205,10 @@ def _varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, batch, total_q,
         kv = _meta(batch * blocks_per_seq, block_size, n_kv_heads, head_dim, dtype=dtype)
         block_table, cache = _meta(batch, blocks_per_seq, dtype=torch.int32), f"pages of {block_size}"
     name = (f"hd{head_dim} {n_heads}/{n_kv_heads} heads {batch} seqs {total_q} queries over <={kv_capacity} keys, "
-            f"{cache}{'' if causal else ' non-causal'}")
+            f"{cache}{'' if causal else ' non-causal'}{_window_name(window)}")
     return Case("chunked_attention_varlen", name, dtype,
-                lambda: chunked_attention_varlen_fwd(q, kv, kv, *index, block_table, causal, head_dim ** -0.5))
+                lambda: chunked_attention_varlen_fwd(q, kv, kv, *index, block_table, causal, head_dim ** -0.5,
+                                                     *window))
 
 
 # Llama-2/3-70B (hidden 8192, intermediate 28672) row-parallel GEMMs: (label, N, K) at TP 4 and 8.
@@ -265,19 +271,27 @@ def _moe_cases(dtype, label, hidden, inter, experts, top_k, tokens):
     return [Case("moe_experts_gate_up", name, dtype, gate_up), Case("moe_experts_down", name, dtype, down)]
 
 
+# A sliding window's sides (left, right): Gemma 3's local layers (1024 keys back; the right side is moot when
+# causal). The window is a runtime argument, so any size compiles the same kernel.
+SLIDING_WINDOW = (1024, -1)
+
+
 def cases(matrix="main"):
-    """``main``: the shapes of a Llama-70B-class ISO prefill in bf16 (and fp32's exact path) — what the
-    default test suite checks. ``full``: every dtype, head_dim 64/128/256, causal and not, 4k-16k tokens
-    with ISO chunk boundaries that are not multiples of 16, all row-parallel GEMMs and signal sizes."""
+    """``main``: the shapes of a Llama-70B-class ISO prefill in bf16 (and fp32's exact path), and each attention
+    kernel under a sliding window — what the default test suite checks. ``full``: every dtype, head_dim
+    64/128/256, causal and not, windowed and not, 4k-16k tokens with ISO chunk boundaries that are not multiples
+    of 16, all row-parallel GEMMs and signal sizes."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     if matrix == "main":
         return [
             _attention_case(bf16, 128, 8, 1, 4096, 1536),  # 70B at TP8: 64/8 heads -> 8/1 per rank
             _attention_case(bf16, 64, 32, 8, 4096, 1536),
             _attention_case(fp32, 128, 8, 1, 4096, 1536),
+            _attention_case(bf16, 128, 8, 1, 4096, 1536, window=SLIDING_WINDOW),
             _varlen_attention_case(bf16, 128, 8, 1, 16, 4096, 8192, None),
             _varlen_attention_case(bf16, 128, 8, 1, 16, 4096, 8192, 16),
             _varlen_attention_case(fp32, 128, 8, 1, 16, 4096, 8192, 16),
+            _varlen_attention_case(bf16, 128, 8, 1, 16, 4096, 8192, 16, window=SLIDING_WINDOW),
             _gemm_case(bf16, "o_proj TP8", 8192, 1024, 4096, None),
             _gemm_case(bf16, "down_proj TP4", 8192, 7168, 4096, 128),
             _gemm_case(fp32, "o_proj TP8", 8192, 1024, 4096, None),
@@ -299,6 +313,9 @@ def cases(matrix="main"):
                                                     block_size))
             found.append(_varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, 16, 4096, 8192, 64,
                                                 causal=False))
+            found.append(_attention_case(dtype, head_dim, n_heads, n_kv_heads, 16384, 7001, window=SLIDING_WINDOW))
+            found.append(_varlen_attention_case(dtype, head_dim, n_heads, n_kv_heads, 16, 4096, 8192, 16,
+                                                causal=False, window=(SLIDING_WINDOW[0], 256)))
         for label, n, k in LLAMA_70B_ROW_PARALLEL:
             for m in (4096, 16384, 9383):
                 found.append(_gemm_case(dtype, label, n, k, m, None))
