@@ -36,14 +36,19 @@ def _run_family(rank, world_size, folder, tokens, sequence):
     return out
 
 
+def _run_families(rank, world_size, runs):
+    """{family: ``_run_family``'s logits} for every family of ``runs`` ({family: (folder, tokens, sequence)}): one
+    launch of the ranks for all of them, which costs more than the families' runs."""
+    return {family: _run_family(rank, world_size, *run) for family, run in runs.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_matches_hugging_face(hf_checkpoints, world_size):
-    for family, made in hf_checkpoints.items():
-        results = launch.spawn_ranks(_run_family, world_size,
-                                     args=(made["folder"], made["tokens"], made["sequence"]))
-        for rank, out in enumerate(results):
-            where = f"{family} tp={world_size} rank={rank}"
+    runs = {family: (made["folder"], made["tokens"], made["sequence"]) for family, made in hf_checkpoints.items()}
+    for rank, by_family in enumerate(launch.spawn_ranks(_run_families, world_size, args=(runs,), timeout_s=300)):
+        for family, out in by_family.items():
+            made, where = hf_checkpoints[family], f"{family} tp={world_size} rank={rank}"
             for key, logits in out.items():
                 if key == "decode":
                     expected = made["decode_logits"]
